@@ -1,0 +1,217 @@
+// pybind11 bindings of the lightning_winoprune native kernels (module lightning_winoprune._C).
+// The kernels themselves are torch-free and live in the headers; this file only validates and dispatches.
+// Arrays must be C-contiguous float32 (float64 for the filter transform's G): anything else is a TypeError,
+// inconsistent shapes are a ValueError. Nothing is ever converted or copied implicitly.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <sstream>
+#include <string>
+
+#include "common.h"
+#include "filter_transform.h"
+#include "winograd_tiles.h"
+
+namespace py = pybind11;
+using winoprune::index_t;
+
+namespace {
+
+template <typename T>
+using carray = py::array_t<T, py::array::c_style>;
+
+std::string shape_str(const py::array& a) {
+  std::ostringstream s;
+  s << "(";
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) s << (i ? ", " : "") << a.shape(i);
+  s << (a.ndim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+// Type checks happen before pybind's own conversion so that the message names the argument.
+template <typename T>
+carray<T> as_array(const py::handle& obj, const char* name, bool writable = false) {
+  const char* want = std::is_same<T, float>::value ? "float32" : "float64";
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy array of " + want + ", got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must have dtype " + want + ", got " +
+                         std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style))
+    throw py::type_error(std::string(name) + " must be C-contiguous");
+  if (writable && !a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+  return py::reinterpret_borrow<carray<T>>(obj);
+}
+
+void expect_ndim(const py::array& a, py::ssize_t ndim, const char* name) {
+  if (a.ndim() != ndim)
+    throw py::value_error(std::string(name) + " must be " + std::to_string(ndim) + "-D, got shape " + shape_str(a));
+}
+
+void expect_shape(const py::array& a, std::initializer_list<index_t> shape, const char* name) {
+  bool ok = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  py::ssize_t i = 0;
+  std::ostringstream want;
+  want << "(";
+  for (index_t s : shape) {
+    if (ok && a.shape(i) != s) ok = false;
+    want << (i ? ", " : "") << s;
+    ++i;
+  }
+  want << (shape.size() == 1 ? ",)" : ")");
+  if (!ok) throw py::value_error(std::string(name) + " must have shape " + want.str() + ", got " + shape_str(a));
+}
+
+int tile_p_from(const py::array& mat, const char* name) {
+  const index_t p = mat.shape(mat.ndim() - 1);
+  if (p != 4 && p != 6 && p != 8)
+    throw py::value_error(std::string(name) + " must have p = m + 2 in {4, 6, 8} columns, got shape " +
+                          shape_str(mat));
+  return static_cast<int>(p);
+}
+
+void check_tiles(index_t pad_top, index_t pad_left, index_t th, index_t tw) {
+  if (pad_top < 0 || pad_left < 0)
+    throw py::value_error("padding must be >= 0, got (" + std::to_string(pad_top) + ", " + std::to_string(pad_left) +
+                          ")");
+  if (th < 1 || tw < 1)
+    throw py::value_error("tile counts must be >= 1, got (" + std::to_string(th) + ", " + std::to_string(tw) + ")");
+}
+
+void filter_transform(const py::handle& g_obj, const py::handle& G_obj, const py::handle& out_obj) {
+  auto g = as_array<float>(g_obj, "g");
+  auto G = as_array<double>(G_obj, "G");
+  auto out = as_array<float>(out_obj, "out", true);
+  expect_ndim(G, 2, "G");
+  const index_t p = G.shape(0);
+  if (p != 4 && p != 6 && p != 8)
+    throw py::value_error("G must be (p, 3) with p = m + 2 in {4, 6, 8}, got shape " + shape_str(G));
+  expect_shape(G, {p, 3}, "G");
+  if (g.ndim() < 2 || g.shape(g.ndim() - 1) != 3 || g.shape(g.ndim() - 2) != 3)
+    throw py::value_error("g must end in (3, 3), got shape " + shape_str(g));
+  bool same_lead = out.ndim() == g.ndim() && out.shape(out.ndim() - 1) == p && out.shape(out.ndim() - 2) == p;
+  for (py::ssize_t i = 0; same_lead && i + 2 < g.ndim(); ++i) same_lead = g.shape(i) == out.shape(i);
+  if (!same_lead)
+    throw py::value_error("out must have g's shape " + shape_str(g) + " with the last two dimensions (" +
+                          std::to_string(p) + ", " + std::to_string(p) + "), got " + shape_str(out));
+  const index_t n_filters = g.size() / 9;
+  const float* gp = g.data();
+  const double* Gp = G.data();
+  float* up = out.mutable_data();
+  py::gil_scoped_release release;
+  winoprune::filter_transform(gp, n_filters, Gp, static_cast<int>(p), up);
+}
+
+void input_transform(const py::handle& x_obj, const py::handle& BT_obj, index_t pad_top, index_t pad_left,
+                     index_t th, index_t tw, const py::handle& out_obj) {
+  auto x = as_array<float>(x_obj, "x");
+  auto BT = as_array<float>(BT_obj, "BT");
+  auto out = as_array<float>(out_obj, "out", true);
+  expect_ndim(x, 4, "x");
+  expect_ndim(BT, 2, "BT");
+  const int p = tile_p_from(BT, "BT");
+  expect_shape(BT, {p, p}, "BT");
+  check_tiles(pad_top, pad_left, th, tw);
+  winoprune::TileGeometry g{x.shape(0), x.shape(1), x.shape(2), x.shape(3), pad_top, pad_left, th, tw};
+  expect_shape(out, {p * p, g.C, g.N * th * tw}, "out");
+  const float* xp = x.data();
+  const float* bp = BT.data();
+  float* vp = out.mutable_data();
+  py::gil_scoped_release release;
+  winoprune::input_transform(xp, g, bp, p, vp);
+}
+
+void input_transform_adjoint(const py::handle& dV_obj, const py::handle& BT_obj, index_t pad_top, index_t pad_left,
+                             index_t th, index_t tw, const py::handle& out_obj) {
+  auto dV = as_array<float>(dV_obj, "dV");
+  auto BT = as_array<float>(BT_obj, "BT");
+  auto out = as_array<float>(out_obj, "out", true);
+  expect_ndim(out, 4, "out");
+  expect_ndim(BT, 2, "BT");
+  const int p = tile_p_from(BT, "BT");
+  expect_shape(BT, {p, p}, "BT");
+  check_tiles(pad_top, pad_left, th, tw);
+  winoprune::TileGeometry g{out.shape(0), out.shape(1), out.shape(2), out.shape(3), pad_top, pad_left, th, tw};
+  expect_shape(dV, {p * p, g.C, g.N * th * tw}, "dV");
+  const float* vp = dV.data();
+  const float* bp = BT.data();
+  float* xp = out.mutable_data();
+  py::gil_scoped_release release;
+  winoprune::input_transform_adjoint(vp, g, bp, p, xp);
+}
+
+void output_transform(const py::handle& M_obj, const py::handle& AT_obj, const py::object& bias_obj, index_t th,
+                      index_t tw, const py::handle& out_obj) {
+  auto M = as_array<float>(M_obj, "M");
+  auto AT = as_array<float>(AT_obj, "AT");
+  auto out = as_array<float>(out_obj, "out", true);
+  expect_ndim(out, 4, "out");
+  expect_ndim(AT, 2, "AT");
+  const int p = tile_p_from(AT, "AT");
+  expect_shape(AT, {p - 2, p}, "AT");
+  check_tiles(0, 0, th, tw);
+  winoprune::TileGeometry g{out.shape(0), out.shape(1), out.shape(2), out.shape(3), 0, 0, th, tw};
+  if (g.H > th * (p - 2) || g.W > tw * (p - 2))
+    throw py::value_error("out's spatial size " + shape_str(out) + " does not fit in " + std::to_string(th) + " x " +
+                          std::to_string(tw) + " tiles of " + std::to_string(p - 2));
+  expect_shape(M, {p * p, g.C, g.N * th * tw}, "M");
+  const float* bias = nullptr;
+  carray<float> b;
+  if (!bias_obj.is_none()) {
+    b = as_array<float>(bias_obj, "bias");
+    expect_shape(b, {g.C}, "bias");
+    bias = b.data();
+  }
+  const float* mp = M.data();
+  const float* ap = AT.data();
+  float* yp = out.mutable_data();
+  py::gil_scoped_release release;
+  winoprune::output_transform(mp, g, ap, bias, p, yp);
+}
+
+void output_transform_adjoint(const py::handle& dy_obj, const py::handle& AT_obj, index_t th, index_t tw,
+                              const py::handle& out_obj) {
+  auto dy = as_array<float>(dy_obj, "dy");
+  auto AT = as_array<float>(AT_obj, "AT");
+  auto out = as_array<float>(out_obj, "out", true);
+  expect_ndim(dy, 4, "dy");
+  expect_ndim(AT, 2, "AT");
+  const int p = tile_p_from(AT, "AT");
+  expect_shape(AT, {p - 2, p}, "AT");
+  check_tiles(0, 0, th, tw);
+  winoprune::TileGeometry g{dy.shape(0), dy.shape(1), dy.shape(2), dy.shape(3), 0, 0, th, tw};
+  if (g.H > th * (p - 2) || g.W > tw * (p - 2))
+    throw py::value_error("dy's spatial size " + shape_str(dy) + " does not fit in " + std::to_string(th) + " x " +
+                          std::to_string(tw) + " tiles of " + std::to_string(p - 2));
+  expect_shape(out, {p * p, g.C, g.N * th * tw}, "out");
+  const float* dp = dy.data();
+  const float* ap = AT.data();
+  float* mp = out.mutable_data();
+  py::gil_scoped_release release;
+  winoprune::output_transform_adjoint(dp, g, ap, p, mp);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "lightning_winoprune native kernels (torch-free C++17 on float32 buffers).";
+  mod.def("filter_transform", &filter_transform, py::arg("g"), py::arg("G"), py::arg("out"),
+          "U = G g G^T for every (3, 3) kernel of g, accumulated in float64, written to out (..., p, p).");
+  mod.def("input_transform", &input_transform, py::arg("x"), py::arg("BT"), py::arg("pad_top"), py::arg("pad_left"),
+          py::arg("th"), py::arg("tw"), py::arg("out"), "V[xi] = B^T d B for every tile of NCHW x; out is (p*p, C, T).");
+  mod.def("input_transform_adjoint", &input_transform_adjoint, py::arg("dV"), py::arg("BT"), py::arg("pad_top"),
+          py::arg("pad_left"), py::arg("th"), py::arg("tw"), py::arg("out"),
+          "Transpose of input_transform: scatter-adds B dV B^T into out (N, C, H, W), which it overwrites.");
+  mod.def("output_transform", &output_transform, py::arg("M"), py::arg("AT"), py::arg("bias"), py::arg("th"),
+          py::arg("tw"), py::arg("out"), "y = A^T M A (+ bias) for every tile, cropped into out (N, K, Ho, Wo).");
+  mod.def("output_transform_adjoint", &output_transform_adjoint, py::arg("dy"), py::arg("AT"), py::arg("th"),
+          py::arg("tw"), py::arg("out"), "Transpose of output_transform (without bias): out (p*p, K, T).");
+  mod.def("max_threads", &winoprune::max_threads, "Threads the kernels use (OpenMP max threads, 1 without OpenMP).");
+#if defined(_OPENMP)
+  mod.attr("openmp") = true;
+#else
+  mod.attr("openmp") = false;
+#endif
+}

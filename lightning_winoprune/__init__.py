@@ -1,0 +1,25 @@
+"""lightning_winoprune: prune CNNs in the shapes fast convolution kernels need.
+
+The public API is deliberately small; building blocks live in the subpackages:
+
+* :mod:`lightning_winoprune.winograd`: Winograd transforms, :class:`WinogradConv2d`, :func:`winogradize`.
+* :mod:`lightning_winoprune.kernels`: the compiled ``_C`` kernels behind a backend switch with a torch fallback.
+* :mod:`lightning_winoprune.data`: the embedded digits datamodule.
+* :mod:`lightning_winoprune.recipes`: the classification module and runnable jobs.
+"""
+
+from lightning_winoprune.kernels import Backend, extension_status, native_available
+from lightning_winoprune.winograd import Route, WinogradConv2d, WinogradizeReport, winogradize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "Route",
+    "WinogradConv2d",
+    "WinogradizeReport",
+    "__version__",
+    "extension_status",
+    "native_available",
+    "winogradize",
+]

@@ -1,0 +1,124 @@
+"""Probe the native extension once and choose between it and the torch fallback.
+
+The extension ``lightning_winoprune._C`` is optional at run time: if it cannot be imported (a source checkout that
+was never built, an unsupported platform) or ``WINOPRUNE_DISABLE_EXT=1`` is set, every op falls back to its torch
+implementation and a single :class:`RuntimeWarning` says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from enum import Enum
+from types import ModuleType
+
+import torch
+
+__all__ = ["DISABLE_ENV_VAR", "Backend", "extension_status", "native_available", "resolve_backend"]
+
+DISABLE_ENV_VAR = "WINOPRUNE_DISABLE_EXT"
+
+
+class Backend(str, Enum):
+    """Which implementation runs a kernel.
+
+    * ``auto``: the native kernel where it applies (CPU float32 tensors and a loaded extension), else torch.
+    * ``native``: the native kernel; an error if it is unavailable or does not apply.
+    * ``torch``: the pure-torch implementation (any device and dtype, autograd-friendly, slower).
+    """
+
+    AUTO = "auto"
+    NATIVE = "native"
+    TORCH = "torch"
+
+    @classmethod
+    def parse(cls, value: Backend | str) -> Backend:
+        """Return ``value`` as a :class:`Backend`.
+
+        Raises:
+            ValueError: If ``value`` is not one of the backend names.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"backend={value!r} is not valid; valid values are {[b.value for b in cls]}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def _probe() -> tuple[ModuleType | None, str]:
+    if os.environ.get(DISABLE_ENV_VAR, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return None, f"disabled by {DISABLE_ENV_VAR}={os.environ[DISABLE_ENV_VAR]}"
+    try:
+        from lightning_winoprune import _C  # type: ignore[attr-defined]
+    except ImportError as err:
+        return None, f"lightning_winoprune._C could not be imported ({err}); reinstall with `pip install .`"
+    return _C, f"loaded from {_C.__file__} (OpenMP: {_C.openmp}, threads: {_C.max_threads()})"
+
+
+_warned = False
+
+
+def _warn_fallback_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"lightning_winoprune native kernels are unavailable: {reason}. Falling back to the slower torch path.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def native_available() -> bool:
+    """Whether the compiled extension is loaded (and not disabled)."""
+    return _probe()[0] is not None
+
+
+def extension_status() -> str:
+    """One line saying whether the extension is loaded, from where, or why not."""
+    return _probe()[1]
+
+
+def native_module() -> ModuleType:
+    """The loaded ``_C`` module.
+
+    Raises:
+        RuntimeError: If the extension is unavailable (the message says why).
+    """
+    ext, reason = _probe()
+    if ext is None:
+        raise RuntimeError(f"backend='native' was requested but the extension is unavailable: {reason}")
+    return ext
+
+
+def resolve_backend(backend: Backend | str, *tensors: torch.Tensor) -> Backend:
+    """Decide which implementation runs for these tensors.
+
+    Args:
+        backend: The requested backend.
+        *tensors: The op's tensor inputs; native kernels need CPU float32.
+
+    Returns:
+        ``Backend.NATIVE`` or ``Backend.TORCH``.
+
+    Raises:
+        ValueError: If ``backend`` is not a valid name, or is ``native`` for tensors the kernels do not take.
+        RuntimeError: If ``native`` is requested and the extension is unavailable.
+    """
+    backend = Backend.parse(backend)
+    if backend is Backend.TORCH:
+        return backend
+    fits = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+    if backend is Backend.NATIVE:
+        native_module()
+        if not fits:
+            found = sorted({f"{t.device.type}/{t.dtype}" for t in tensors})
+            raise ValueError(f"backend='native' needs CPU float32 tensors, got {found}")
+        return backend
+    if not fits:
+        return Backend.TORCH
+    if not native_available():
+        _warn_fallback_once(extension_status())
+        return Backend.TORCH
+    return Backend.NATIVE

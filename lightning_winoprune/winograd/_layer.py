@@ -1,0 +1,359 @@
+"""``WinogradConv2d``: a 3x3 stride-1 convolution whose trainable weight lives in the Winograd domain."""
+
+from __future__ import annotations
+
+import functools
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_winoprune.kernels._backend import Backend
+from lightning_winoprune.winograd._tiles import (
+    TileGeometry,
+    filter_transform,
+    input_transform,
+    input_transform_adjoint,
+    output_transform,
+    output_transform_adjoint,
+    tile_geometry,
+)
+from lightning_winoprune.winograd._transforms import check_m, get_transforms
+
+__all__ = ["Route", "WinogradConv2d", "conv_ineligibility", "winograd_layout"]
+
+
+class Route(str, Enum):
+    """How a :class:`WinogradConv2d` computes its output. All routes are exact reformulations of the same map.
+
+    * ``auto``: ``unrolled`` when the whole output fits in one tile and that is cheaper, else ``bgemm``.
+    * ``bgemm``: input transform -> one GEMM per Winograd position -> output transform (an explicit autograd
+      function whose tile transforms run in the native extension when available).
+    * ``unrolled``: for single-tile geometries (small feature maps), the layer as one dense matrix product.
+    * ``phase``: ``pixel_shuffle(conv2d(pad(x), E(U), stride=m))``; runs on any conv backend and exports to ONNX.
+    """
+
+    AUTO = "auto"
+    BGEMM = "bgemm"
+    UNROLLED = "unrolled"
+    PHASE = "phase"
+
+    @classmethod
+    def parse(cls, value: Route | str) -> Route:
+        """Return ``value`` as a :class:`Route`.
+
+        Raises:
+            ValueError: If ``value`` is not one of the route names.
+        """
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"route={value!r} is not valid; valid values are {[r.value for r in cls]}") from None
+
+
+def winograd_layout(t: torch.Tensor) -> torch.Tensor:
+    """Return a copy of a ``(K, C, p, p)`` tensor stored position-major, ``(p, p, K, C)`` in memory.
+
+    The logical shape is unchanged. With this layout ``t.permute(2, 3, 0, 1)`` is contiguous, so the per-position
+    GEMM matrices ``U[xi]`` are views and neither the forward nor the backward pass copies the weight.
+    """
+    return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+
+
+def _bgemm_view(u: torch.Tensor) -> torch.Tensor:
+    k, c, p, _ = u.shape
+    return u.permute(2, 3, 0, 1).reshape(p * p, k, c)
+
+
+class _BGEMMConv(torch.autograd.Function):
+    """Winograd conv as ITrans -> bmm -> OTrans with an explicit backward built from the transforms' adjoints."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        u: torch.Tensor,
+        bias: torch.Tensor | None,
+        m: int,
+        geom: TileGeometry,
+        backend: Backend,
+    ) -> torch.Tensor:
+        v = input_transform(x, m, geom, backend)
+        mm = torch.bmm(_bgemm_view(u), v)
+        y = output_transform(mm, m, geom, x.shape[0], bias, backend)
+        ctx.save_for_backward(v, u)
+        ctx.m, ctx.geom, ctx.backend, ctx.x_shape, ctx.has_bias = m, geom, backend, tuple(x.shape), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        v, u = ctx.saved_tensors
+        dm = output_transform_adjoint(dy.contiguous(), ctx.m, ctx.geom, ctx.backend)
+        dx = du = dbias = None
+        if ctx.needs_input_grad[0]:
+            dv = torch.bmm(_bgemm_view(u).transpose(1, 2), dm)
+            dx = input_transform_adjoint(dv, ctx.m, ctx.geom, ctx.x_shape, ctx.backend)
+        if ctx.needs_input_grad[1]:
+            k, c, p, _ = u.shape
+            du = torch.bmm(dm, v.transpose(1, 2)).view(p, p, k, c).permute(2, 3, 0, 1)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dy.sum(dim=(0, 2, 3))
+        return dx, du, dbias, None, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _phase_coefficients(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``R[i, j, a, b, u, v] = AT[a, i] AT[b, j] BT[i, u] BT[j, v]``: U -> phase-conv kernels E, shape (p, p, m, m, p, p)."""
+    t = get_transforms(m, torch.float64)
+    r = torch.einsum("ai,bj,iu,jv->ijabuv", t.AT, t.AT, t.BT, t.BT)
+    return r.to(dtype=dtype, device=device)
+
+
+def _phase_kernels(u: torch.Tensor, m: int) -> torch.Tensor:
+    """Exact phase-conv kernels ``E`` of shape ``(K * m * m, C, p, p)`` (design page §1)."""
+    k, c, p, _ = u.shape
+    r = _phase_coefficients(m, u.dtype, u.device).reshape(p * p, m * m * p * p)
+    e = (_bgemm_view(u).reshape(p * p, k * c).T @ r).view(k, c, m, m, p, p)
+    return e.permute(0, 2, 3, 1, 4, 5).reshape(k * m * m, c, p, p)
+
+
+class WinogradConv2d(nn.Module):
+    """3x3, stride-1 convolution trained in the Winograd domain F(m x m, 3 x 3).
+
+    The trainable ``weight`` is the Winograd-domain tensor ``U`` of shape ``(out_channels, in_channels, p, p)``,
+    ``p = m + 2``; each ``U[:, :, i, j]`` is the ``K x C`` matrix of one BGEMM position. An optional boolean
+    ``mask`` buffer of the same shape zeroes pruned entries: the forward pass uses ``weight * mask``, so pruned
+    entries contribute exactly zero and receive zero gradient.
+
+    Build one from an existing convolution with :meth:`from_conv`, which makes the two exactly equivalent.
+
+    Args:
+        in_channels: Input channels ``C``.
+        out_channels: Output channels ``K``.
+        m: Output tile size, one of :data:`~lightning_winoprune.winograd.SUPPORTED_M`. Fixed for the layer's life.
+        padding: Zero padding, an int or ``(pad_h, pad_w)``.
+        bias: Whether the layer has a bias.
+        route: How the output is computed, see :class:`Route`.
+        backend: Kernel implementation for the ``bgemm`` route's transforms, see
+            :class:`~lightning_winoprune.kernels.Backend`.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    mask: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        m: int = 2,
+        padding: int | tuple[int, int] = 1,
+        bias: bool = True,
+        route: Route | str = Route.AUTO,
+        backend: Backend | str = Backend.AUTO,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, val in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self.m = check_m(m)
+        pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        if len(pad) != 2 or any(isinstance(q, bool) or not isinstance(q, int) or q < 0 for q in pad):
+            raise ValueError(f"padding must be a non-negative int or a pair of them, got {padding!r}")
+        self.padding: tuple[int, int] = (int(pad[0]), int(pad[1]))
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.route = Route.parse(route)
+        self.backend = Backend.parse(backend)
+        p = self.m + 2
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(winograd_layout(torch.empty(out_channels, in_channels, p, p, **factory)))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.register_buffer("mask", None)
+        self.reset_parameters()
+
+    @property
+    def p(self) -> int:
+        """Input tile size ``m + 2``."""
+        return self.m + 2
+
+    def reset_parameters(self) -> None:
+        """Initialise like ``nn.Conv2d`` in the spatial domain, then transform, so the layer starts conv-equivalent."""
+        g = torch.empty(self.out_channels, self.in_channels, 3, 3, dtype=torch.float64)
+        nn.init.kaiming_uniform_(g, a=5**0.5)
+        with torch.no_grad():
+            self.weight.copy_(filter_transform(g, self.m, Backend.TORCH))
+            if self.bias is not None:
+                bound = 1.0 / (self.in_channels * 9) ** 0.5
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(
+        cls, conv: nn.Module, m: int = 2, route: Route | str = Route.AUTO, backend: Backend | str = Backend.AUTO
+    ) -> WinogradConv2d:
+        """Convert a 3x3, stride-1, dilation-1, groups-1, zero-padded ``nn.Conv2d`` into an equivalent layer.
+
+        The filter transform is computed in float64, so right after conversion the output equals ``F.conv2d`` of
+        the original up to the Winograd algorithm's own float32 rounding.
+
+        Raises:
+            ValueError: If ``conv`` is not such a convolution (the message says which property is wrong).
+        """
+        reason = conv_ineligibility(conv)
+        if reason is not None:
+            raise ValueError(f"cannot convert {type(conv).__name__} to WinogradConv2d: {reason}")
+        assert isinstance(conv, nn.Conv2d)
+        w = conv.weight
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            m=m,
+            padding=_conv_padding(conv),
+            bias=conv.bias is not None,
+            route=route,
+            backend=backend,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(filter_transform(w.detach().to(torch.float64), layer.m, Backend.TORCH))
+            if conv.bias is not None:
+                assert layer.bias is not None
+                layer.bias.copy_(conv.bias)
+        layer.weight.requires_grad_(w.requires_grad)
+        layer.train(conv.training)
+        return layer
+
+    # ----------------------------------------------------------------------------------------------- masking
+    def set_mask(self, mask: torch.Tensor | None) -> None:
+        """Set (or with ``None`` remove) the boolean mask; ``True`` keeps an entry.
+
+        Raises:
+            ValueError: If the mask's shape differs from the weight's.
+            TypeError: If the mask is not a boolean tensor.
+        """
+        if mask is None:
+            self.mask = None
+            return
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
+        self.mask = winograd_layout(mask.to(self.weight.device))
+
+    def effective_weight(self) -> torch.Tensor:
+        """``weight * mask`` when a mask is set, else ``weight``."""
+        return self.weight if self.mask is None else self.weight * self.mask
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
+        missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str],
+    ) -> None:
+        # A saved mask is restored into a freshly built (mask-less) layer, and vice versa.
+        key = prefix + "mask"
+        if key in state_dict and self.mask is None:
+            self.mask = torch.ones_like(self.weight, dtype=torch.bool)
+        elif key not in state_dict and self.mask is not None:
+            self.mask = None
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if self.mask is not None:
+            self.mask = winograd_layout(self.mask)
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def resolve_route(self, height: int, width: int) -> Route:
+        """The route ``auto`` takes for an ``height x width`` input (other settings are returned as they are)."""
+        if self.route is not Route.AUTO:
+            return self.route
+        geom = tile_geometry(height, width, self.padding, self.m)
+        # One tile: the unrolled matrix has Ho*Wo*H*W taps per (k, c) against the BGEMM's p*p, without transforms.
+        unrolled_taps = geom.out_size[0] * geom.out_size[1] * height * width
+        return Route.UNROLLED if geom.tiles == (1, 1) and unrolled_taps <= self.p * self.p else Route.BGEMM
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x`` of shape ``(N, C, H, W)``."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"WinogradConv2d expects input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
+            )
+        u = self.effective_weight()
+        # The Winograd domain is numerically sensitive: under autocast it still runs in the weight's precision.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._convolve(x.to(u.dtype), u)
+
+    def _convolve(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        geom = tile_geometry(h, w, self.padding, self.m)
+        route = self.resolve_route(h, w)
+        if route is Route.BGEMM:
+            return _BGEMMConv.apply(x, u, self.bias, self.m, geom, self.backend)
+        if route is Route.UNROLLED:
+            if geom.tiles != (1, 1):
+                raise ValueError(
+                    f"route='unrolled' needs the output to fit in one {self.m}x{self.m} tile, got {geom.out_size}"
+                )
+            return self._unrolled(x, u, geom)
+        return self._phase(x, u, geom)
+
+    def _unrolled(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+        n, c, h, w = x.shape
+        k, p = self.out_channels, self.p
+        (ph, pw), (ho, wo) = geom.pad, geom.out_size
+        r = _phase_coefficients(self.m, u.dtype, u.device)[:, :, :ho, :wo, ph : ph + h, pw : pw + w]
+        r = r.reshape(p * p, ho * wo * h * w)
+        e = (_bgemm_view(u).reshape(p * p, k * c).T @ r).view(k, c, ho * wo, h * w)
+        e = e.permute(0, 2, 1, 3).reshape(k * ho * wo, c * h * w)
+        y = F.linear(x.reshape(n, c * h * w), e).view(n, k, ho, wo)
+        return y if self.bias is None else y + self.bias.view(1, k, 1, 1)
+
+    def _phase(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+        _, _, h, w = x.shape
+        m = self.m
+        (ph, pw), (ho, wo), (th, tw) = geom.pad, geom.out_size, geom.tiles
+        xp = F.pad(x, (pw, tw * m + 2 - w - pw, ph, th * m + 2 - h - ph))
+        y = F.pixel_shuffle(F.conv2d(xp, _phase_kernels(u, m), stride=m), m)[:, :, :ho, :wo]
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+
+    def extra_repr(self) -> str:
+        s = f"{self.in_channels}, {self.out_channels}, m={self.m}, padding={self.padding}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.route is not Route.AUTO:
+            s += f", route={self.route.value}"
+        if self.mask is not None:
+            s += f", sparsity={1.0 - self.mask.float().mean().item():.3f}"
+        return s
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):
+        return (1, 1) if conv.padding == "same" else (0, 0)
+    return int(conv.padding[0]), int(conv.padding[1])
+
+
+def conv_ineligibility(conv: nn.Module) -> str | None:
+    """Why ``conv`` cannot become a :class:`WinogradConv2d`, or ``None`` if it can.
+
+    Eligible: exactly ``nn.Conv2d`` (subclasses such as timm's ``Conv2dSame`` pad dynamically and are refused),
+    3x3 kernel, stride 1, dilation 1, groups 1, ``padding_mode='zeros'``, floating-point weights.
+    """
+    if type(conv) is not nn.Conv2d:
+        if isinstance(conv, nn.Conv2d):
+            return f"{type(conv).__qualname__} overrides nn.Conv2d's forward (only plain nn.Conv2d is supported)"
+        return f"{type(conv).__qualname__} is not an nn.Conv2d"
+    checks = (
+        (tuple(conv.kernel_size) == (3, 3), f"kernel_size is {tuple(conv.kernel_size)}, not (3, 3)"),
+        (tuple(conv.stride) == (1, 1), f"stride is {tuple(conv.stride)}, not (1, 1)"),
+        (tuple(conv.dilation) == (1, 1), f"dilation is {tuple(conv.dilation)}, not (1, 1)"),
+        (conv.groups == 1, f"groups is {conv.groups}, not 1 (depthwise/grouped convs are DEPrune's)"),
+        (conv.padding_mode == "zeros", f"padding_mode is '{conv.padding_mode}', not 'zeros'"),
+        (conv.weight.is_floating_point(), f"weight dtype is {conv.weight.dtype}, not floating point"),
+    )
+    for ok, reason in checks:
+        if not ok:
+            return reason
+    return None

@@ -1,0 +1,189 @@
+"""Winograd transform ops with a native (``_C``) and a torch implementation.
+
+Shapes follow the BGEMM view of ``shared/design/algorithms.md`` §1, with ``p = m + 2``, ``P2 = p * p`` and
+``T = N * th * tw`` tiles ordered ``(n, ty, tx)``:
+
+* :func:`filter_transform`: ``g (..., 3, 3) -> U (..., p, p)``
+* :func:`input_transform`: ``x (N, C, H, W) -> V (P2, C, T)``
+* :func:`input_transform_adjoint`: ``dV (P2, C, T) -> dx (N, C, H, W)``
+* :func:`output_transform`: ``M (P2, K, T) -> y (N, K, Ho, Wo)`` (+ bias)
+* :func:`output_transform_adjoint`: ``dy (N, K, Ho, Wo) -> dM (P2, K, T)``
+
+The adjoints are the exact transposes of the forward maps; the Winograd layer's backward pass is built from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lightning_winoprune.kernels._backend import Backend, native_module, resolve_backend
+from lightning_winoprune.winograd._transforms import get_transforms
+
+__all__ = [
+    "TileGeometry",
+    "filter_transform",
+    "input_transform",
+    "input_transform_adjoint",
+    "output_transform",
+    "output_transform_adjoint",
+    "tile_geometry",
+]
+
+
+class TileGeometry(tuple[int, int, int, int, int, int]):
+    """``(pad_h, pad_w, Ho, Wo, th, tw)`` of a 3x3 stride-1 conv on an ``H x W`` input, tiled by ``m``."""
+
+    __slots__ = ()
+
+    @property
+    def pad(self) -> tuple[int, int]:
+        """Zero padding ``(pad_h, pad_w)``."""
+        return self[0], self[1]
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        """Output size ``(Ho, Wo)``."""
+        return self[2], self[3]
+
+    @property
+    def tiles(self) -> tuple[int, int]:
+        """Tile counts ``(th, tw)``."""
+        return self[4], self[5]
+
+
+def tile_geometry(height: int, width: int, padding: tuple[int, int], m: int) -> TileGeometry:
+    """Output size and tile counts of a 3x3 stride-1 conv.
+
+    Raises:
+        ValueError: If the padded input is smaller than the 3x3 kernel.
+    """
+    ph, pw = padding
+    ho, wo = height + 2 * ph - 2, width + 2 * pw - 2
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input of spatial size {height}x{width} with padding {padding} is smaller than the 3x3 kernel")
+    return TileGeometry((ph, pw, ho, wo, -(-ho // m), -(-wo // m)))
+
+
+def _check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def _np(t: torch.Tensor):  # noqa: ANN202 - numpy view of a CPU float32 tensor, shared memory
+    return t.detach().contiguous().numpy()
+
+
+def filter_transform(g: torch.Tensor, m: int, backend: Backend | str = Backend.AUTO) -> torch.Tensor:
+    """``U = G g G^T`` for every 3x3 kernel of ``g``.
+
+    Args:
+        g: Spatial kernels of shape ``(..., 3, 3)``.
+        m: Output tile size.
+        backend: Implementation to use.
+
+    Returns:
+        Winograd-domain kernels ``(..., p, p)`` in ``g``'s dtype, on ``g``'s device. Both paths accumulate in float64.
+    """
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"g must be a torch.Tensor, got {type(g).__name__}")
+    if not g.is_floating_point():
+        raise TypeError(f"g must be a floating-point tensor, got {g.dtype}")
+    if g.dim() < 2 or tuple(g.shape[-2:]) != (3, 3):
+        raise ValueError(f"g must have shape (..., 3, 3), got {tuple(g.shape)}")
+    t64 = get_transforms(m, torch.float64)
+    if resolve_backend(backend, g) is Backend.NATIVE:
+        out = torch.empty((*g.shape[:-2], t64.p, t64.p), dtype=torch.float32)
+        native_module().filter_transform(_np(g), t64.G.numpy(), out.numpy())
+        return out
+    G = t64.G.to(g.device)
+    return (G @ g.to(torch.float64) @ G.T).to(g.dtype)
+
+
+def input_transform(
+    x: torch.Tensor, m: int, geom: TileGeometry, backend: Backend | str = Backend.AUTO
+) -> torch.Tensor:
+    """Winograd-domain input tiles ``V[xi] = B^T d B`` as ``(P2, C, T)``."""
+    _check_tensor(x, "x", 4)
+    t = get_transforms(m, x.dtype, x.device)
+    n, c, h, w = x.shape
+    ph, pw = geom.pad
+    th, tw = geom.tiles
+    if resolve_backend(backend, x) is Backend.NATIVE:
+        out = torch.empty((t.p * t.p, c, n * th * tw), dtype=torch.float32)
+        native_module().input_transform(_np(x), _np(t.BT), ph, pw, th, tw, out.numpy())
+        return out
+    xp = F.pad(x, (pw, tw * m + 2 - w - pw, ph, th * m + 2 - h - ph))
+    tiles = xp.unfold(2, t.p, m).unfold(3, t.p, m)  # (N, C, th, tw, p, p)
+    v = torch.einsum("iu,nctwuv,jv->ijcntw", t.BT, tiles, t.BT)
+    return v.reshape(t.p * t.p, c, n * th * tw)
+
+
+def input_transform_adjoint(
+    dv: torch.Tensor, m: int, geom: TileGeometry, input_shape: tuple[int, int, int, int],
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """Transpose of :func:`input_transform`: ``dV (P2, C, T) -> dx`` of ``input_shape``."""
+    _check_tensor(dv, "dV", 3)
+    t = get_transforms(m, dv.dtype, dv.device)
+    n, c, h, w = input_shape
+    ph, pw = geom.pad
+    th, tw = geom.tiles
+    if tuple(dv.shape) != (t.p * t.p, c, n * th * tw):
+        raise ValueError(f"dV must have shape {(t.p * t.p, c, n * th * tw)}, got {tuple(dv.shape)}")
+    if resolve_backend(backend, dv) is Backend.NATIVE:
+        out = torch.empty(input_shape, dtype=torch.float32)
+        native_module().input_transform_adjoint(_np(dv), _np(t.BT), ph, pw, th, tw, out.numpy())
+        return out
+    d = torch.einsum("iu,ijcntw,jv->ncuvtw", t.BT, dv.reshape(t.p, t.p, c, n, th, tw), t.BT)
+    full = F.fold(d.reshape(n, c * t.p * t.p, th * tw), (th * m + 2, tw * m + 2), kernel_size=t.p, stride=m)
+    return full[:, :, ph : ph + h, pw : pw + w]
+
+
+def output_transform(
+    mm: torch.Tensor, m: int, geom: TileGeometry, batch: int, bias: torch.Tensor | None = None,
+    backend: Backend | str = Backend.AUTO,
+) -> torch.Tensor:
+    """Output tiles ``y = A^T M A`` (+ bias), cropped to ``(N, K, Ho, Wo)``."""
+    _check_tensor(mm, "M", 3)
+    t = get_transforms(m, mm.dtype, mm.device)
+    k = mm.shape[1]
+    ho, wo = geom.out_size
+    th, tw = geom.tiles
+    if tuple(mm.shape) != (t.p * t.p, k, batch * th * tw):
+        raise ValueError(f"M must have shape {(t.p * t.p, k, batch * th * tw)}, got {tuple(mm.shape)}")
+    if bias is not None and tuple(bias.shape) != (k,):
+        raise ValueError(f"bias must have shape {(k,)}, got {tuple(bias.shape)}")
+    if resolve_backend(backend, mm, *(() if bias is None else (bias,))) is Backend.NATIVE:
+        out = torch.empty((batch, k, ho, wo), dtype=torch.float32)
+        native_module().output_transform(
+            _np(mm), _np(t.AT), None if bias is None else _np(bias), th, tw, out.numpy()
+        )
+        return out
+    y = torch.einsum("ai,ijkntw,bj->nktawb", t.AT, mm.reshape(t.p, t.p, k, batch, th, tw), t.AT)
+    y = y.reshape(batch, k, th * m, tw * m)[:, :, :ho, :wo]
+    return y if bias is None else y + bias.view(1, k, 1, 1)
+
+
+def output_transform_adjoint(
+    dy: torch.Tensor, m: int, geom: TileGeometry, backend: Backend | str = Backend.AUTO
+) -> torch.Tensor:
+    """Transpose of :func:`output_transform` (bias excluded): ``dy (N, K, Ho, Wo) -> dM (P2, K, T)``."""
+    _check_tensor(dy, "dy", 4)
+    t = get_transforms(m, dy.dtype, dy.device)
+    n, k, ho, wo = dy.shape
+    th, tw = geom.tiles
+    if (ho, wo) != geom.out_size:
+        raise ValueError(f"dy must have spatial size {geom.out_size}, got {(ho, wo)}")
+    if resolve_backend(backend, dy) is Backend.NATIVE:
+        out = torch.empty((t.p * t.p, k, n * th * tw), dtype=torch.float32)
+        native_module().output_transform_adjoint(_np(dy), _np(t.AT), th, tw, out.numpy())
+        return out
+    dyp = F.pad(dy, (0, tw * m - wo, 0, th * m - ho)).reshape(n, k, th, m, tw, m)
+    dm = torch.einsum("ai,nktawb,bj->ijkntw", t.AT, dyp, t.AT)
+    return dm.reshape(t.p * t.p, k, n * th * tw)
