@@ -38,6 +38,7 @@ class Backend(str, Enum):
 
         Raises:
             ValueError: If ``value`` is not one of the backend names.
+
         """
         try:
             return cls(value)
@@ -85,6 +86,7 @@ def native_module() -> ModuleType:
 
     Raises:
         RuntimeError: If the extension is unavailable (the message says why).
+
     """
     ext, reason = _probe()
     if ext is None:
@@ -105,6 +107,7 @@ def resolve_backend(backend: Backend | str, *tensors: torch.Tensor) -> Backend:
     Raises:
         ValueError: If ``backend`` is not a valid name, or is ``native`` for tensors the kernels do not take.
         RuntimeError: If ``native`` is requested and the extension is unavailable.
+
     """
     backend = Backend.parse(backend)
     if backend is Backend.TORCH:

@@ -1,6 +1,7 @@
 """Winograd-domain building blocks: transforms, the trainable :class:`WinogradConv2d` layer and model conversion."""
 
 from lightning_winoprune.winograd._convert import LayerDecision, WinogradizeReport, iter_winograd_layers, winogradize
+from lightning_winoprune.winograd._layer import Route, WinogradConv2d, conv_ineligibility, winograd_layout
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
     filter_transform,
@@ -10,7 +11,6 @@ from lightning_winoprune.winograd._tiles import (
     output_transform_adjoint,
     tile_geometry,
 )
-from lightning_winoprune.winograd._layer import Route, WinogradConv2d, conv_ineligibility, winograd_layout
 from lightning_winoprune.winograd._transforms import (
     INTERPOLATION_POINTS,
     SUPPORTED_M,

@@ -27,6 +27,7 @@ class LayerDecision:
         action: ``"converted"`` or ``"skipped"``.
         reason: Why it was skipped (empty when converted).
         shape: ``(out_channels, in_channels, kh, kw)`` of the original convolution.
+
     """
 
     name: str
@@ -126,6 +127,7 @@ def winogradize(
 
     Returns:
         A report of every ``nn.Conv2d`` found: converted, or skipped with the reason.
+
     """
     m = check_m(m)
     Route.parse(route)

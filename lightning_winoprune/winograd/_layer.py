@@ -46,6 +46,7 @@ class Route(str, Enum):
 
         Raises:
             ValueError: If ``value`` is not one of the route names.
+
         """
         try:
             return cls(value)
@@ -71,7 +72,7 @@ class _BGEMMConv(torch.autograd.Function):
     """Winograd conv as ITrans -> bmm -> OTrans with an explicit backward built from the transforms' adjoints."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: torch.Tensor,
         u: torch.Tensor,
@@ -88,7 +89,7 @@ class _BGEMMConv(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         v, u = ctx.saved_tensors
         dm = output_transform_adjoint(dy.contiguous(), ctx.m, ctx.geom, ctx.backend)
         dx = du = dbias = None
@@ -105,7 +106,7 @@ class _BGEMMConv(torch.autograd.Function):
 
 @functools.lru_cache(maxsize=64)
 def _phase_coefficients(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``R[i, j, a, b, u, v] = AT[a, i] AT[b, j] BT[i, u] BT[j, v]``: U -> phase-conv kernels E, shape (p, p, m, m, p, p)."""
+    """``R[i, j, a, b, u, v] = AT[a, i] AT[b, j] BT[i, u] BT[j, v]``, shape ``(p, p, m, m, p, p)``: U -> kernels E."""
     t = get_transforms(m, torch.float64)
     r = torch.einsum("ai,bj,iu,jv->ijabuv", t.AT, t.AT, t.BT, t.BT)
     return r.to(dtype=dtype, device=device)
@@ -138,6 +139,7 @@ class WinogradConv2d(nn.Module):
         route: How the output is computed, see :class:`Route`.
         backend: Kernel implementation for the ``bgemm`` route's transforms, see
             :class:`~lightning_winoprune.kernels.Backend`.
+
     """
 
     weight: nn.Parameter
@@ -201,6 +203,7 @@ class WinogradConv2d(nn.Module):
 
         Raises:
             ValueError: If ``conv`` is not such a convolution (the message says which property is wrong).
+
         """
         reason = conv_ineligibility(conv)
         if reason is not None:
@@ -234,6 +237,7 @@ class WinogradConv2d(nn.Module):
         Raises:
             ValueError: If the mask's shape differs from the weight's.
             TypeError: If the mask is not a boolean tensor.
+
         """
         if mask is None:
             self.mask = None
@@ -286,7 +290,7 @@ class WinogradConv2d(nn.Module):
             return self._convolve(x.to(u.dtype), u)
 
     def _convolve(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+        h, w = x.shape[-2:]
         geom = tile_geometry(h, w, self.padding, self.m)
         route = self.resolve_route(h, w)
         if route is Route.BGEMM:

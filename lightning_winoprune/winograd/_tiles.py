@@ -14,6 +14,7 @@ The adjoints are the exact transposes of the forward maps; the Winograd layer's 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,11 +58,14 @@ def tile_geometry(height: int, width: int, padding: tuple[int, int], m: int) -> 
 
     Raises:
         ValueError: If the padded input is smaller than the 3x3 kernel.
+
     """
     ph, pw = padding
     ho, wo = height + 2 * ph - 2, width + 2 * pw - 2
     if ho < 1 or wo < 1:
-        raise ValueError(f"input of spatial size {height}x{width} with padding {padding} is smaller than the 3x3 kernel")
+        raise ValueError(
+            f"input of spatial size {height}x{width} with padding {padding} is smaller than the 3x3 kernel"
+        )
     return TileGeometry((ph, pw, ho, wo, -(-ho // m), -(-wo // m)))
 
 
@@ -75,7 +79,8 @@ def _check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
     return t
 
 
-def _np(t: torch.Tensor):  # noqa: ANN202 - numpy view of a CPU float32 tensor, shared memory
+def _np(t: torch.Tensor) -> np.ndarray:
+    """Numpy view (shared memory) of a CPU float tensor, made contiguous first if needed."""
     return t.detach().contiguous().numpy()
 
 
@@ -89,6 +94,7 @@ def filter_transform(g: torch.Tensor, m: int, backend: Backend | str = Backend.A
 
     Returns:
         Winograd-domain kernels ``(..., p, p)`` in ``g``'s dtype, on ``g``'s device. Both paths accumulate in float64.
+
     """
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"g must be a torch.Tensor, got {type(g).__name__}")

@@ -73,6 +73,7 @@ def toom_cook(m: int, points: tuple[Fraction, ...], r: int = R) -> tuple[_Matrix
 
     Returns:
         ``(AT, G, BT)`` as lists of rows of :class:`~fractions.Fraction`.
+
     """
     n = m + r - 1
     if len(points) != n - 1 or len(set(points)) != len(points):
@@ -103,6 +104,7 @@ class WinogradTransforms:
         AT: ``(m, p)`` output transform.
         G: ``(p, 3)`` filter transform.
         BT: ``(p, p)`` input transform.
+
     """
 
     m: int
@@ -121,18 +123,19 @@ def check_m(m: object) -> int:
 
     Raises:
         ValueError: If ``m`` is not one of :data:`SUPPORTED_M`.
+
     """
     if isinstance(m, bool) or not isinstance(m, int) or m not in INTERPOLATION_POINTS:
         raise ValueError(f"Winograd tile size m={m!r} is not supported; valid values are {list(SUPPORTED_M)}")
     return m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _exact(m: int) -> tuple[_Matrix, _Matrix, _Matrix]:
     return toom_cook(m, INTERPOLATION_POINTS[m])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cached(m: int, dtype: torch.dtype) -> WinogradTransforms:
     at, g, bt = _exact(m)
 
@@ -152,6 +155,7 @@ def get_transforms(
         m: Output tile size, one of :data:`SUPPORTED_M`.
         dtype: Floating dtype of the returned tensors.
         device: Device of the returned tensors (CPU when ``None``).
+
     """
     t = _cached(check_m(m), dtype)
     if device is None or torch.device(device) == t.AT.device:
