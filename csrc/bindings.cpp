@@ -80,6 +80,17 @@ void check_tiles(index_t pad_top, index_t pad_left, index_t th, index_t tw) {
     throw py::value_error("tile counts must be >= 1, got (" + std::to_string(th) + ", " + std::to_string(tw) + ")");
 }
 
+// Validates BT (p, p), the padding and tile counts, and the NCHW tensor on the spatial side; sets p.
+winoprune::TileGeometry input_geometry(const py::array& nchw, const char* name, const py::array& BT, index_t pad_top,
+                                       index_t pad_left, index_t th, index_t tw, int& p) {
+  expect_ndim(nchw, 4, name);
+  expect_ndim(BT, 2, "BT");
+  p = tile_p_from(BT, "BT");
+  expect_shape(BT, {p, p}, "BT");
+  check_tiles(pad_top, pad_left, th, tw);
+  return {nchw.shape(0), nchw.shape(1), nchw.shape(2), nchw.shape(3), pad_top, pad_left, th, tw};
+}
+
 void filter_transform(const py::handle& g_obj, const py::handle& G_obj, const py::handle& out_obj) {
   auto g = as_array<float>(g_obj, "g");
   auto G = as_array<double>(G_obj, "G");
@@ -109,12 +120,8 @@ void input_transform(const py::handle& x_obj, const py::handle& BT_obj, index_t 
   auto x = as_array<float>(x_obj, "x");
   auto BT = as_array<float>(BT_obj, "BT");
   auto out = as_array<float>(out_obj, "out", true);
-  expect_ndim(x, 4, "x");
-  expect_ndim(BT, 2, "BT");
-  const int p = tile_p_from(BT, "BT");
-  expect_shape(BT, {p, p}, "BT");
-  check_tiles(pad_top, pad_left, th, tw);
-  winoprune::TileGeometry g{x.shape(0), x.shape(1), x.shape(2), x.shape(3), pad_top, pad_left, th, tw};
+  int p = 0;
+  const auto g = input_geometry(x, "x", BT, pad_top, pad_left, th, tw, p);
   expect_shape(out, {p * p, g.C, g.N * th * tw}, "out");
   const float* xp = x.data();
   const float* bp = BT.data();
@@ -128,12 +135,8 @@ void input_transform_adjoint(const py::handle& dV_obj, const py::handle& BT_obj,
   auto dV = as_array<float>(dV_obj, "dV");
   auto BT = as_array<float>(BT_obj, "BT");
   auto out = as_array<float>(out_obj, "out", true);
-  expect_ndim(out, 4, "out");
-  expect_ndim(BT, 2, "BT");
-  const int p = tile_p_from(BT, "BT");
-  expect_shape(BT, {p, p}, "BT");
-  check_tiles(pad_top, pad_left, th, tw);
-  winoprune::TileGeometry g{out.shape(0), out.shape(1), out.shape(2), out.shape(3), pad_top, pad_left, th, tw};
+  int p = 0;
+  const auto g = input_geometry(out, "out", BT, pad_top, pad_left, th, tw, p);
   expect_shape(dV, {p * p, g.C, g.N * th * tw}, "dV");
   const float* vp = dV.data();
   const float* bp = BT.data();

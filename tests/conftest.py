@@ -13,6 +13,7 @@ settings.register_profile(
     deadline=None,
     max_examples=30,
     derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

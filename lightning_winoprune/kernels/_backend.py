@@ -10,17 +10,18 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from enum import Enum
 from types import ModuleType
 
 import torch
+
+from lightning_winoprune._enum import ParsableEnum
 
 __all__ = ["DISABLE_ENV_VAR", "Backend", "extension_status", "native_available", "resolve_backend"]
 
 DISABLE_ENV_VAR = "WINOPRUNE_DISABLE_EXT"
 
 
-class Backend(str, Enum):
+class Backend(ParsableEnum):
     """Which implementation runs a kernel.
 
     * ``auto``: the native kernel where it applies (CPU float32 tensors and a loaded extension), else torch.
@@ -31,19 +32,6 @@ class Backend(str, Enum):
     AUTO = "auto"
     NATIVE = "native"
     TORCH = "torch"
-
-    @classmethod
-    def parse(cls, value: Backend | str) -> Backend:
-        """Return ``value`` as a :class:`Backend`.
-
-        Raises:
-            ValueError: If ``value`` is not one of the backend names.
-
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"backend={value!r} is not valid; valid values are {[b.value for b in cls]}") from None
 
 
 @functools.lru_cache(maxsize=1)

@@ -42,7 +42,7 @@ def _fit_and_test(module: ImageClassifier, data: DigitsDataModule, epochs: int, 
         logger=CSVLogger(out, name=name),
         default_root_dir=out,
         enable_model_summary=False,
-        log_every_n_steps=5,
+        log_every_n_steps=1,
         **_limits(limit_batches),
     )
     t0 = time.perf_counter()

@@ -144,6 +144,8 @@ def winogradize(
             continue
         shape = tuple(mod.weight.shape)
         reason = conv_ineligibility(mod)
+        if reason is None and mod is model:
+            reason = "the model itself is the conv and cannot be replaced in place; use WinogradConv2d.from_conv"
         if reason is None and inc and not any(p.fullmatch(name) for p in inc):
             reason = "not matched by include"
         if reason is None and any(p.fullmatch(name) for p in exc):

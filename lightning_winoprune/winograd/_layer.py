@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-from enum import Enum
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
@@ -25,7 +25,7 @@ from lightning_winoprune.winograd._transforms import check_m, get_transforms
 __all__ = ["Route", "WinogradConv2d", "conv_ineligibility", "winograd_layout"]
 
 
-class Route(str, Enum):
+class Route(ParsableEnum):
     """How a :class:`WinogradConv2d` computes its output. All routes are exact reformulations of the same map.
 
     * ``auto``: ``unrolled`` when the whole output fits in one tile and that is cheaper, else ``bgemm``.
@@ -39,19 +39,6 @@ class Route(str, Enum):
     BGEMM = "bgemm"
     UNROLLED = "unrolled"
     PHASE = "phase"
-
-    @classmethod
-    def parse(cls, value: Route | str) -> Route:
-        """Return ``value`` as a :class:`Route`.
-
-        Raises:
-            ValueError: If ``value`` is not one of the route names.
-
-        """
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"route={value!r} is not valid; valid values are {[r.value for r in cls]}") from None
 
 
 def winograd_layout(t: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ def routes_for(h: int, w: int, pad: tuple[int, int], m: int) -> list[str]:
 
 
 @st.composite
-def conv_cases(draw, ms=(2, 4)):  # noqa: ANN001, ANN201
+def conv_cases(draw, ms=(2, 4)):
     m = draw(st.sampled_from(ms))
     h = draw(st.integers(1, 11))
     w = draw(st.integers(1, 11))
@@ -118,6 +118,28 @@ def test_gradcheck_float64(route: str, m: int) -> None:
         return torch.func.functional_call(layer, {"weight": u, "bias": b}, (x,))
 
     assert torch.autograd.gradcheck(fn, (x, u, b), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kind", ["channels_last", "strided", "empty_batch"])
+def test_input_layouts_and_empty_batch(route: str, kind: str) -> None:
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv, m=2, route=route)
+    hw = (2, 2) if route == "unrolled" else (7, 6)
+    if kind == "channels_last":
+        x = torch.randn(2, 3, *hw).to(memory_format=torch.channels_last)
+    elif kind == "strided":
+        x = torch.randn(2, 6, *hw)[:, ::2]
+    else:
+        x = torch.randn(0, 3, *hw)
+    x.requires_grad_(True)
+    y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape
+    if kind == "empty_batch":
+        return
+    assert rel_err(y, ref) <= TOL[2]
+    dy = torch.randn_like(ref)
+    assert rel_err(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0]) <= TOL[2]
 
 
 @pytest.mark.parametrize("m", [2, 4])
@@ -216,7 +238,7 @@ def test_from_conv_refuses(module: nn.Module, match: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- masks
-def _masked_pair(route: str, m: int = 2, seed: int = 0):  # noqa: ANN202
+def _masked_pair(route: str, m: int = 2, seed: int = 0):
     torch.manual_seed(seed)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     layer = WinogradConv2d.from_conv(conv, m=m, route=route)
@@ -288,7 +310,7 @@ def _small_model() -> nn.Module:
     )
 
 
-def test_state_dict_round_trip_model(tmp_path) -> None:  # noqa: ANN001
+def test_state_dict_round_trip_model(tmp_path) -> None:
     torch.manual_seed(1)
     model = _small_model()
     rep = winogradize(model, m=2, skip_first=False)
@@ -318,7 +340,7 @@ def test_state_dict_round_trip_model(tmp_path) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("route", ["bgemm", "phase"])
-def test_state_dict_mask_restored_and_removed(tmp_path, route: str) -> None:  # noqa: ANN001
+def test_state_dict_mask_restored_and_removed(tmp_path, route: str) -> None:
     torch.manual_seed(2)
     conv = nn.Conv2d(3, 4, 3, padding=1)
     masked = WinogradConv2d.from_conv(conv, m=4, route=route)

@@ -37,7 +37,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() * b.double()).sum())
 
 
-def _ref_input_transform(x: torch.Tensor, m: int, geom) -> torch.Tensor:  # noqa: ANN001
+def _ref_input_transform(x: torch.Tensor, m: int, geom) -> torch.Tensor:
     """Explicit per-tile loop in float64: V[i*p+j, c, (n, ty, tx)] = (B^T d B)[i, j]."""
     t = get_transforms(m, torch.float64)
     p = m + 2
@@ -56,7 +56,7 @@ def _ref_input_transform(x: torch.Tensor, m: int, geom) -> torch.Tensor:  # noqa
     return out
 
 
-def _ref_output_transform(mm: torch.Tensor, m: int, geom, batch: int, bias=None) -> torch.Tensor:  # noqa: ANN001
+def _ref_output_transform(mm: torch.Tensor, m: int, geom, batch: int, bias=None) -> torch.Tensor:
     t = get_transforms(m, torch.float64)
     p = m + 2
     k = mm.shape[1]
@@ -73,7 +73,7 @@ def _ref_output_transform(mm: torch.Tensor, m: int, geom, batch: int, bias=None)
 
 
 @st.composite
-def geometries(draw):  # noqa: ANN001, ANN201
+def geometries(draw):
     m = draw(st.sampled_from(SUPPORTED_M))
     h = draw(st.integers(1, 9))
     w = draw(st.integers(1, 9))
@@ -136,7 +136,7 @@ def test_filter_transform_noncontiguous_input() -> None:
 
 
 def test_filter_transform_errors() -> None:
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         filter_transform([[0.0] * 3] * 3, 2)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="floating-point"):
         filter_transform(torch.ones(3, 3, dtype=torch.int64), 2)
@@ -153,7 +153,7 @@ def test_filter_transform_errors() -> None:
 
 # ----------------------------------------------------------------------------------------------- forward agreement
 @given(geometries())
-def test_input_transform_native_vs_torch_vs_reference(case) -> None:  # noqa: ANN001
+def test_input_transform_native_vs_torch_vs_reference(case) -> None:
     m, n, c, _, h, w, pad, seed = case
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, c, h, w, generator=gen)
@@ -173,7 +173,7 @@ def test_input_transform_native_vs_torch_vs_reference(case) -> None:  # noqa: AN
 
 
 @given(geometries(), st.booleans())
-def test_output_transform_native_vs_torch_vs_reference(case, with_bias: bool) -> None:  # noqa: ANN001
+def test_output_transform_native_vs_torch_vs_reference(case, with_bias: bool) -> None:
     m, n, _, k, h, w, pad, seed = case
     gen = torch.Generator().manual_seed(seed)
     geom = tile_geometry(h, w, pad, m)
@@ -191,7 +191,7 @@ def test_output_transform_native_vs_torch_vs_reference(case, with_bias: bool) ->
 
 
 @given(geometries())
-def test_full_pipeline_is_conv2d(case) -> None:  # noqa: ANN001
+def test_full_pipeline_is_conv2d(case) -> None:
     """OTrans(U[xi] @ ITrans(x)[xi]) equals F.conv2d with the same padding, on both backends."""
     m, n, c, k, h, w, pad, seed = case
     gen = torch.Generator().manual_seed(seed)
@@ -213,7 +213,7 @@ def test_full_pipeline_is_conv2d(case) -> None:  # noqa: ANN001
 
 # ----------------------------------------------------------------------------------------------- adjoints
 @given(geometries())
-def test_input_transform_adjoint_identity(case) -> None:  # noqa: ANN001
+def test_input_transform_adjoint_identity(case) -> None:
     m, n, c, _, h, w, pad, seed = case
     gen = torch.Generator().manual_seed(seed)
     geom = tile_geometry(h, w, pad, m)
@@ -237,7 +237,7 @@ def test_input_transform_adjoint_identity(case) -> None:  # noqa: ANN001
 
 
 @given(geometries())
-def test_output_transform_adjoint_identity(case) -> None:  # noqa: ANN001
+def test_output_transform_adjoint_identity(case) -> None:
     m, n, _, k, h, w, pad, seed = case
     gen = torch.Generator().manual_seed(seed)
     geom = tile_geometry(h, w, pad, m)
@@ -259,7 +259,7 @@ def test_output_transform_adjoint_identity(case) -> None:  # noqa: ANN001
 
 
 @given(geometries())
-def test_torch_adjoints_equal_autograd_vjp(case) -> None:  # noqa: ANN001
+def test_torch_adjoints_equal_autograd_vjp(case) -> None:
     m, n, c, k, h, w, pad, seed = case
     gen = torch.Generator().manual_seed(seed)
     geom = tile_geometry(h, w, pad, m)
@@ -307,7 +307,7 @@ def test_shape_errors(backend: str) -> None:
         input_transform(torch.zeros(3, 4, 4), m, geom, backend)
     with pytest.raises(TypeError, match="floating-point"):
         input_transform(torch.zeros(1, 1, 4, 4, dtype=torch.int32), m, geom, backend)
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         output_transform_adjoint([[1.0]], m, geom, backend)  # type: ignore[arg-type]
 
 

@@ -23,7 +23,7 @@ def _correlate_1d(d: list[Fraction], g: list[Fraction], m: int) -> list[Fraction
     return [sum((g[r] * d[i + r] for r in range(3)), Fraction(0)) for i in range(m)]
 
 
-def _winograd_1d(at, g_mat, bt, d, g):  # noqa: ANN001, ANN202
+def _winograd_1d(at, g_mat, bt, d, g):
     gg = _matvec(g_mat, g)
     bd = _matvec(bt, d)
     return _matvec(at, [a * b for a, b in zip(gg, bd, strict=True)])
