@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+import shutil
+import subprocess
 from collections.abc import Callable
 
 import numpy as np
@@ -325,3 +328,13 @@ def test_module_attributes() -> None:
     assert _C.max_threads() >= 1
     for name in ALL:
         assert callable(getattr(_C, name))
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() not in ("x86_64", "AMD64"),
+                    reason="needs binutils' objdump on x86-64")
+def test_extension_is_portable_baseline_x86_64():
+    """The build must not die with an illegal instruction on older x86-64 CPUs: no AVX code outside runtime dispatch."""
+    import lightning_winoprune._C as ext
+
+    dis = subprocess.run(["objdump", "-d", ext.__file__], capture_output=True, text=True, check=True).stdout
+    assert "ymm" not in dis and "zmm" not in dis, "AVX/AVX-512 instructions found: was -march=native added?"
