@@ -1,0 +1,254 @@
+"""The one masking engine: a pruning pattern is data, applied to any ``(P, R, C)`` weight view.
+
+A *weight view* is a stack of ``P`` matrices of shape ``R x C``: the ``p*p`` BGEMM matrices ``U[xi]`` (K x C) of a
+Winograd layer, the DR sub-GEMMs of a depthwise conv, or one ``K x C`` matrix of pointwise filters. A
+:class:`Pattern` says how those matrices are cut into blocks, how blocks are scored and ranked, and how the pruned
+count is rounded. :func:`compute_mask` turns a view, a pattern and a target amount into a boolean keep-mask.
+
+Blocks (every element belongs to exactly one block):
+
+====================  =========================================================  ==================
+block                 one block is                                               position-local
+====================  =========================================================  ==================
+``element``           one entry ``W[p, r, c]``                                   yes
+``row``               ``W[p, r, :]``                                             yes
+``column``            ``W[p, :, c]``                                             yes
+``row_segment``       ``W[p, r, s*unit:(s+1)*unit]`` (the last one may be short)  yes
+``column_segment``    ``W[p, s*unit:(s+1)*unit, c]``                             yes
+``filter``            ``W[:, r, :]``: row ``r`` in every matrix                  no
+====================  =========================================================  ==================
+
+Selection: blocks are ranked by score (lowest pruned first; ties broken by block index, so the result is
+deterministic). With ``scope="layer"`` the ranking is global and the number of pruned blocks is the one whose
+pruned-element count is closest to ``amount * numel``. With ``scope="position"`` (balanced) every matrix prunes the
+same number of its own blocks. With ``align > 1`` the pruned-block count of every matrix is then rounded to a
+multiple of ``align`` (``rounding="down"`` keeps more weights, ``"up"`` prunes more), never beyond the largest
+multiple of ``align`` the matrix holds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from lightning_winoprune._enum import ParsableEnum
+
+__all__ = ["Block", "MaskResult", "Pattern", "Rounding", "Scope", "Score", "block_layout", "compute_mask"]
+
+
+class Block(ParsableEnum):
+    """The pruning unit on one ``R x C`` matrix of the view (see the module docstring)."""
+
+    ELEMENT = "element"
+    ROW = "row"
+    COLUMN = "column"
+    ROW_SEGMENT = "row_segment"
+    COLUMN_SEGMENT = "column_segment"
+    FILTER = "filter"
+
+
+class Scope(ParsableEnum):
+    """Where blocks compete: the whole layer, or each matrix of the view separately (balanced)."""
+
+    LAYER = "layer"
+    POSITION = "position"
+
+
+class Score(ParsableEnum):
+    """Block score: ``l2`` (group lasso, the default), ``l1``, or ``importance`` (sum of a given saliency)."""
+
+    L2 = "l2"
+    L1 = "l1"
+    IMPORTANCE = "importance"
+
+
+class Rounding(ParsableEnum):
+    """How a per-matrix pruned-block count is rounded to a multiple of ``align``."""
+
+    DOWN = "down"
+    UP = "up"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A pruning pattern, as data.
+
+    Attributes:
+        block: The pruning unit.
+        scope: Global ranking (``layer``) or equal counts per matrix (``position``, balanced).
+        unit: Segment length for ``row_segment``/``column_segment`` (a segment longer than the row or column is the
+            whole row or column).
+        align: Pruned-block count of every matrix rounded to a multiple of this (1: no rounding).
+        rounding: Direction of that rounding.
+        score: How blocks are scored.
+    """
+
+    block: Block = Block.ROW
+    scope: Scope = Scope.LAYER
+    unit: int = 1
+    align: int = 1
+    rounding: Rounding = Rounding.DOWN
+    score: Score = Score.L2
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "block", Block.parse(self.block, "block"))
+        object.__setattr__(self, "scope", Scope.parse(self.scope, "scope"))
+        object.__setattr__(self, "rounding", Rounding.parse(self.rounding, "rounding"))
+        object.__setattr__(self, "score", Score.parse(self.score, "score"))
+        for name in ("unit", "align"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.block is Block.FILTER and (self.scope is Scope.POSITION or self.align > 1):
+            raise ValueError("block='filter' spans every matrix: it supports neither scope='position' nor align > 1")
+
+    def with_(self, **changes: object) -> Pattern:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass
+class MaskResult:
+    """What :func:`compute_mask` decided for one weight view.
+
+    Attributes:
+        mask: Boolean keep-mask of the view's shape (``True`` keeps).
+        requested: The requested amount.
+        sparsity: The achieved fraction of zeroed elements.
+        pruned_blocks: Pruned-block count per matrix (``(P,)``; for ``filter`` blocks, the pruned filters repeated).
+        blocks_per_matrix: Blocks in one matrix (filters in the layer for ``filter``).
+        pattern: The pattern used.
+        notes: Human-readable remarks on rounding.
+    """
+
+    mask: torch.Tensor
+    requested: float
+    sparsity: float
+    pruned_blocks: torch.Tensor
+    blocks_per_matrix: int
+    pattern: Pattern
+    notes: list[str] = field(default_factory=list)
+
+
+def block_layout(shape: tuple[int, int, int], pattern: Pattern, device: torch.device | None = None) -> torch.Tensor:
+    """Block id of every element of a ``(P, R, C)`` view; ids of matrix ``p`` are ``p * B + [0, B)``.
+
+    For ``filter`` blocks the id is the row ``r`` (the same in every matrix).
+    """
+    p_, r_, c_ = shape
+    p = torch.arange(p_, device=device).view(p_, 1, 1)
+    r = torch.arange(r_, device=device).view(1, r_, 1)
+    c = torch.arange(c_, device=device).view(1, 1, c_)
+    b = pattern.block
+    if b is Block.ELEMENT:
+        ids = (p * r_ + r) * c_ + c
+    elif b is Block.ROW or (b is Block.ROW_SEGMENT and pattern.unit >= c_):
+        ids = p * r_ + r + 0 * c
+    elif b is Block.COLUMN or (b is Block.COLUMN_SEGMENT and pattern.unit >= r_):
+        ids = p * c_ + c + 0 * r
+    elif b is Block.ROW_SEGMENT:
+        segs = math.ceil(c_ / pattern.unit)
+        ids = (p * r_ + r) * segs + c // pattern.unit
+    elif b is Block.COLUMN_SEGMENT:
+        segs = math.ceil(r_ / pattern.unit)
+        ids = (p * c_ + c) * segs + r // pattern.unit
+    else:  # FILTER
+        ids = r + 0 * p + 0 * c
+    return ids.expand(p_, r_, c_)
+
+
+def _block_scores(view: torch.Tensor, ids: torch.Tensor, n_blocks: int, pattern: Pattern,
+                  importance: torch.Tensor | None) -> torch.Tensor:
+    if pattern.score is Score.IMPORTANCE:
+        if importance is None:
+            raise ValueError("score='importance' needs an importance tensor of the view's shape")
+        contrib = importance.abs()
+    elif pattern.score is Score.L1:
+        contrib = view.abs()
+    else:
+        contrib = view.square()
+    scores = torch.zeros(n_blocks, dtype=torch.float64, device=view.device)
+    scores.index_add_(0, ids.reshape(-1), contrib.reshape(-1).to(torch.float64))
+    return scores.sqrt() if pattern.score is Score.L2 else scores
+
+
+def _closest_prefix(sizes_sorted: torch.Tensor, target: float) -> int:
+    """Number of leading blocks whose total size is closest to ``target`` (ties: fewer blocks)."""
+    cum = torch.cat([sizes_sorted.new_zeros(1), sizes_sorted.cumsum(0)]).to(torch.float64)
+    return int(torch.argmin((cum - target).abs()).item())
+
+
+def _align(count: torch.Tensor, align: int, rounding: Rounding, limit: int) -> torch.Tensor:
+    top = (limit // align) * align
+    rounded = (count // align) * align if rounding is Rounding.DOWN else -((-count) // align) * align
+    return rounded.clamp(max=top)
+
+
+def compute_mask(
+    view: torch.Tensor, amount: float, pattern: Pattern, importance: torch.Tensor | None = None
+) -> MaskResult:
+    """Keep-mask of ``view`` (``(P, R, C)``) that prunes ``amount`` of its elements in ``pattern``'s blocks.
+
+    Args:
+        view: The weight view.
+        amount: Fraction of elements to prune, in ``[0, 1]``.
+        pattern: Block shape, scope, score and rounding.
+        importance: Per-element saliency of the view's shape, for ``score="importance"``.
+
+    Raises:
+        ValueError: On a bad amount, view or importance shape.
+    """
+    if not isinstance(view, torch.Tensor) or view.dim() != 3:
+        raise ValueError(f"view must be a 3-D (P, R, C) tensor, got {getattr(view, 'shape', type(view).__name__)}")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
+    if importance is not None and importance.shape != view.shape:
+        raise ValueError(f"importance must have the view's shape {tuple(view.shape)}, got {tuple(importance.shape)}")
+    view = view.detach()
+    p_, r_, c_ = view.shape
+    ids = block_layout((p_, r_, c_), pattern, view.device)
+    flat_ids = ids.reshape(-1)
+    n_blocks = int(flat_ids.max().item()) + 1
+    sizes = torch.bincount(flat_ids, minlength=n_blocks)
+    scores = _block_scores(view, ids, n_blocks, pattern, importance)
+    notes: list[str] = []
+    pruned = torch.zeros(n_blocks, dtype=torch.bool, device=view.device)
+
+    if pattern.block is Block.FILTER:
+        order = torch.argsort(scores, stable=True)
+        n = _closest_prefix(sizes[order], amount * view.numel())
+        pruned[order[:n]] = True
+        per_matrix = torch.full((p_,), n, dtype=torch.long)
+        blocks_per_matrix = n_blocks
+    else:
+        blocks_per_matrix = n_blocks // p_
+        s = scores.view(p_, blocks_per_matrix)
+        sz = sizes.view(p_, blocks_per_matrix)
+        order = torch.argsort(s, dim=1, stable=True)  # per matrix, lowest score first
+        if pattern.scope is Scope.POSITION:
+            # equal block counts in every matrix; with a short last segment the mean block size sets the count
+            n = round(amount * r_ * c_ / (sz[0].sum().item() / blocks_per_matrix))
+            counts = torch.full((p_,), min(n, blocks_per_matrix), dtype=torch.long, device=view.device)
+        else:
+            glob = torch.argsort(scores, stable=True)
+            n = _closest_prefix(sizes[glob], amount * view.numel())
+            counts = torch.bincount(glob[:n] // blocks_per_matrix, minlength=p_)
+        if pattern.align > 1:
+            aligned = _align(counts, pattern.align, pattern.rounding, blocks_per_matrix)
+            if not torch.equal(aligned, counts):
+                notes.append(f"per-matrix pruned-block counts rounded {pattern.rounding.value} to multiples of "
+                             f"{pattern.align}")
+            counts = aligned
+        # prune the `counts[p]` lowest-score blocks of every matrix p (the same set a global ranking picks)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(blocks_per_matrix, device=view.device).expand(p_, -1))
+        pruned = (rank < counts.view(p_, 1)).reshape(-1)
+        per_matrix = counts.cpu()
+
+    mask = ~pruned[flat_ids].view(p_, r_, c_)
+    sparsity = 1.0 - mask.float().mean().item() if mask.numel() else 0.0
+    if amount > 0 and abs(sparsity - amount) > 1.0 / max(mask.numel(), 1):
+        notes.append(f"achieved sparsity {sparsity:.4f} for the requested {amount:.4f} (block granularity)")
+    return MaskResult(mask, float(amount), sparsity, per_matrix, blocks_per_matrix, pattern, notes)
