@@ -4,10 +4,14 @@ The public API is deliberately small; building blocks live in the subpackages:
 
 * :mod:`lightning_winoprune.winograd`: Winograd transforms, :class:`WinogradConv2d`, :func:`winogradize`.
 * :mod:`lightning_winoprune.kernels`: the compiled ``_C`` kernels behind a backend switch with a torch fallback.
+* :mod:`lightning_winoprune.pruning`: the one masking engine; a pattern is data.
+* :mod:`lightning_winoprune.importance`: layer-importance estimators, latency tables and budgets.
+* :mod:`lightning_winoprune.callbacks`: :class:`WinogradPruning` and :func:`load_pruned_checkpoint`.
 * :mod:`lightning_winoprune.data`: the embedded digits datamodule.
 * :mod:`lightning_winoprune.recipes`: the classification module and runnable jobs.
 """
 
+from lightning_winoprune.callbacks import WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.kernels import Backend, extension_status, native_available
 from lightning_winoprune.winograd import Route, WinogradConv2d, WinogradizeReport, winogradize
 
@@ -17,9 +21,11 @@ __all__ = [
     "Backend",
     "Route",
     "WinogradConv2d",
+    "WinogradPruning",
     "WinogradizeReport",
     "__version__",
     "extension_status",
+    "load_pruned_checkpoint",
     "native_available",
     "winogradize",
 ]

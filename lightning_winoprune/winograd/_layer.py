@@ -162,6 +162,8 @@ class WinogradConv2d(nn.Module):
         self.weight = nn.Parameter(winograd_layout(torch.empty(out_channels, in_channels, p, p, **factory)))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.register_buffer("mask", None)
+        # Float copy of the mask for the forward multiply (a bool multiply is ~8x slower); derived, never saved.
+        self.register_buffer("_mask_value", None, persistent=False)
         self.reset_parameters()
 
     @property
@@ -227,17 +229,41 @@ class WinogradConv2d(nn.Module):
 
         """
         if mask is None:
-            self.mask = None
+            self.mask = self._mask_value = None
             return
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if mask.shape != self.weight.shape:
             raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
         self.mask = winograd_layout(mask.to(self.weight.device))
+        self._sync_mask_value()
+
+    def _sync_mask_value(self) -> None:
+        self._mask_value = None if self.mask is None else self.mask.to(self.weight.dtype)
+
+    @torch.no_grad()
+    def zero_pruned_(self) -> None:
+        """Set the stored weight entries the mask prunes to exactly zero (in place; a no-op without a mask).
+
+        The forward pass already ignores them; zeroing the storage too makes exported weights and optimizer
+        updates (whose gradient there is zero) keep them at zero.
+        """
+        if self.mask is not None:
+            self.weight.mul_(self.mask.to(self.weight.dtype))
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of masked-out weight entries (0.0 without a mask)."""
+        return 0.0 if self.mask is None else 1.0 - self.mask.count_nonzero().item() / self.mask.numel()
 
     def effective_weight(self) -> torch.Tensor:
         """``weight * mask`` when a mask is set, else ``weight``."""
-        return self.weight if self.mask is None else self.weight * self.mask
+        if self.mask is None:
+            return self.weight
+        if self._mask_value is None or self._mask_value.dtype != self.weight.dtype:
+            self._sync_mask_value()
+        assert self._mask_value is not None
+        return self.weight * self._mask_value
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
@@ -254,6 +280,7 @@ class WinogradConv2d(nn.Module):
         )
         if self.mask is not None:
             self.mask = winograd_layout(self.mask)
+        self._sync_mask_value()
 
     # ----------------------------------------------------------------------------------------------- forward
     def resolve_route(self, height: int, width: int) -> Route:
@@ -316,7 +343,7 @@ class WinogradConv2d(nn.Module):
         if self.route is not Route.AUTO:
             s += f", route={self.route.value}"
         if self.mask is not None:
-            s += f", sparsity={1.0 - self.mask.float().mean().item():.3f}"
+            s += f", sparsity={self.sparsity:.3f}"
         return s
 
 

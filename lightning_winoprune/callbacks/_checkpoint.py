@@ -1,0 +1,58 @@
+"""Load a pruned Lightning checkpoint outside the Trainer, into a freshly built model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_winoprune.winograd._convert import winogradize
+
+__all__ = ["load_pruned_checkpoint"]
+
+
+def load_pruned_checkpoint(
+    model: nn.Module, checkpoint: str | Path | dict[str, Any], prefix: str = "", strict: bool = True
+) -> nn.Module:
+    """Rebuild the pruned structure on ``model`` and load a checkpoint written by a Trainer with pruning callbacks.
+
+    The callbacks' saved state says which layers were converted to the Winograd domain and with which tile size;
+    those layers are converted on ``model`` (in place), then the weights, biases and masks are loaded. Use it for
+    inference::
+
+        model = MyLightningModule(...)            # or the bare network, with prefix="model."
+        load_pruned_checkpoint(model, "last.ckpt").eval()
+
+    Args:
+        model: The LightningModule the checkpoint was trained with, or its inner network (see ``prefix``).
+        checkpoint: A path, or an already loaded checkpoint dict.
+        prefix: Prefix of the inner network's attribute in the LightningModule (e.g. ``"model."``); names and
+            state-dict keys starting with it are loaded into ``model`` without it.
+        strict: Passed to ``load_state_dict``.
+
+    Returns:
+        ``model``, converted and loaded.
+
+    Raises:
+        ValueError: If the checkpoint holds no pruning-callback state.
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
+                                                                      weights_only=False)
+    states = [v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("WinogradPruning")]
+    if not states:
+        raise ValueError("the checkpoint holds no WinogradPruning state: was it written with the callback attached?")
+    for state in states:
+        names = [n[len(prefix):] for n in state["layer_names"] if n.startswith(prefix)]
+        if names:
+            winogradize(model, m=state["m"], skip_first=False, include=[_literal(n) for n in names])
+    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(weights, strict=strict)
+    return model
+
+
+def _literal(name: str) -> str:
+    import re
+
+    return re.escape(name)

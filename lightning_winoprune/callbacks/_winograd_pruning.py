@@ -1,0 +1,482 @@
+"""``WinogradPruning``: structured pruning of Winograd-domain weights during fine-tuning."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lightning_winoprune.callbacks._logging import log_pruning_report
+from lightning_winoprune.callbacks._schedule import PruningSchedule
+from lightning_winoprune.kernels._backend import Backend
+from lightning_winoprune.pruning._engine import MaskResult, Pattern, Rounding, Score
+from lightning_winoprune.pruning._methods import METHODS, POLICIES, method_pattern, winograd_mask
+from lightning_winoprune.winograd._convert import winogradize
+from lightning_winoprune.winograd._layer import Route, WinogradConv2d
+from lightning_winoprune.winograd._transforms import SUPPORTED_M
+
+__all__ = ["WinogradPruning"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+_IMPORTANCE = ("taylor", "sensitivity")
+_SCORES = {"l2": Score.L2, "l1": Score.L1, "taylor": Score.IMPORTANCE}
+_POLICY_CODE = {"dense": -1.0, "wsp": 0.0, "bwsp": 1.0}
+
+
+def _default_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``module(x)`` for ``(x, y)`` batches with integer labels."""
+    if (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+            and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point()):
+        return F.cross_entropy(module(batch[0]), batch[1])
+    raise MisconfigurationException(
+        "WinogradPruning's importance estimator needs a loss: the default handles (inputs, integer labels) batches "
+        f"with cross-entropy, got a batch of type {type(batch).__name__}; pass loss_fn=(module, batch) -> loss"
+    )
+
+
+def _check_choice(name: str, value: object, valid: Sequence[object]) -> None:
+    if value not in valid:
+        raise MisconfigurationException(f"{name}={value!r} is not valid; valid values are {list(valid)}")
+
+
+def _check_positive_int(name: str, value: object, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MisconfigurationException(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                                        f"got {value!r}")
+
+
+def _patterns(value: str | Sequence[str] | None, name: str) -> list[str]:
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    for pat in items:
+        try:
+            re.compile(pat)
+        except re.error as err:
+            raise MisconfigurationException(f"{name} pattern {pat!r} is not a valid regular expression: {err}") from None
+    return items
+
+
+class WinogradPruning(Callback):
+    r"""Prune the Winograd-domain weights of every eligible 3x3 stride-1 conv while the model fine-tunes.
+
+    In :meth:`setup` (before ``configure_optimizers``, checkpoint restore and DDP wrapping) the LightningModule's
+    eligible convolutions become :class:`~lightning_winoprune.WinogradConv2d` layers, so optimizers train the
+    Winograd weights ``U`` and resumed runs load into the right structure. At the scheduled epochs the callback
+    computes masks with the masking engine (:mod:`lightning_winoprune.pruning`) and sets them on the layers; pruned
+    weights and their optimizer state are zeroed, and since every forward uses ``weight * mask`` they receive zero
+    gradient, so they stay exactly zero through momentum, weight decay, gradient accumulation and AMP.
+
+    Methods (design page §2): ``wwp`` (elements), ``fp`` (whole filters), ``wsp-r`` (rows ``U[xi, k, :]``),
+    ``wsp-c`` (columns ``U[xi, :, c]``), ``bwsp`` (rows, the same count in every ``xi``) and ``abwsp`` (row segments
+    of ``unit`` elements, counts per ``xi`` rounded to multiples of ``align``, and per layer either WSP or BWSP:
+    the ``wsp_fraction`` most important layers keep the unbalanced WSP ranking).
+
+    Args:
+        method: Pruning method, one of ``wwp``, ``fp``, ``wsp-r``, ``wsp-c``, ``bwsp``, ``abwsp``.
+        amount: Target fraction of each pruned layer's Winograd weights set to zero, in ``[0, 1)``.
+        m: Winograd output tile size used for the conversion (2: F(2,3), 4: F(4,3), 6: F(6,3)).
+        schedule: ``"one_shot"`` (prune at ``start_epoch``) or ``"gradual"`` (cubic ramp to ``end_epoch``).
+        start_epoch: First pruning epoch (pruning happens at the start of the epoch).
+        end_epoch: Last pruning epoch of the gradual schedule.
+        frequency: Epochs between gradual pruning steps.
+        skip_first: Keep the first eligible conv dense, as the WSP paper does.
+        include: Regular expressions on fully-qualified module names (``re.fullmatch``); only matching convs are
+            converted and pruned.
+        exclude: Regular expressions of names never converted or pruned.
+        unit: Segment length of ABWSP's hardware unit (default 16: the CPU SIMD width; use 32 for GPUs).
+        align: Per-``xi`` pruned-unit counts are rounded to multiples of this (ABWSP default 8, others 1).
+        rounding: ``"down"`` (prune a little less, keep accuracy) or ``"up"`` (prune a little more).
+        score: Block score: ``"l2"`` (group lasso), ``"l1"``, or ``"taylor"`` (sum of ``|w * dL/dw|``).
+        importance: Layer-importance estimator for ABWSP's toggle and the latency budget: ``"taylor"`` or
+            ``"sensitivity"`` (measured loss increase when only that layer is pruned).
+        calibration_batches: Training batches the estimators use.
+        wsp_fraction: ABWSP: fraction of layers (the most important ones) that keep WSP.
+        latency_budget: If set, choose per layer a policy and amount that minimise the estimated loss increase with
+            the pruned layers' total latency at most this fraction of their dense latency (overrides ``amount``).
+        budget_amounts: Candidate amounts for the latency-budget search.
+        latency_table: Per-layer latencies for the budget (a
+            :class:`~lightning_winoprune.importance.LatencyTable`); default: torch timings of the pruned BGEMMs at
+            the calibration batch's shapes.
+        loss_fn: ``(module, batch) -> loss`` for the estimators (default: cross-entropy on ``(x, y)`` batches).
+        route: Route of the converted layers (see :class:`~lightning_winoprune.winograd.Route`).
+        backend: Kernel backend of the converted layers.
+        verbose: 0 silent, 1 a per-layer table at every pruning step, 2 also progress bars of the estimators.
+        log_masks: Log mask pictures (the WSP paper's Fig. 10 style) to W&B loggers.
+    """
+
+    def __init__(
+        self,
+        method: str = "abwsp",
+        amount: float = 0.7,
+        m: int = 2,
+        schedule: str = "one_shot",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        frequency: int = 1,
+        skip_first: bool = True,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        unit: int | None = None,
+        align: int | None = None,
+        rounding: str = "down",
+        score: str = "l2",
+        importance: str = "taylor",
+        calibration_batches: int = 4,
+        wsp_fraction: float = 0.5,
+        latency_budget: float | None = None,
+        budget_amounts: Sequence[float] = (0.5, 0.7, 0.9),
+        latency_table: Any = None,
+        loss_fn: LossFn | None = None,
+        route: str = "auto",
+        backend: str = "auto",
+        verbose: int = 1,
+        log_masks: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_choice("method", method, sorted(METHODS))
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
+            raise MisconfigurationException(f"amount must be a number in [0, 1), got {amount!r}")
+        _check_choice("m", m, SUPPORTED_M)
+        _check_choice("rounding", rounding, [r.value for r in Rounding])
+        _check_choice("score", score, list(_SCORES))
+        _check_choice("importance", importance, _IMPORTANCE)
+        _check_choice("route", route, [r.value for r in Route])
+        _check_choice("backend", backend, [b.value for b in Backend])
+        _check_choice("verbose", verbose, [0, 1, 2])
+        _check_positive_int("unit", unit)
+        _check_positive_int("align", align)
+        _check_positive_int("calibration_batches", calibration_batches, allow_none=False)
+        if isinstance(wsp_fraction, bool) or not isinstance(wsp_fraction, (int, float)) or not 0 <= wsp_fraction <= 1:
+            raise MisconfigurationException(f"wsp_fraction must be a number in [0, 1], got {wsp_fraction!r}")
+        if latency_budget is not None and (isinstance(latency_budget, bool) or
+                                           not isinstance(latency_budget, (int, float)) or
+                                           not 0 < latency_budget <= 1):
+            raise MisconfigurationException(f"latency_budget must be a number in (0, 1] or None, got {latency_budget!r}")
+        budget_amounts = tuple(budget_amounts)
+        if not budget_amounts or any(not isinstance(a, (int, float)) or not 0 < a < 1 for a in budget_amounts):
+            raise MisconfigurationException(f"budget_amounts must be numbers in (0, 1), got {budget_amounts!r}")
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.method, self.amount, self.m = method, float(amount), m
+        self.schedule = PruningSchedule(schedule, float(amount), start_epoch, end_epoch, frequency)
+        self.skip_first = skip_first
+        self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
+        self.unit, self.align, self.rounding, self.score = unit, align, rounding, score
+        self.importance, self.calibration_batches, self.wsp_fraction = importance, calibration_batches, wsp_fraction
+        self.latency_budget, self.budget_amounts, self.latency_table = latency_budget, budget_amounts, latency_table
+        self.loss_fn: LossFn = loss_fn or _default_loss
+        self.route, self.backend, self.verbose, self.log_masks = route, backend, verbose, log_masks
+        # state restored by load_state_dict
+        self.layer_names: list[str] = []
+        self.policies: dict[str, str] = {}
+        self.layer_amounts: dict[str, float] = {}
+        self.layer_importance: dict[str, float] = {}
+        self.last_pruned_epoch = -1
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------ Lightning hooks
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method, amount=self.amount, m=self.m)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        report = winogradize(pl_module, m=self.m, skip_first=self.skip_first, include=self.include or None,
+                             exclude=self.exclude or None, route=self.route, backend=self.backend)
+        names = [n for n, mod in pl_module.named_modules() if isinstance(mod, WinogradConv2d) and self._selected(n)]
+        if not names:
+            raise MisconfigurationException(
+                "WinogradPruning found no layer to prune: no eligible 3x3 stride-1 groups-1 conv "
+                f"(conversion report:\n{report})"
+            )
+        self.layer_names = names
+        if self.verbose and report.converted:
+            _print(report)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        target = self.schedule.target_at(epoch)
+        if target is None or epoch <= self.last_pruned_epoch:
+            return
+        self.prune(trainer, pl_module, target)
+        self.last_pruned_epoch = epoch
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "m": self.m,
+            "method": self.method,
+            "layer_names": list(self.layer_names),
+            "policies": dict(self.policies),
+            "layer_amounts": dict(self.layer_amounts),
+            "layer_importance": dict(self.layer_importance),
+            "last_pruned_epoch": self.last_pruned_epoch,
+            "history": list(self.history),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("m", self.m) != self.m:
+            raise MisconfigurationException(
+                f"checkpoint was pruned with m={state_dict['m']}, but this WinogradPruning has m={self.m}"
+            )
+        self.layer_names = list(state_dict.get("layer_names", self.layer_names))
+        self.policies = dict(state_dict.get("policies", {}))
+        self.layer_amounts = dict(state_dict.get("layer_amounts", {}))
+        self.layer_importance = dict(state_dict.get("layer_importance", {}))
+        self.last_pruned_epoch = int(state_dict.get("last_pruned_epoch", -1))
+        self.history = list(state_dict.get("history", []))
+
+    # ------------------------------------------------------------------------------------------ pruning
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> dict[str, MaskResult]:
+        """Prune every selected layer to the cumulative ``target`` (rescaled per layer in latency-budget mode).
+
+        This is what the schedule calls; it can also be called directly from a hook of your own.
+
+        Returns:
+            The engine's result per layer name.
+        """
+        layers = {n: pl_module.get_submodule(n) for n in self.layer_names}
+        assert all(isinstance(layer, WinogradConv2d) for layer in layers.values())
+        batches: list[Any] | None = None
+        saliency: dict[str, torch.Tensor] | None = None
+        needs_policy = self.method == "abwsp" and not self.policies
+        needs_budget = self.latency_budget is not None and not self.layer_amounts
+        if needs_policy or needs_budget or self.score == "taylor":
+            batches = self._calibration(trainer)
+            if self.score == "taylor" or self.importance == "taylor":
+                saliency = self._taylor(trainer, pl_module, layers, batches)
+        if needs_budget:
+            assert batches is not None
+            self._choose_under_budget(trainer, pl_module, layers, batches, saliency)
+        elif needs_policy:
+            assert batches is not None
+            self._choose_policies(trainer, pl_module, layers, batches, saliency)
+
+        results: dict[str, MaskResult] = {}
+        for name, layer in layers.items():
+            assert isinstance(layer, WinogradConv2d)
+            amount = target * self.layer_amounts[name] / self.amount if self.layer_amounts else target
+            if self.layer_amounts and self.policies.get(name) == "dense":
+                amount = 0.0
+            importance = saliency[name] if self.score == "taylor" and saliency is not None else None
+            mask, result = winograd_mask(layer.weight, min(amount, 1.0), self._pattern(name), importance)
+            if trainer.world_size > 1:  # identical masks on every rank, whatever each rank computed
+                mask = trainer.strategy.broadcast(mask.cpu(), src=0).to(layer.weight.device)
+            self._apply(trainer, layer, mask)
+            results[name] = result
+        self._report(trainer, target, layers, results)
+        return results
+
+    def _selected(self, name: str) -> bool:
+        if self.include and not any(re.fullmatch(p, name) for p in self.include):
+            return False
+        return not any(re.fullmatch(p, name) for p in self.exclude)
+
+    def _pattern(self, name: str) -> Pattern:
+        policy = self.policies.get(name)
+        return self._policy_pattern(None if policy == "dense" else policy).with_(score=_SCORES[self.score])
+
+    @staticmethod
+    def _apply(trainer: pl.Trainer, layer: WinogradConv2d, mask: torch.Tensor) -> None:
+        layer.set_mask(mask)
+        layer.zero_pruned_()
+        for opt in trainer.optimizers:  # momentum / Adam moments of pruned entries restart from zero
+            for value in opt.state.get(layer.weight, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                    value.mul_(layer.mask)
+
+    def _calibration(self, trainer: pl.Trainer) -> list[Any]:
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise MisconfigurationException("WinogradPruning needs the trainer's train dataloader for calibration")
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        elif isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= self.calibration_batches:
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        if not batches:
+            raise MisconfigurationException("WinogradPruning's calibration found an empty train dataloader")
+        return batches
+
+    def _taylor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module],
+                batches: list[Any]) -> dict[str, torch.Tensor]:
+        from lightning_winoprune.importance import taylor_importance
+
+        progress = self.verbose >= 2 and trainer.is_global_zero
+        sal = taylor_importance(pl_module, layers, batches, self.loss_fn, progress=progress,
+                                description="Taylor importance")
+        if trainer.world_size > 1:
+            sal = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sal.items()}
+        return sal
+
+    def _choose_policies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module],
+                         batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
+        """ABWSP's toggle: the ``wsp_fraction`` most important layers keep WSP, the others become BWSP."""
+        from lightning_winoprune.importance import Candidate, layer_scores, measure_sensitivity
+
+        if self.importance == "taylor":
+            assert saliency is not None
+            scores = layer_scores(saliency)
+        else:
+            cands = {n: [Candidate("bwsp", self.amount, self._policy_pattern("bwsp"))] for n in layers}
+            sens = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
+                                       progress=self.verbose >= 2 and trainer.is_global_zero)
+            scores = {n: next(iter(v.values())) for n, v in sens.items()}
+            if trainer.world_size > 1:
+                scores = {n: float(trainer.strategy.reduce(torch.tensor(s), reduce_op="mean")) for n, s in
+                          scores.items()}
+        n_wsp = math.ceil(self.wsp_fraction * len(scores) - 1e-9)
+        ranked = sorted(scores, key=lambda n: (-scores[n], n))
+        policies = {n: ("wsp" if i < n_wsp else "bwsp") for i, n in enumerate(ranked)}
+        self.policies = trainer.strategy.broadcast(policies, src=0)
+        self.layer_importance = {n: float(s) for n, s in scores.items()}
+
+    def _policy_pattern(self, policy: str | None) -> Pattern:
+        return method_pattern(self.method, policy if self.method == "abwsp" else None, unit=self.unit,
+                              align=self.align, rounding=self.rounding)
+
+    def _choose_under_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module],
+                             batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
+        """Per layer, the (policy, amount) with the least estimated loss increase under the latency budget."""
+        from lightning_winoprune.importance import (
+            Candidate,
+            TorchLatencyTable,
+            choose_under_budget,
+            measure_sensitivity,
+        )
+
+        policies = list(POLICIES) if self.method == "abwsp" else [self.method]
+        cands = {n: [Candidate("dense", 0.0, None)] + [Candidate(p, a, self._policy_pattern(p)) for p in policies
+                                                        for a in self.budget_amounts] for n in layers}
+        if self.importance == "taylor" and saliency is not None:
+            # first-order estimate: the loss rises by the Taylor saliency of what a candidate prunes
+            losses = {}
+            for n, layer in layers.items():
+                assert isinstance(layer, WinogradConv2d)
+                losses[n] = {}
+                for c in cands[n]:
+                    if c.pattern is None:
+                        losses[n][c] = 0.0
+                        continue
+                    mask, _ = winograd_mask(layer.weight, c.amount, c.pattern)
+                    losses[n][c] = float(saliency[n][~mask].sum())
+        else:
+            losses = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
+                                         progress=self.verbose >= 2 and trainer.is_global_zero)
+        table = self.latency_table
+        if table is None:
+            sizes = _input_sizes(pl_module, layers, batches[0])
+            table = TorchLatencyTable(layers, sizes, batch_size=_batch_size(batches[0]))
+        dense = sum(table.latency(n, cands[n][0]) for n in layers)
+        choice = choose_under_budget(losses, table, self.latency_budget * dense)  # type: ignore[operator]
+        choice = trainer.strategy.broadcast(choice, src=0)
+        self.policies = {n: c.policy for n, c in choice.items()}
+        # final per-layer amounts; gradual schedules scale them by target / amount at every step
+        self.layer_amounts = {n: (c.amount if c.policy != "dense" else 0.0) for n, c in choice.items()}
+
+    def _report(self, trainer: pl.Trainer, target: float, layers: dict[str, nn.Module],
+                results: dict[str, MaskResult]) -> None:
+        total = sum(layer.weight.numel() for layer in layers.values())
+        pruned = sum(r.sparsity * layers[n].weight.numel() for n, r in results.items())
+        overall = pruned / max(total, 1)
+        self.history.append({"epoch": trainer.current_epoch, "target": target, "sparsity": overall})
+        metrics: dict[str, float] = {"sparsity": overall, "target": target}
+        rows = []
+        for n, r in results.items():
+            metrics[f"sparsity/{n}"] = r.sparsity
+            policy = self.policies.get(n, self.method)
+            if policy in _POLICY_CODE:
+                metrics[f"policy_balanced/{n}"] = _POLICY_CODE[policy]
+            counts = r.pruned_blocks.tolist()
+            rows.append([n, str(tuple(layers[n].weight.shape)), policy, r.pattern.block.value, r.pattern.scope.value,
+                         round(r.sparsity, 4), f"{min(counts)}..{max(counts)} of {r.blocks_per_matrix}",
+                         round(self.layer_importance.get(n, float("nan")), 6), "; ".join(r.notes)])
+        columns = ["layer", "shape", "policy", "block", "scope", "sparsity", "pruned blocks per xi", "importance",
+                   "notes"]
+        figures = self._figures(layers) if self.log_masks and _has_wandb(trainer) and trainer.is_global_zero else None
+        log_pruning_report(trainer, "winograd_pruning", metrics, columns, rows, figures)
+        if self.verbose:
+            compact = [[r[0], "x".join(str(d) for d in layers[r[0]].weight.shape), r[2], f"{r[5]:.3f}", r[6]]
+                       for r in rows]
+            _print_table(f"WinogradPruning {self.method} epoch {trainer.current_epoch}: target {target:.3f}, "
+                         f"achieved {overall:.3f}", ["layer", "U shape", "policy", "sparsity", "pruned blocks/xi"],
+                         compact)
+
+    def _figures(self, layers: dict[str, nn.Module]) -> dict[str, Any]:
+        from lightning_winoprune.pruning._plot import plot_bgemm_masks
+
+        figs = {}
+        for n in list(layers)[:4]:
+            layer = layers[n]
+            assert isinstance(layer, WinogradConv2d)
+            figs[n] = plot_bgemm_masks(layer.weight, layer.mask, title=f"{n} ({self.policies.get(n, self.method)})")
+        return figs
+
+
+def _has_wandb(trainer: pl.Trainer) -> bool:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
+
+
+def _input_sizes(module: nn.Module, layers: dict[str, nn.Module], batch: Any) -> dict[str, tuple[int, int]]:
+    """Spatial input size of every layer, recorded with forward hooks on one calibration batch."""
+    sizes: dict[str, tuple[int, int]] = {}
+    hooks = [layer.register_forward_hook(lambda mod, inp, out, n=n: sizes.__setitem__(n, tuple(inp[0].shape[-2:])))
+             for n, layer in layers.items()]
+    was_training = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            module(x)
+    finally:
+        module.train(was_training)
+        for h in hooks:
+            h.remove()
+    return sizes
+
+
+@rank_zero_only
+def _print(obj: object) -> None:
+    from rich.console import Console
+
+    Console().print(obj)
+
+
+@rank_zero_only
+def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    Console().print(table)
