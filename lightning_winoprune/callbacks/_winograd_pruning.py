@@ -216,6 +216,34 @@ class WinogradPruning(Callback):
         self.last_pruned_epoch = epoch
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # masks restored from a checkpoint: enforce them in storage and switch to gradient masking
+        for layer in self._layers(pl_module).values():
+            if layer.mask is not None:
+                self._enforce(layer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # After backward, DDP all-reduce, accumulation and AMP unscaling, before clipping and the step: with a zero
+        # gradient and zeroed optimizer state, pruned weights stay exactly zero under any usual optimizer.
+        grads, masks = [], []
+        for layer in self._layers(pl_module).values():
+            value = layer.mask_value()
+            if value is not None and layer.weight.grad is not None:
+                grads.append(layer.weight.grad)
+                masks.append(value)
+        if grads:
+            torch._foreach_mul_(grads, masks)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # outside this callback nobody masks gradients: layers go back to masking in every forward pass
+        for layer in self._layers(pl_module).values():
+            layer.mask_in_forward = True
+
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": 1,
@@ -251,8 +279,7 @@ class WinogradPruning(Callback):
         Returns:
             The engine's result per layer name.
         """
-        layers = {n: pl_module.get_submodule(n) for n in self.layer_names}
-        assert all(isinstance(layer, WinogradConv2d) for layer in layers.values())
+        layers: dict[str, nn.Module] = dict(self._layers(pl_module))
         batches: list[Any] | None = None
         saliency: dict[str, torch.Tensor] | None = None
         needs_policy = self.method == "abwsp" and not self.policies
@@ -292,10 +319,18 @@ class WinogradPruning(Callback):
         policy = self.policies.get(name)
         return self._policy_pattern(None if policy == "dense" else policy).with_(score=_SCORES[self.score])
 
+    def _layers(self, pl_module: nn.Module) -> dict[str, WinogradConv2d]:
+        layers = {n: pl_module.get_submodule(n) for n in self.layer_names}
+        return {n: mod for n, mod in layers.items() if isinstance(mod, WinogradConv2d)}
+
     @staticmethod
-    def _apply(trainer: pl.Trainer, layer: WinogradConv2d, mask: torch.Tensor) -> None:
-        layer.set_mask(mask)
+    def _enforce(layer: WinogradConv2d) -> None:
         layer.zero_pruned_()
+        layer.mask_in_forward = False
+
+    def _apply(self, trainer: pl.Trainer, layer: WinogradConv2d, mask: torch.Tensor) -> None:
+        layer.set_mask(mask)
+        self._enforce(layer)
         for opt in trainer.optimizers:  # momentum / Adam moments of pruned entries restart from zero
             for value in opt.state.get(layer.weight, {}).values():
                 if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:

@@ -164,6 +164,10 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("mask", None)
         # Float copy of the mask for the forward multiply (a bool multiply is ~8x slower); derived, never saved.
         self.register_buffer("_mask_value", None, persistent=False)
+        #: When False, the forward pass uses ``weight`` as stored, trusting that its pruned entries are zero. Set by
+        #: callbacks that zero them and mask every gradient before each optimizer step (cheaper than a multiply in
+        #: every forward and backward); they set it back when they stop.
+        self.mask_in_forward = True
         self.reset_parameters()
 
     @property
@@ -248,8 +252,15 @@ class WinogradConv2d(nn.Module):
         The forward pass already ignores them; zeroing the storage too makes exported weights and optimizer
         updates (whose gradient there is zero) keep them at zero.
         """
-        if self.mask is not None:
-            self.weight.mul_(self.mask.to(self.weight.dtype))
+        value = self.mask_value()
+        if value is not None:
+            self.weight.mul_(value)
+
+    def mask_value(self) -> torch.Tensor | None:
+        """The mask as a tensor of the weight's dtype (1 keeps, 0 prunes), or ``None`` without a mask."""
+        if self.mask is not None and (self._mask_value is None or self._mask_value.dtype != self.weight.dtype):
+            self._sync_mask_value()
+        return self._mask_value
 
     @property
     def sparsity(self) -> float:
@@ -258,12 +269,8 @@ class WinogradConv2d(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """``weight * mask`` when a mask is set, else ``weight``."""
-        if self.mask is None:
-            return self.weight
-        if self._mask_value is None or self._mask_value.dtype != self.weight.dtype:
-            self._sync_mask_value()
-        assert self._mask_value is not None
-        return self.weight * self._mask_value
+        value = self.mask_value()
+        return self.weight if value is None or not self.mask_in_forward else self.weight * value
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
