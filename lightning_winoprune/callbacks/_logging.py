@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 __all__ = ["log_pruning_report"]
@@ -34,7 +35,7 @@ def log_pruning_report(
         step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
-            if _is_wandb(logger):
+            if isinstance(logger, WandbLogger):
                 logger.log_table(key=f"{prefix}/layers", columns=list(table_columns),
                                  data=[list(r) for r in table_rows], step=step)
                 if figures:
@@ -48,9 +49,3 @@ def log_pruning_report(
 
             for fig in figures.values():
                 plt.close(fig)
-
-
-def _is_wandb(logger: object) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return isinstance(logger, WandbLogger)

@@ -34,11 +34,10 @@ class PruningSchedule:
             raise MisconfigurationException(f"start_epoch must be an int >= 0, got {self.start_epoch!r}")
         if isinstance(self.frequency, bool) or not isinstance(self.frequency, int) or self.frequency < 1:
             raise MisconfigurationException(f"frequency must be an int >= 1, got {self.frequency!r}")
-        if self.kind == "gradual":
-            if self.end_epoch is None or self.end_epoch < self.start_epoch:
-                raise MisconfigurationException(
-                    f"schedule='gradual' needs end_epoch >= start_epoch={self.start_epoch}, got {self.end_epoch!r}"
-                )
+        if self.kind == "gradual" and (self.end_epoch is None or self.end_epoch < self.start_epoch):
+            raise MisconfigurationException(
+                f"schedule='gradual' needs end_epoch >= start_epoch={self.start_epoch}, got {self.end_epoch!r}"
+            )
 
     def steps(self) -> list[tuple[int, float]]:
         """``(epoch, cumulative target)`` of every pruning step, in order."""

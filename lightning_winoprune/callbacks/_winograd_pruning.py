@@ -64,7 +64,8 @@ def _patterns(value: str | Sequence[str] | None, name: str) -> list[str]:
         try:
             re.compile(pat)
         except re.error as err:
-            raise MisconfigurationException(f"{name} pattern {pat!r} is not a valid regular expression: {err}") from None
+            msg = f"{name} pattern {pat!r} is not a valid regular expression: {err}"
+            raise MisconfigurationException(msg) from None
     return items
 
 
@@ -163,7 +164,9 @@ class WinogradPruning(Callback):
         if latency_budget is not None and (isinstance(latency_budget, bool) or
                                            not isinstance(latency_budget, (int, float)) or
                                            not 0 < latency_budget <= 1):
-            raise MisconfigurationException(f"latency_budget must be a number in (0, 1] or None, got {latency_budget!r}")
+            raise MisconfigurationException(
+                f"latency_budget must be a number in (0, 1] or None, got {latency_budget!r}"
+            )
         budget_amounts = tuple(budget_amounts)
         if not budget_amounts or any(not isinstance(a, (int, float)) or not 0 < a < 1 for a in budget_amounts):
             raise MisconfigurationException(f"budget_amounts must be numbers in (0, 1), got {budget_amounts!r}")
@@ -279,7 +282,7 @@ class WinogradPruning(Callback):
         Returns:
             The engine's result per layer name.
         """
-        layers: dict[str, nn.Module] = dict(self._layers(pl_module))
+        layers = self._layers(pl_module)
         batches: list[Any] | None = None
         saliency: dict[str, torch.Tensor] | None = None
         needs_policy = self.method == "abwsp" and not self.policies
@@ -297,7 +300,6 @@ class WinogradPruning(Callback):
 
         results: dict[str, MaskResult] = {}
         for name, layer in layers.items():
-            assert isinstance(layer, WinogradConv2d)
             amount = target * self.layer_amounts[name] / self.amount if self.layer_amounts else target
             if self.layer_amounts and self.policies.get(name) == "dense":
                 amount = 0.0
@@ -333,7 +335,7 @@ class WinogradPruning(Callback):
         self._enforce(layer)
         for opt in trainer.optimizers:  # momentum / Adam moments of pruned entries restart from zero
             for value in opt.state.get(layer.weight, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape and layer.mask is not None:
                     value.mul_(layer.mask)
 
     def _calibration(self, trainer: pl.Trainer) -> list[Any]:
@@ -353,7 +355,7 @@ class WinogradPruning(Callback):
             raise MisconfigurationException("WinogradPruning's calibration found an empty train dataloader")
         return batches
 
-    def _taylor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module],
+    def _taylor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, WinogradConv2d],
                 batches: list[Any]) -> dict[str, torch.Tensor]:
         from lightning_winoprune.importance import taylor_importance
 
@@ -364,8 +366,8 @@ class WinogradPruning(Callback):
             sal = {k: trainer.strategy.reduce(v, reduce_op="sum") for k, v in sal.items()}
         return sal
 
-    def _choose_policies(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module],
-                         batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
+    def _choose_policies(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                         layers: dict[str, WinogradConv2d], batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
         """ABWSP's toggle: the ``wsp_fraction`` most important layers keep WSP, the others become BWSP."""
         from lightning_winoprune.importance import Candidate, layer_scores, measure_sensitivity
 
@@ -390,8 +392,8 @@ class WinogradPruning(Callback):
         return method_pattern(self.method, policy if self.method == "abwsp" else None, unit=self.unit,
                               align=self.align, rounding=self.rounding)
 
-    def _choose_under_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, nn.Module],
-                             batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
+    def _choose_under_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             layers: dict[str, WinogradConv2d], batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
         """Per layer, the (policy, amount) with the least estimated loss increase under the latency budget."""
         from lightning_winoprune.importance import (
             Candidate,
@@ -405,9 +407,8 @@ class WinogradPruning(Callback):
                                                         for a in self.budget_amounts] for n in layers}
         if self.importance == "taylor" and saliency is not None:
             # first-order estimate: the loss rises by the Taylor saliency of what a candidate prunes
-            losses = {}
+            losses: dict[str, dict[Candidate, float]] = {}
             for n, layer in layers.items():
-                assert isinstance(layer, WinogradConv2d)
                 losses[n] = {}
                 for c in cands[n]:
                     if c.pattern is None:
@@ -423,13 +424,14 @@ class WinogradPruning(Callback):
             sizes = _input_sizes(pl_module, layers, batches[0])
             table = TorchLatencyTable(layers, sizes, batch_size=_batch_size(batches[0]))
         dense = sum(table.latency(n, cands[n][0]) for n in layers)
-        choice = choose_under_budget(losses, table, self.latency_budget * dense)  # type: ignore[operator]
+        assert self.latency_budget is not None
+        choice = choose_under_budget(losses, table, self.latency_budget * dense)
         choice = trainer.strategy.broadcast(choice, src=0)
         self.policies = {n: c.policy for n, c in choice.items()}
         # final per-layer amounts; gradual schedules scale them by target / amount at every step
         self.layer_amounts = {n: (c.amount if c.policy != "dense" else 0.0) for n, c in choice.items()}
 
-    def _report(self, trainer: pl.Trainer, target: float, layers: dict[str, nn.Module],
+    def _report(self, trainer: pl.Trainer, target: float, layers: dict[str, WinogradConv2d],
                 results: dict[str, MaskResult]) -> None:
         total = sum(layer.weight.numel() for layer in layers.values())
         pruned = sum(r.sparsity * layers[n].weight.numel() for n, r in results.items())
@@ -451,19 +453,18 @@ class WinogradPruning(Callback):
         figures = self._figures(layers) if self.log_masks and _has_wandb(trainer) and trainer.is_global_zero else None
         log_pruning_report(trainer, "winograd_pruning", metrics, columns, rows, figures)
         if self.verbose:
-            compact = [[r[0], "x".join(str(d) for d in layers[r[0]].weight.shape), r[2], f"{r[5]:.3f}", r[6]]
-                       for r in rows]
+            compact = [[n, "x".join(map(str, layers[n].weight.shape)), row[2], f"{r.sparsity:.3f}", row[6]]
+                       for (n, r), row in zip(results.items(), rows, strict=True)]
             _print_table(f"WinogradPruning {self.method} epoch {trainer.current_epoch}: target {target:.3f}, "
                          f"achieved {overall:.3f}", ["layer", "U shape", "policy", "sparsity", "pruned blocks/xi"],
                          compact)
 
-    def _figures(self, layers: dict[str, nn.Module]) -> dict[str, Any]:
+    def _figures(self, layers: dict[str, WinogradConv2d]) -> dict[str, Any]:
         from lightning_winoprune.pruning._plot import plot_bgemm_masks
 
         figs = {}
         for n in list(layers)[:4]:
             layer = layers[n]
-            assert isinstance(layer, WinogradConv2d)
             figs[n] = plot_bgemm_masks(layer.weight, layer.mask, title=f"{n} ({self.policies.get(n, self.method)})")
         return figs
 
@@ -479,7 +480,7 @@ def _batch_size(batch: Any) -> int:
     return int(first.shape[0]) if isinstance(first, torch.Tensor) else 1
 
 
-def _input_sizes(module: nn.Module, layers: dict[str, nn.Module], batch: Any) -> dict[str, tuple[int, int]]:
+def _input_sizes(module: nn.Module, layers: dict[str, WinogradConv2d], batch: Any) -> dict[str, tuple[int, int]]:
     """Spatial input size of every layer, recorded with forward hooks on one calibration batch."""
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [layer.register_forward_hook(lambda mod, inp, out, n=n: sizes.__setitem__(n, tuple(inp[0].shape[-2:])))

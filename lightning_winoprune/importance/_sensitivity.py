@@ -131,14 +131,18 @@ def measure_sensitivity(
     ``"dense"`` removes it) and the mean loss over ``batches`` is measured. A dense candidate of a layer without a
     mask is the baseline itself and is not evaluated (increase ``0.0``).
 
-    Evaluation runs in eval mode under ``torch.no_grad()``. Every layer's mask (its values, or ``None``) and every
-    submodule's train/eval mode are restored on return, also when ``loss_fn`` raises.
+    The candidate's mask acts in the forward pass even on a layer whose ``mask_in_forward`` a callback switched off
+    (such a layer's pruned weights are zero in storage: they rank first, and ``"dense"`` cannot bring them back).
+
+    Evaluation runs in eval mode under ``torch.no_grad()``. Every layer's mask (its values, or ``None``) and
+    ``mask_in_forward`` flag, and every submodule's train/eval mode, are restored on return, also when ``loss_fn``
+    raises.
 
     Args:
         model: The model containing the layers.
         layers: Name -> :class:`~lightning_winoprune.winograd.WinogradConv2d`.
         candidates: Name -> the candidates to measure for that layer (every name must be in ``layers``).
-        batches: Evaluation batches, iterated once per evaluation (so a sequence, not an iterator).
+        batches: Evaluation batches (materialised once, then iterated once per evaluation).
         loss_fn: ``loss_fn(model, batch)`` returns the scalar loss of one batch; the mean over batches is used.
         progress: Show a transient rich progress bar over the (layer, candidate) pairs.
         description: The progress bar's label.
@@ -150,8 +154,10 @@ def measure_sensitivity(
 
     Raises:
         KeyError: If ``candidates`` names a layer missing from ``layers`` (the message lists the known ones).
-        ValueError: If ``layers`` or ``batches`` is empty, or a layer is not a submodule of ``model``.
-        TypeError: If a layer is not a :class:`~lightning_winoprune.winograd.WinogradConv2d`.
+        ValueError: If ``layers`` or ``batches`` is empty, a layer is not a submodule of ``model``, or the baseline
+            loss is not finite.
+        TypeError: If a layer is not a :class:`~lightning_winoprune.winograd.WinogradConv2d` or a candidate not a
+            :class:`Candidate`.
 
     """
     if not layers:
@@ -172,6 +178,9 @@ def measure_sensitivity(
         raise ValueError("batches is empty: sensitivity needs at least one evaluation batch")
     imp = importance or {}
     pairs = [(name, cand) for name, cands in candidates.items() for cand in cands]
+    for name, cand in pairs:
+        if not isinstance(cand, Candidate):
+            raise TypeError(f"candidates of layer {name!r} must be Candidate objects, got {cand!r}")
     results: dict[str, dict[Candidate, float]] = {name: {} for name in candidates}
     with _preserved_modes(model), torch.no_grad(), _progress_bar(progress) as bar:
         model.eval()
@@ -187,12 +196,14 @@ def measure_sensitivity(
                 results[name][cand] = 0.0
             else:
                 new_mask = cand.keep_mask(layer.weight, imp.get(name))
-                saved = layer.mask
+                saved, saved_in_forward = layer.mask, layer.mask_in_forward
                 try:
                     layer.set_mask(new_mask)
+                    layer.mask_in_forward = True  # the candidate's mask must act even where a callback turned it off
                     loss = _mean_loss(model, batches, loss_fn, f"layer {name!r}, candidate {cand.label}")
                 finally:
                     layer.set_mask(saved)
+                    layer.mask_in_forward = saved_in_forward
                 results[name][cand] = loss - baseline
             bar.advance(task)
     return results

@@ -72,18 +72,18 @@ def taylor_importance(
 ) -> dict[str, torch.Tensor]:
     """First-order Taylor saliency ``|w * dL/dw|`` of every layer's ``weight``, summed over ``batches``.
 
-    For a :class:`~lightning_winoprune.winograd.WinogradConv2d` the weight is the Winograd-domain ``U`` and the
-    gradient is the one of the masked forward pass, so entries the layer's mask already prunes score zero.
+    For a :class:`~lightning_winoprune.winograd.WinogradConv2d` the weight is the Winograd-domain ``U``; entries its
+    mask prunes score zero (their gradient is zero, or with ``mask_in_forward`` off, their stored weight).
 
     The model runs in eval mode (batch-norm statistics are used, not updated; dropout is off), with gradients
-    enabled even when called under ``torch.no_grad()``. Gradients are taken with :func:`torch.autograd.grad`,
-    so no ``.grad`` is accumulated; the ``.grad`` of every model parameter, the ``requires_grad`` flag of every
-    scored weight (frozen weights are scored too) and every submodule's train/eval mode are restored on return,
-    also when ``loss_fn`` raises.
+    enabled even when called under ``torch.no_grad()`` or ``torch.inference_mode()``. Gradients are taken with
+    :func:`torch.autograd.grad`, so no ``.grad`` is accumulated; the ``.grad`` of every model parameter (the very
+    tensor, untouched, or ``None``), the ``requires_grad`` flag of every scored weight (frozen weights are scored
+    too) and every submodule's train/eval mode are restored on return, also when ``loss_fn`` raises.
 
     Args:
         model: The model; every layer's weight must be one of its parameters.
-        layers: Name -> module with a ``weight`` (e.g. from
+        layers: Name -> module with a ``weight``, e.g. ``dict(iter_winograd_layers(model))`` (see
             :func:`~lightning_winoprune.winograd.iter_winograd_layers`).
         batches: Calibration batches, iterated once. They must not be inference tensors (made under
             ``torch.inference_mode()``, as Lightning's validation loop does): autograd cannot use those.
@@ -104,13 +104,16 @@ def taylor_importance(
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_requires_grad = [(w, w.requires_grad) for w in weights.values()]
-    saliency = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    saliency: dict[str, torch.Tensor] = {}
     inputs = list(weights.values())
     total = len(batches) if isinstance(batches, Sized) else None
     seen = 0
     try:
+        for p in params:  # set aside: anything accumulated meanwhile lands in fresh tensors that are dropped
+            p.grad = None
         with _preserved_modes(model), torch.inference_mode(False), torch.enable_grad(), _progress_bar(progress) as bar:
             model.eval()
+            saliency = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
             for w in inputs:
                 w.requires_grad_(True)
             task = bar.add_task(description, total=total)

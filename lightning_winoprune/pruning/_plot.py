@@ -17,8 +17,9 @@ _KEPT_POS, _KEPT_NEG, _PRUNED = (0.20, 0.40, 0.85), (0.95, 0.80, 0.15), (0.30, 0
 def plot_bgemm_masks(
     weight: torch.Tensor, mask: torch.Tensor | None, title: str = "", max_rows: int = 48, max_cols: int = 48
 ) -> Figure:
-    """One panel per Winograd position ``xi``: the ``K x C`` matrix ``U[xi]`` with kept positive weights blue,
-    kept negative weights yellow and pruned weights green.
+    """One panel per Winograd position ``xi``, showing the ``K x C`` matrix ``U[xi]``.
+
+    Kept positive weights are blue, kept negative weights yellow and pruned weights green.
 
     Args:
         weight: Winograd weights ``(K, C, p, p)``.

@@ -132,6 +132,7 @@ class WinogradConv2d(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
     mask: torch.Tensor | None
+    _mask_value: torch.Tensor | None
 
     def __init__(
         self,
