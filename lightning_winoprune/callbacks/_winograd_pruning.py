@@ -367,7 +367,8 @@ class WinogradPruning(Callback):
         return sal
 
     def _choose_policies(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                         layers: dict[str, WinogradConv2d], batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
+                         layers: dict[str, WinogradConv2d], batches: list[Any],
+                         saliency: dict[str, torch.Tensor] | None) -> None:
         """ABWSP's toggle: the ``wsp_fraction`` most important layers keep WSP, the others become BWSP."""
         from lightning_winoprune.importance import Candidate, layer_scores, measure_sensitivity
 
@@ -393,7 +394,8 @@ class WinogradPruning(Callback):
                               align=self.align, rounding=self.rounding)
 
     def _choose_under_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                             layers: dict[str, WinogradConv2d], batches: list[Any], saliency: dict[str, torch.Tensor] | None) -> None:
+                             layers: dict[str, WinogradConv2d], batches: list[Any],
+                         saliency: dict[str, torch.Tensor] | None) -> None:
         """Per layer, the (policy, amount) with the least estimated loss increase under the latency budget."""
         from lightning_winoprune.importance import (
             Candidate,
