@@ -208,6 +208,9 @@ def compute_mask(
         raise ValueError(f"importance must have the view's shape {tuple(view.shape)}, got {tuple(importance.shape)}")
     view = view.detach()
     p_, r_, c_ = view.shape
+    if view.numel() == 0:
+        return MaskResult(torch.ones_like(view, dtype=torch.bool), float(amount), 0.0,
+                          torch.zeros(p_, dtype=torch.long), 0, pattern, ["empty view: nothing to prune"])
     ids = block_layout((p_, r_, c_), pattern, view.device)
     flat_ids = ids.reshape(-1)
     n_blocks = int(flat_ids.max().item()) + 1
@@ -228,9 +231,12 @@ def compute_mask(
         sz = sizes.view(p_, blocks_per_matrix)
         order = torch.argsort(s, dim=1, stable=True)  # per matrix, lowest score first
         if pattern.scope is Scope.POSITION:
-            # equal block counts in every matrix; with a short last segment the mean block size sets the count
-            n = round(amount * r_ * c_ / (sz[0].sum().item() / blocks_per_matrix))
-            counts = torch.full((p_,), min(n, blocks_per_matrix), dtype=torch.long, device=view.device)
+            # one count for every matrix: the one whose pruned elements (each matrix pruning its own lowest-score
+            # blocks, short segments included) total closest to the target
+            cum = torch.gather(sz, 1, order).cumsum(1).sum(0).to(torch.float64)
+            cum = torch.cat([cum.new_zeros(1), cum])
+            n = int(torch.argmin((cum - amount * view.numel()).abs()).item())
+            counts = torch.full((p_,), n, dtype=torch.long, device=view.device)
         else:
             glob = torch.argsort(scores, stable=True)
             n = _closest_prefix(sizes[glob], amount * view.numel())
