@@ -34,7 +34,9 @@ class PruningSchedule:
             raise MisconfigurationException(f"start_epoch must be an int >= 0, got {self.start_epoch!r}")
         if isinstance(self.frequency, bool) or not isinstance(self.frequency, int) or self.frequency < 1:
             raise MisconfigurationException(f"frequency must be an int >= 1, got {self.frequency!r}")
-        if self.kind == "gradual" and (self.end_epoch is None or self.end_epoch < self.start_epoch):
+        end = self.end_epoch
+        bad_end = end is not None and (isinstance(end, bool) or not isinstance(end, int))
+        if bad_end or (self.kind == "gradual" and (self.end_epoch is None or self.end_epoch < self.start_epoch)):
             raise MisconfigurationException(
                 f"schedule='gradual' needs end_epoch >= start_epoch={self.start_epoch}, got {self.end_epoch!r}"
             )

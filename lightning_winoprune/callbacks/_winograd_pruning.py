@@ -113,7 +113,8 @@ class WinogradPruning(Callback):
         loss_fn: ``(module, batch) -> loss`` for the estimators (default: cross-entropy on ``(x, y)`` batches).
         route: Route of the converted layers (see :class:`~lightning_winoprune.winograd.Route`).
         backend: Kernel backend of the converted layers.
-        verbose: 0 silent, 1 a per-layer table at every pruning step, 2 also progress bars of the estimators.
+        verbose: 0 silent; 1 (default) the conversion report, progress bars of the estimators and a compact
+            per-layer table at every pruning step; 2 the full table (block, scope, importance, rounding notes).
         log_masks: Log mask pictures (the WSP paper's Fig. 10 style) to W&B loggers.
     """
 
@@ -149,6 +150,8 @@ class WinogradPruning(Callback):
         _check_choice("method", method, sorted(METHODS))
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
             raise MisconfigurationException(f"amount must be a number in [0, 1), got {amount!r}")
+        if isinstance(m, bool) or not isinstance(m, int):
+            raise MisconfigurationException(f"m={m!r} is not valid; valid values are {list(SUPPORTED_M)}")
         _check_choice("m", m, SUPPORTED_M)
         _check_choice("rounding", rounding, [r.value for r in Rounding])
         _check_choice("score", score, list(_SCORES))
@@ -242,6 +245,13 @@ class WinogradPruning(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._release(pl_module)  # Lightning skips teardown when fit raises
+
+    def _release(self, pl_module: pl.LightningModule) -> None:
         # outside this callback nobody masks gradients: layers go back to masking in every forward pass
         for layer in self._layers(pl_module).values():
             layer.mask_in_forward = True
@@ -359,7 +369,7 @@ class WinogradPruning(Callback):
                 batches: list[Any]) -> dict[str, torch.Tensor]:
         from lightning_winoprune.importance import taylor_importance
 
-        progress = self.verbose >= 2 and trainer.is_global_zero
+        progress = self.verbose >= 1 and trainer.is_global_zero
         sal = taylor_importance(pl_module, layers, batches, self.loss_fn, progress=progress,
                                 description="Taylor importance")
         if trainer.world_size > 1:
@@ -378,7 +388,7 @@ class WinogradPruning(Callback):
         else:
             cands = {n: [Candidate("bwsp", self.amount, self._policy_pattern("bwsp"))] for n in layers}
             sens = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
-                                       progress=self.verbose >= 2 and trainer.is_global_zero)
+                                       progress=self.verbose >= 1 and trainer.is_global_zero)
             scores = {n: next(iter(v.values())) for n, v in sens.items()}
             if trainer.world_size > 1:
                 scores = {n: float(trainer.strategy.reduce(torch.tensor(s), reduce_op="mean")) for n, s in
@@ -420,7 +430,7 @@ class WinogradPruning(Callback):
                     losses[n][c] = float(saliency[n][~mask].sum())
         else:
             losses = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
-                                         progress=self.verbose >= 2 and trainer.is_global_zero)
+                                         progress=self.verbose >= 1 and trainer.is_global_zero)
         table = self.latency_table
         if table is None:
             sizes = _input_sizes(pl_module, layers, batches[0])
@@ -454,12 +464,14 @@ class WinogradPruning(Callback):
                    "notes"]
         figures = self._figures(layers) if self.log_masks and _has_wandb(trainer) and trainer.is_global_zero else None
         log_pruning_report(trainer, "winograd_pruning", metrics, columns, rows, figures)
-        if self.verbose:
+        title = f"WinogradPruning {self.method} epoch {trainer.current_epoch}: target {target:.3f}, achieved " \
+                f"{overall:.3f}"
+        if self.verbose >= 2:
+            _print_table(title, columns, rows)
+        elif self.verbose:
             compact = [[n, "x".join(map(str, layers[n].weight.shape)), row[2], f"{r.sparsity:.3f}", row[6]]
                        for (n, r), row in zip(results.items(), rows, strict=True)]
-            _print_table(f"WinogradPruning {self.method} epoch {trainer.current_epoch}: target {target:.3f}, "
-                         f"achieved {overall:.3f}", ["layer", "U shape", "policy", "sparsity", "pruned blocks/xi"],
-                         compact)
+            _print_table(title, ["layer", "U shape", "policy", "sparsity", "pruned blocks/xi"], compact)
 
     def _figures(self, layers: dict[str, WinogradConv2d]) -> dict[str, Any]:
         from lightning_winoprune.pruning._plot import plot_bgemm_masks

@@ -1,9 +1,9 @@
 """Tests of the ``WinogradPruning`` Lightning callback: validation, conversion, methods, schedules, mask maintenance,
 checkpoints, loading and logging.
 
-Most tests train a narrow timm ``resnet18`` (``channels=(16, 32, 64, 128)``, same 13 eligible 3x3 stride-1 convs as the
-full network) on 16x16 digits for a handful of steps: the full-width network spends ~10 s per fit in the masking
-engine and SGD alone on two shared CPU cores. The full-size timm models run in the ``slow`` end-to-end tests.
+Most tests train a narrow timm ``resnet18`` (``channels=(16, 32, 64, 128)``: the same 13 eligible 3x3 stride-1 convs
+as the full network) on 16x16 digits for a handful of steps; with the full width this file takes ~100 s instead of
+~18 s on two shared CPU cores. Full-size timm models run in the ``slow`` end-to-end tests.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import glob
+import importlib.util
 import json
 import math
 import re
@@ -37,6 +38,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
     pytest.mark.filterwarnings("ignore:.*val_dataloader.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
+    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
+    pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*"),
 ]
 
 TINY = {"channels": (16, 32, 64, 128)}
@@ -65,6 +68,15 @@ def make_trainer(callbacks: list[Callback] | tuple[Callback, ...] = (), **overri
     }
     kwargs.update(overrides)
     return L.Trainer(callbacks=list(callbacks), **kwargs)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """These models are tiny: intra-op threads only add overhead, and contention on shared CI cores (2-5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
@@ -206,8 +218,6 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
         WinogradPruning(**kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the constructor accepts a non-int m / end_epoch; the fit then fails "
-                                       "with ValueError / TypeError instead of MisconfigurationException up front")
 @pytest.mark.parametrize("kwargs", [{"m": 2.0}, {"schedule": "gradual", "end_epoch": 2.5}], ids=["m=2.0", "end=2.5"])
 def test_constructor_rejects_non_int_tile_size_and_end_epoch(kwargs):
     with pytest.raises(MisconfigurationException):
@@ -348,13 +358,31 @@ def test_one_shot_methods_prune_their_blocks(method, datamodule):
             _assert_ranked(_col_norms(w0), ~v.any(1), name)
 
 
+def test_tile_size_m4_converts_to_f43_and_prunes(datamodule, capsys):
+    module = make_module()
+    cb = WinogradPruning(method="bwsp", amount=0.5, m=4, verbose=0)
+    make_trainer([cb]).fit(module, datamodule)
+    assert "WinogradPruning" not in capsys.readouterr().out  # verbose=0 prints nothing
+    layers = winograd_layers(module)
+    assert list(layers) == cb.layer_names == RESNET18_ELIGIBLE[1:]
+    for name, layer in layers.items():
+        assert layer.m == 4 and layer.weight.shape[-2:] == (6, 6), name
+        v = bgemm_view(layer.mask)
+        assert v.shape[0] == 36 and (v.all(2) | ~v.any(2)).all(), name
+        counts = (~v.any(2)).sum(1)
+        assert (counts == counts[0]).all() and abs(layer.sparsity - 0.5) < 0.05, name
+    assert_masks_honoured(module, cb.layer_names)
+
+
 @pytest.mark.parametrize("importance", ["taylor", "sensitivity"])
-def test_abwsp_policies_and_aligned_segments(importance, datamodule):
+def test_abwsp_policies_and_aligned_segments(importance, datamodule, capsys):
     unit, align = 8, 4
     module = make_module()
     cb = WinogradPruning(method="abwsp", amount=0.5, wsp_fraction=0.3, unit=unit, align=align, importance=importance,
                          calibration_batches=2, verbose=1)
     make_trainer([cb]).fit(module, datamodule)
+    out = capsys.readouterr().out  # verbose=1: the conversion report and a per-layer table of the pruning step
+    assert "winogradize" in out and "WinogradPruning abwsp epoch 0" in out
     n_layers = len(cb.layer_names)
     assert n_layers == 12 and set(cb.policies) == set(cb.layer_names)
     assert set(cb.policies.values()) <= {"wsp", "bwsp"}
@@ -461,24 +489,44 @@ def test_gradual_schedule_ramps_cumulative_targets_with_monotone_masks(method, d
 
 
 # ------------------------------------------------------------------------------------------ 5. mask maintenance
+class AllWinogradNet(PlainModule):
+    """Only 3x3 stride-1 convs, all converted (``skip_first=False``): under bf16 autocast no conv runs in bf16.
+
+    torch 2.15's CPU bf16 autocast turns timm resnet18 training into NaNs now and then (same seed, without this
+    package imported: an upstream problem of its bf16 convs), so the bf16 case trains this network instead.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        ))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+
+
 @pytest.mark.parametrize(
-    ("module_cls", "trainer_kwargs"),
+    ("make", "cb_kwargs", "trainer_kwargs"),
     [
-        (ImageClassifier, {}),
-        (ImageClassifier, {"accumulate_grad_batches": 2}),
-        (ImageClassifier, {"precision": "bf16-mixed"}),
-        (AdamClassifier, {}),
+        (lambda: make_module(), {}, {}),
+        (lambda: make_module(), {}, {"accumulate_grad_batches": 2}),
+        (AllWinogradNet, {"skip_first": False}, {"precision": "bf16-mixed"}),
+        (lambda: make_module(AdamClassifier), {}, {}),
     ],
     ids=["sgd-momentum-wd", "accumulate-2", "bf16-mixed", "adam"],
 )
-def test_masks_are_maintained_through_training(module_cls, trainer_kwargs, datamodule):
-    module = make_module(module_cls)
-    cb = WinogradPruning(method="wsp-r", amount=0.5, start_epoch=1, verbose=0)  # after a dense epoch: live state
+def test_masks_are_maintained_through_training(make, cb_kwargs, trainer_kwargs, datamodule):
+    module = make()
+    cb = WinogradPruning(method="wsp-r", amount=0.5, start_epoch=1, verbose=0, **cb_kwargs)  # after a dense epoch
     probe = Probe()
     trainer = make_trainer([cb, probe], max_epochs=3, limit_train_batches=3, limit_val_batches=0, **trainer_kwargs)
     trainer.fit(module, datamodule)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
     assert [h["epoch"] for h in cb.history] == [1]
-    assert probe.masks(("epoch_start", 0)) == {}  # dense first epoch
+    assert probe.masks(("epoch_start", 0)) == {}  # dense first epoch: the optimizer state is live when pruning
     pruned_at = probe.snaps[("epoch_start", 1)]
     end_of_1 = probe.masks(("epoch_end", 1))
     opt = trainer.optimizers[0]
@@ -524,8 +572,6 @@ def test_masks_still_hold_in_plain_pytorch_after_fit(datamodule):
     assert_masks_honoured(module, cb.layer_names)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: WinogradPruning only restores mask_in_forward=True in teardown(), which "
-                                       "Lightning skips when fit raises; the layers then ignore their masks")
 def test_masks_still_hold_in_plain_pytorch_after_a_failed_fit(datamodule):
     module = make_module(FailingClassifier)
     cb = WinogradPruning(method="wsp-r", amount=0.5, verbose=0)
@@ -574,6 +620,28 @@ def test_checkpoint_resume_restores_masks_and_schedule(tmp_path, datamodule):
     assert_masks_honoured(module2, cb2.layer_names)
 
 
+def test_resume_zeroes_pruned_weights_of_the_checkpoint(tmp_path, datamodule):
+    module = make_module()
+    cb = WinogradPruning(method="wsp-c", amount=0.5, verbose=0)
+    trainer = make_trainer([cb], limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for name in cb.layer_names:  # e.g. edited by hand or by a tool that ignores masks
+        weight, mask = ckpt["state_dict"][f"{name}.weight"], ckpt["state_dict"][f"{name}.mask"]
+        weight[~mask] = 1.0
+    torch.save(ckpt, path)
+    module2 = make_module()
+    cb2 = WinogradPruning(method="wsp-c", amount=0.5, verbose=0)
+    probe = Probe()
+    make_trainer([cb2, probe], max_epochs=2, limit_val_batches=0).fit(module2, datamodule, ckpt_path=path)
+    assert [h["epoch"] for h in cb2.history] == [0]
+    for name, (weight, mask) in probe.snaps[("train_start", 1)].items():
+        assert torch.count_nonzero(weight[~mask]) == 0, name  # zeroed before the first step
+    assert_masks_honoured(module2, cb2.layer_names)
+
+
 def test_mid_epoch_resume_does_not_prune_the_epoch_again(tmp_path, datamodule):
     module = make_module()
     cb = WinogradPruning(**GRADUAL)
@@ -581,11 +649,19 @@ def test_mid_epoch_resume_does_not_prune_the_epoch_again(tmp_path, datamodule):
     make_trainer([cb, ckpt_cb], limit_val_batches=0, enable_checkpointing=True).fit(module, datamodule)
     mid = tmp_path / "step=1.ckpt"
     assert mid.is_file()
+    saved = torch.load(mid, map_location="cpu", weights_only=False)["state_dict"]
     module2 = make_module()
     cb2 = WinogradPruning(**GRADUAL)
-    make_trainer([cb2], limit_val_batches=0).fit(module2, datamodule, ckpt_path=mid)
-    assert [h["epoch"] for h in cb2.history] == [0]  # epoch 0 was resumed, not pruned a second time
-    assert cb2.history == cb.history
+    probe = Probe()
+    make_trainer([cb2, probe], limit_val_batches=0).fit(module2, datamodule, ckpt_path=mid)
+    resumed = probe.masks(("train_start", 0))
+    assert set(resumed) == set(cb.layer_names)
+    assert all(torch.equal(m, saved[f"{n}.mask"]) for n, m in resumed.items())
+    # epoch 0 is not pruned a second time (Lightning 2.6 skips on_train_epoch_start of a resumed epoch; the
+    # callback's last_pruned_epoch would also refuse it) and the masks hold through the rest of the epoch
+    assert [h["epoch"] for h in cb2.history] == [0] and cb2.history == cb.history
+    assert all(torch.equal(module2.get_submodule(n).mask, m) for n, m in resumed.items())
+    assert_masks_honoured(module2, cb2.layer_names)
 
 
 def test_callback_state_dict_round_trip(datamodule):
@@ -711,6 +787,14 @@ def _wandb_summary(run_dir: Path) -> dict[str, Any]:
     return summary
 
 
+def _timeout(seconds: int):
+    """``pytest.mark.timeout`` where pytest-timeout is installed (the marker is unknown, hence an error, elsewhere)."""
+    if importlib.util.find_spec("pytest_timeout") is None:
+        return lambda fn: fn
+    return pytest.mark.timeout(seconds)
+
+
+@_timeout(120)
 def test_wandb_offline_run_gets_sparsity_table_and_mask_images(tmp_path, datamodule, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
@@ -740,7 +824,8 @@ def test_wandb_offline_run_gets_sparsity_table_and_mask_images(tmp_path, datamod
     assert "layer" in content["columns"] and "sparsity" in content["columns"]
     assert [row[content["columns"].index("layer")] for row in content["data"]] == cb.layer_names
     images = summary["winograd_pruning/masks"]
-    assert images["_type"] == "images/separated" and images["count"] == 4
+    assert images["_type"] == "images/separated"
+    assert 1 <= images["count"] == len(images["filenames"]) <= len(cb.layer_names)
     assert all((run_dir / "files" / f).is_file() for f in images["filenames"])
 
 
