@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=2, help="fine-tuning epochs after pruning (same for every run)")
     ap.add_argument("--amounts", type=float, nargs="+", default=[0.5, 0.7, 0.9])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--score", default="l2", help="block score of every run (l2, l1, l2-scaled, taylor)")
     ap.add_argument("--overhead-reps", type=int, default=20)
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args()
@@ -130,7 +131,7 @@ def main() -> None:
             L.seed_everything(1, verbose=False)
             module = copy.deepcopy(dense)
             module.hparams["lr"] = 0.01
-            cb = WinogradPruning(method=method, amount=amount, verbose=0, calibration_batches=4)
+            cb = WinogradPruning(method=method, amount=amount, score=args.score, verbose=0, calibration_batches=4)
             probe = PrunedAccuracy(data)
             t0 = time.perf_counter()
             trainer(args.finetune, [cb, probe]).fit(module, datamodule=data)
@@ -144,8 +145,8 @@ def main() -> None:
                          "seconds": time.perf_counter() - t0})
             console.print(f"  {method:6} {amount:.0%}: pruned {probe.acc:.4f} -> fine-tuned {acc:.4f}")
 
-    table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, fine-tuning {args.finetune} "
-                        "epochs per run")
+    table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, score {args.score}, "
+                        f"fine-tuning {args.finetune} epochs per run")
     for col in ("amount", "method", "sparsity", "acc. after pruning", "acc. fine-tuned", "drop", "policies/layer"):
         table.add_column(col, justify="right" if col not in ("method", "policies/layer") else "left")
     for r in rows:

@@ -30,7 +30,7 @@ __all__ = ["WinogradPruning"]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 _IMPORTANCE = ("taylor", "sensitivity")
-_SCORES = {"l2": Score.L2, "l1": Score.L1, "taylor": Score.IMPORTANCE}
+_SCORES = {"l2": Score.L2, "l1": Score.L1, "l2-scaled": Score.L2, "taylor": Score.IMPORTANCE}
 _POLICY_CODE = {"dense": -1.0, "wsp": 0.0, "bwsp": 1.0}
 
 
@@ -99,7 +99,10 @@ class WinogradPruning(Callback):
         unit: Segment length of ABWSP's hardware unit (default 16: the CPU SIMD width; use 32 for GPUs).
         align: Per-``xi`` pruned-unit counts are rounded to multiples of this (ABWSP default 8, others 1).
         rounding: ``"down"`` (prune a little less, keep accuracy) or ``"up"`` (prune a little more).
-        score: Block score: ``"l2"`` (group lasso), ``"l1"``, or ``"taylor"`` (sum of ``|w * dL/dw|``).
+        score: Block score: ``"l2"`` (group lasso, the design's definition), ``"l1"``, ``"l2-scaled"`` (L2 of the
+            view scaled by each position's weight in the output, see
+            :func:`~lightning_winoprune.pruning.position_scale`; ranks blocks of different ``xi`` fairly) or
+            ``"taylor"`` (sum of ``|w * dL/dw|``).
         importance: Layer-importance estimator for ABWSP's toggle and the latency budget: ``"taylor"`` or
             ``"sensitivity"`` (measured loss increase when only that layer is pruned).
         calibration_batches: Training batches the estimators use.
@@ -314,7 +317,8 @@ class WinogradPruning(Callback):
             if self.layer_amounts and self.policies.get(name) == "dense":
                 amount = 0.0
             importance = saliency[name] if self.score == "taylor" and saliency is not None else None
-            mask, result = winograd_mask(layer.weight, min(amount, 1.0), self._pattern(name), importance)
+            mask, result = winograd_mask(layer.weight, min(amount, 1.0), self._pattern(name), importance,
+                                         position_scaled=self.score == "l2-scaled")
             if trainer.world_size > 1:  # identical masks on every rank, whatever each rank computed
                 mask = trainer.strategy.broadcast(mask.cpu(), src=0).to(layer.weight.device)
             self._apply(trainer, layer, mask)
@@ -426,7 +430,8 @@ class WinogradPruning(Callback):
                     if c.pattern is None:
                         losses[n][c] = 0.0
                         continue
-                    mask, _ = winograd_mask(layer.weight, c.amount, c.pattern)
+                    mask, _ = winograd_mask(layer.weight, c.amount, c.pattern,
+                                            position_scaled=self.score == "l2-scaled")
                     losses[n][c] = float(saliency[n][~mask].sum())
         else:
             losses = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_winoprune.pruning._engine import Block, MaskResult, Pattern, Scope, compute_mask
+from lightning_winoprune.winograd._transforms import get_transforms
 
 __all__ = [
     "DEFAULT_ABWSP_ALIGN",
@@ -12,6 +13,7 @@ __all__ = [
     "METHODS",
     "POLICIES",
     "method_pattern",
+    "position_scale",
     "winograd_mask",
     "winograd_mask_from_view",
     "winograd_view",
@@ -65,14 +67,38 @@ def winograd_mask_from_view(mask_view: torch.Tensor, shape: torch.Size | tuple[i
     return mask_view.reshape(p, p, k, c).permute(2, 3, 0, 1)
 
 
+def position_scale(m: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    """How strongly each Winograd position ``xi = (i, j)`` weighs in the output, shape ``(p*p,)``.
+
+    ``s[i*p + j] = |BT[i]| |BT[j]| |AT[:, i]| |AT[:, j]|`` (row and column 2-norms). The Toom-Cook matrices are
+    only defined up to a diagonal rescaling (``G -> D^-1 G``, ``B^T -> D B^T``) that changes ``U`` but not the
+    convolution; multiplying ``U[xi]`` by ``s[xi]`` cancels it, so scores of the scaled view rank blocks of different
+    positions by their effect on the output rather than by an arbitrary normalisation.
+    """
+    t = get_transforms(m, torch.float64)
+    s = t.BT.norm(dim=1) * t.AT.norm(dim=0)
+    return torch.outer(s, s).reshape(-1).to(dtype=dtype, device=device)
+
+
 def winograd_mask(
-    u: torch.Tensor, amount: float, pattern: Pattern, importance: torch.Tensor | None = None
+    u: torch.Tensor, amount: float, pattern: Pattern, importance: torch.Tensor | None = None,
+    position_scaled: bool = False,
 ) -> tuple[torch.Tensor, MaskResult]:
     """Keep-mask of Winograd weights ``u`` (``(K, C, p, p)``) for ``pattern`` at ``amount``.
+
+    Args:
+        u: Winograd-domain weights.
+        amount: Fraction of entries to prune.
+        pattern: The pruning pattern.
+        importance: Per-entry saliency of ``u``'s shape, for ``score="importance"``.
+        position_scaled: Rank blocks of the view scaled by :func:`position_scale` (magnitude scores only).
 
     Returns:
         The mask in ``u``'s shape and the engine's :class:`MaskResult` (whose ``mask`` is in the view's shape).
     """
+    view = winograd_view(u.detach())
+    if position_scaled:
+        view = view * position_scale(u.shape[-1] - 2, view.dtype, view.device).view(-1, 1, 1)
     view_imp = None if importance is None else winograd_view(importance)
-    result = compute_mask(winograd_view(u), amount, pattern, view_imp)
+    result = compute_mask(view, amount, pattern, view_imp)
     return winograd_mask_from_view(result.mask, u.shape), result
