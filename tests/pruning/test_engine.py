@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from pruning_helpers import random_weights
 
 from lightning_winoprune.pruning import (
     Block,
@@ -32,16 +33,6 @@ SEGMENTS = ("row_segment", "column_segment")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _weights(shape: tuple[int, ...], seed: int, kind: str) -> torch.Tensor:
-    """Random weights; ``int`` gives small integers (exact scores, many ties), ``const`` all ones."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "int":
-        return torch.randint(-2, 3, shape, generator=g).float()
-    if kind == "const":
-        return torch.ones(shape)
-    return torch.randn(shape, generator=g)
-
-
 def _ref_block_key(pattern: Pattern, shape: tuple[int, int, int], p: int, r: int, c: int) -> tuple:
     """The block of element ``(p, r, c)`` straight from the definitions (loop reference for ``block_layout``)."""
     _, rows, cols = shape
@@ -211,7 +202,7 @@ def views(draw, max_p: int = 9, max_rc: int = 40):
     c = draw(st.integers(1, max_rc))
     kind = draw(st.sampled_from(["randn", "int", "const"]))
     seed = draw(st.integers(0, 2**16))
-    return _weights((p, r, c), seed, kind), kind
+    return random_weights((p, r, c), seed, kind), kind
 
 
 @st.composite
@@ -278,15 +269,15 @@ def test_block_layout_segment_sizes_last_short():
 # ----------------------------------------------------------------------------------------------- invariants
 @given(vw=views(), amount=amounts, pattern=patterns(), imp_seed=st.integers(0, 2**16))
 @settings(max_examples=50)
-@example(vw=(_weights((4, 37, 29), 1, "randn"), "randn"), amount=0.37,
+@example(vw=(random_weights((4, 37, 29), 1, "randn"), "randn"), amount=0.37,
          pattern=Pattern("row_segment", "layer", unit=16, align=8), imp_seed=0)
-@example(vw=(_weights((4, 29, 37), 2, "int"), "int"), amount=0.6,
+@example(vw=(random_weights((4, 29, 37), 2, "int"), "int"), amount=0.6,
          pattern=Pattern("column_segment", "position", unit=8, align=3, rounding="up"), imp_seed=0)
 def test_engine_invariants(vw, amount, pattern, imp_seed):
     view, kind = vw
     importance = None
     if pattern.score is Score.IMPORTANCE:
-        importance = _weights(tuple(view.shape), imp_seed, "int" if kind != "randn" else "randn")
+        importance = random_weights(tuple(view.shape), imp_seed, "int" if kind != "randn" else "randn")
     before = view.clone()
     res = compute_mask(view, amount, pattern, importance)
     assert torch.equal(view, before), "compute_mask modified its input"
@@ -359,7 +350,7 @@ def test_position_scope_counts_per_matrix(amount, expected):
     assert abs(expected - amount * 4) <= 0.5
 
 
-def test_position_scope_differs_from_layer_scope_on_unbalanced_weights():
+def test_position_scope_differs_from_layer_scope_on_unbalancedrandom_weights():
     # matrix 0 is tiny, matrix 1 is large: the layer ranking prunes only matrix 0, the balanced one both equally
     view = torch.cat([torch.full((1, 4, 3), 0.01), torch.full((1, 4, 3), 10.0)])
     layer = compute_mask(view, 0.5, Pattern("row", "layer"))
@@ -404,7 +395,7 @@ def test_l1_and_l2_rank_differently(score):
     assert pruned_row == (1 if score == "l2" else 0)
 
 
-def test_importance_score_ignores_weights():
+def test_importance_score_ignoresrandom_weights():
     view = torch.randn(2, 6, 5)
     importance = torch.zeros(2, 6, 5)
     importance[:, 3] = 1.0  # row 3 is important everywhere, signs do not matter

@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from pruning_helpers import random_weights
 
 from lightning_winoprune.pruning import (
     DEFAULT_ABWSP_ALIGN,
@@ -38,15 +39,6 @@ CONFIG_IDS = [m if p is None else f"{m}-{p}" for m, p in CONFIGS]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _weights(shape: tuple[int, ...], seed: int, kind: str) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if kind == "int":
-        return torch.randint(-2, 3, shape, generator=g).float()
-    if kind == "const":
-        return torch.ones(shape)
-    return torch.randn(shape, generator=g)
-
-
 def _scores(view: torch.Tensor, ids: np.ndarray, n: int, score: Score, importance: torch.Tensor | None) -> np.ndarray:
     """Block scores in float64: l2 = sqrt(sum of squares), l1 = sum |w|, importance = sum |importance|."""
     if score is Score.IMPORTANCE:
@@ -196,7 +188,7 @@ def layers(draw, max_kc: int = 70):
     c = draw(st.integers(1, max_kc))
     p = draw(st.sampled_from([4, 6]))
     kind = draw(st.sampled_from(["randn", "randn", "int", "const"]))
-    return _weights((k, c, p, p), draw(st.integers(0, 2**16)), kind), kind
+    return random_weights((k, c, p, p), draw(st.integers(0, 2**16)), kind), kind
 
 
 amounts = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.3, 0.75, 0.9]), st.floats(0.0, 1.0))
@@ -206,12 +198,12 @@ amounts = st.one_of(st.sampled_from([0.0, 1.0, 0.5, 0.3, 0.75, 0.9]), st.floats(
 @pytest.mark.parametrize("method, policy", CONFIGS, ids=CONFIG_IDS)
 @given(layer=layers(), amount=amounts)
 @settings(max_examples=30)
-@example(layer=(_weights((37, 29, 6, 6), 1, "randn"), "randn"), amount=0.37)
-@example(layer=(_weights((29, 37, 4, 4), 2, "int"), "int"), amount=0.61)
-@example(layer=(_weights((70, 17, 4, 4), 3, "randn"), "randn"), amount=0.9)
-@example(layer=(_weights((5, 70, 6, 6), 4, "const"), "const"), amount=0.5)
-@example(layer=(_weights((1, 1, 4, 4), 5, "randn"), "randn"), amount=1.0)
-@example(layer=(_weights((37, 29, 4, 4), 6, "randn"), "randn"), amount=0.0)
+@example(layer=(random_weights((37, 29, 6, 6), 1, "randn"), "randn"), amount=0.37)
+@example(layer=(random_weights((29, 37, 4, 4), 2, "int"), "int"), amount=0.61)
+@example(layer=(random_weights((70, 17, 4, 4), 3, "randn"), "randn"), amount=0.9)
+@example(layer=(random_weights((5, 70, 6, 6), 4, "const"), "const"), amount=0.5)
+@example(layer=(random_weights((1, 1, 4, 4), 5, "randn"), "randn"), amount=1.0)
+@example(layer=(random_weights((37, 29, 4, 4), 6, "randn"), "randn"), amount=0.0)
 def test_method_invariants(method, policy, layer, amount):
     u, kind = layer
     pattern = method_pattern(method, policy)
@@ -223,11 +215,11 @@ def test_method_invariants(method, policy, layer, amount):
 @pytest.mark.parametrize("method, policy", CONFIGS, ids=CONFIG_IDS)
 @given(layer=layers(max_kc=40), amount=amounts, imp_seed=st.integers(0, 2**16))
 @settings(max_examples=10)
-@example(layer=(_weights((37, 29, 4, 4), 7, "randn"), "randn"), amount=0.45, imp_seed=1)
+@example(layer=(random_weights((37, 29, 4, 4), 7, "randn"), "randn"), amount=0.45, imp_seed=1)
 def test_method_invariants_other_scores(method, policy, score, layer, amount, imp_seed):
     u, kind = layer
     pattern = method_pattern(method, policy, score=score)
-    importance = _weights(tuple(u.shape), imp_seed, kind) if score == "importance" else None
+    importance = random_weights(tuple(u.shape), imp_seed, kind) if score == "importance" else None
     mask_u, _ = _check_method(u, amount, pattern, importance, exact=kind != "randn")
     _check_method_geometry(method, u, mask_u)
 
@@ -235,7 +227,7 @@ def test_method_invariants_other_scores(method, policy, score, layer, amount, im
 @pytest.mark.parametrize("method, policy", CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("kind", ["randn", "int", "const"])
 def test_deterministic(method, policy, kind):
-    u = _weights((37, 29, 6, 6), 11, kind)
+    u = random_weights((37, 29, 6, 6), 11, kind)
     pattern = method_pattern(method, policy)
     first, res = winograd_mask(u, 0.43, pattern)
     for _ in range(2):
@@ -297,7 +289,7 @@ def test_fp_commutes_with_the_filter_transform():
 @given(k=st.integers(1, 40), c=st.integers(1, 40), p=st.sampled_from([4, 6]), seed=st.integers(0, 2**16))
 @settings(max_examples=30)
 def test_winograd_view_layout_and_round_trip(k, c, p, seed):
-    u = _weights((k, c, p, p), seed, "randn")
+    u = random_weights((k, c, p, p), seed, "randn")
     view = winograd_view(u)
     assert view.shape == (p * p, k, c)
     for i in range(p):
