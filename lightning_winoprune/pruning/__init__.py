@@ -1,5 +1,17 @@
-"""The masking engine (a pattern is data) and the named Winograd pruning methods built on it."""
+"""The masking engine (a pattern is data), the Winograd methods and DEPrune's depthwise/pointwise views on it."""
 
+from lightning_winoprune.pruning._depthwise import (
+    DEFAULT_DR_TILE,
+    DW_METHODS,
+    DepthwiseMaskResult,
+    PointwiseMaskResult,
+    depthwise_mask,
+    dr_column_masks,
+    dr_conv2d,
+    dr_matrices,
+    from_dr_matrices,
+    pointwise_filter_mask,
+)
 from lightning_winoprune.pruning._engine import (
     Block,
     MaskResult,
@@ -25,17 +37,27 @@ from lightning_winoprune.pruning._methods import (
 __all__ = [
     "DEFAULT_ABWSP_ALIGN",
     "DEFAULT_ABWSP_UNIT",
+    "DEFAULT_DR_TILE",
+    "DW_METHODS",
     "METHODS",
     "POLICIES",
     "Block",
+    "DepthwiseMaskResult",
     "MaskResult",
     "Pattern",
+    "PointwiseMaskResult",
     "Rounding",
     "Scope",
     "Score",
     "block_layout",
     "compute_mask",
+    "depthwise_mask",
+    "dr_column_masks",
+    "dr_conv2d",
+    "dr_matrices",
+    "from_dr_matrices",
     "method_pattern",
+    "pointwise_filter_mask",
     "position_scale",
     "winograd_mask",
     "winograd_mask_from_view",
