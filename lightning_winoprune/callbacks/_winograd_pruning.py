@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_winoprune.callbacks._base import (
+    LossFn,
+    PruningCallback,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+    has_wandb,
+    print_rich,
+    print_table,
+)
 from lightning_winoprune.callbacks._logging import log_pruning_report
-from lightning_winoprune.callbacks._schedule import PruningSchedule
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.pruning._engine import MaskResult, Pattern, Rounding, Score
 from lightning_winoprune.pruning._methods import METHODS, POLICIES, method_pattern, winograd_mask
@@ -27,49 +32,12 @@ from lightning_winoprune.winograd._transforms import SUPPORTED_M
 
 __all__ = ["WinogradPruning"]
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
-
 _IMPORTANCE = ("taylor", "sensitivity")
 _SCORES = {"l2": Score.L2, "l1": Score.L1, "l2-scaled": Score.L2, "taylor": Score.IMPORTANCE}
 _POLICY_CODE = {"dense": -1.0, "wsp": 0.0, "bwsp": 1.0}
 
 
-def _default_loss(module: nn.Module, batch: Any) -> torch.Tensor:
-    """Cross-entropy of ``module(x)`` for ``(x, y)`` batches with integer labels."""
-    if (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
-            and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point()):
-        return F.cross_entropy(module(batch[0]), batch[1])
-    raise MisconfigurationException(
-        "WinogradPruning's importance estimator needs a loss: the default handles (inputs, integer labels) batches "
-        f"with cross-entropy, got a batch of type {type(batch).__name__}; pass loss_fn=(module, batch) -> loss"
-    )
-
-
-def _check_choice(name: str, value: object, valid: Sequence[object]) -> None:
-    if value not in valid:
-        raise MisconfigurationException(f"{name}={value!r} is not valid; valid values are {list(valid)}")
-
-
-def _check_positive_int(name: str, value: object, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MisconfigurationException(f"{name} must be a positive int{' or None' if allow_none else ''}, "
-                                        f"got {value!r}")
-
-
-def _patterns(value: str | Sequence[str] | None, name: str) -> list[str]:
-    items = [] if value is None else [value] if isinstance(value, str) else list(value)
-    for pat in items:
-        try:
-            re.compile(pat)
-        except re.error as err:
-            msg = f"{name} pattern {pat!r} is not a valid regular expression: {err}"
-            raise MisconfigurationException(msg) from None
-    return items
-
-
-class WinogradPruning(Callback):
+class WinogradPruning(PruningCallback):
     r"""Prune the Winograd-domain weights of every eligible 3x3 stride-1 conv while the model fine-tunes.
 
     In :meth:`setup` (before ``configure_optimizers``, checkpoint restore and DDP wrapping) the LightningModule's
@@ -149,51 +117,34 @@ class WinogradPruning(Callback):
         verbose: int = 1,
         log_masks: bool = True,
     ) -> None:
-        super().__init__()
-        _check_choice("method", method, sorted(METHODS))
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount < 1.0:
-            raise MisconfigurationException(f"amount must be a number in [0, 1), got {amount!r}")
+        super().__init__(amount, schedule, start_epoch, end_epoch, frequency, include, exclude, calibration_batches,
+                         loss_fn, verbose, log_masks)
+        check_choice("method", method, sorted(METHODS))
+        self.amount = check_fraction("amount", amount)
         if isinstance(m, bool) or not isinstance(m, int):
             raise MisconfigurationException(f"m={m!r} is not valid; valid values are {list(SUPPORTED_M)}")
-        _check_choice("m", m, SUPPORTED_M)
-        _check_choice("rounding", rounding, [r.value for r in Rounding])
-        _check_choice("score", score, list(_SCORES))
-        _check_choice("importance", importance, _IMPORTANCE)
-        _check_choice("route", route, [r.value for r in Route])
-        _check_choice("backend", backend, [b.value for b in Backend])
-        _check_choice("verbose", verbose, [0, 1, 2])
-        _check_positive_int("unit", unit)
-        _check_positive_int("align", align)
-        _check_positive_int("calibration_batches", calibration_batches, allow_none=False)
-        if isinstance(wsp_fraction, bool) or not isinstance(wsp_fraction, (int, float)) or not 0 <= wsp_fraction <= 1:
-            raise MisconfigurationException(f"wsp_fraction must be a number in [0, 1], got {wsp_fraction!r}")
-        if latency_budget is not None and (isinstance(latency_budget, bool) or
-                                           not isinstance(latency_budget, (int, float)) or
-                                           not 0 < latency_budget <= 1):
-            raise MisconfigurationException(
-                f"latency_budget must be a number in (0, 1] or None, got {latency_budget!r}"
-            )
+        check_choice("m", m, SUPPORTED_M)
+        check_choice("rounding", rounding, [r.value for r in Rounding])
+        check_choice("score", score, list(_SCORES))
+        check_choice("importance", importance, _IMPORTANCE)
+        check_choice("route", route, [r.value for r in Route])
+        check_choice("backend", backend, [b.value for b in Backend])
+        check_positive_int("unit", unit)
+        check_positive_int("align", align)
+        self.wsp_fraction = check_fraction("wsp_fraction", wsp_fraction, high_open=False)
+        if latency_budget is not None:
+            check_fraction("latency_budget", latency_budget, low_open=True, high_open=False)
         budget_amounts = tuple(budget_amounts)
         if not budget_amounts or any(not isinstance(a, (int, float)) or not 0 < a < 1 for a in budget_amounts):
             raise MisconfigurationException(f"budget_amounts must be numbers in (0, 1), got {budget_amounts!r}")
-        if loss_fn is not None and not callable(loss_fn):
-            raise MisconfigurationException(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        self.method, self.amount, self.m = method, float(amount), m
-        self.schedule = PruningSchedule(schedule, float(amount), start_epoch, end_epoch, frequency)
-        self.skip_first = skip_first
-        self.include, self.exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
-        self.unit, self.align, self.rounding, self.score = unit, align, rounding, score
-        self.importance, self.calibration_batches, self.wsp_fraction = importance, calibration_batches, wsp_fraction
+        self.method, self.m, self.skip_first = method, m, skip_first
+        self.unit, self.align, self.rounding, self.score, self.importance = unit, align, rounding, score, importance
         self.latency_budget, self.budget_amounts, self.latency_table = latency_budget, budget_amounts, latency_table
-        self.loss_fn: LossFn = loss_fn or _default_loss
-        self.route, self.backend, self.verbose, self.log_masks = route, backend, verbose, log_masks
-        # state restored by load_state_dict
-        self.layer_names: list[str] = []
+        self.route, self.backend = route, backend
+        # per-layer decisions, saved with the schedule state
         self.policies: dict[str, str] = {}
         self.layer_amounts: dict[str, float] = {}
         self.layer_importance: dict[str, float] = {}
-        self.last_pruned_epoch = -1
-        self.history: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
     @property
@@ -205,7 +156,7 @@ class WinogradPruning(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         report = winogradize(pl_module, m=self.m, skip_first=self.skip_first, include=self.include or None,
                              exclude=self.exclude or None, route=self.route, backend=self.backend)
-        names = [n for n, mod in pl_module.named_modules() if isinstance(mod, WinogradConv2d) and self._selected(n)]
+        names = [n for n, mod in pl_module.named_modules() if isinstance(mod, WinogradConv2d) and self.selected(n)]
         if not names:
             raise MisconfigurationException(
                 "WinogradPruning found no layer to prune: no eligible 3x3 stride-1 groups-1 conv "
@@ -213,78 +164,43 @@ class WinogradPruning(Callback):
             )
         self.layer_names = names
         if self.verbose and report.converted:
-            _print(report)
+            print_rich(report)
 
     @override
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch
-        target = self.schedule.target_at(epoch)
-        if target is None or epoch <= self.last_pruned_epoch:
-            return
-        self.prune(trainer, pl_module, target)
-        self.last_pruned_epoch = epoch
+    def extra_state(self) -> dict[str, Any]:
+        return {"m": self.m, "method": self.method, "policies": dict(self.policies),
+                "layer_amounts": dict(self.layer_amounts), "layer_importance": dict(self.layer_importance)}
 
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # masks restored from a checkpoint: enforce them in storage and switch to gradient masking
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("m", self.m) != self.m:
+            raise MisconfigurationException(
+                f"checkpoint was pruned with m={state['m']}, but this WinogradPruning has m={self.m}"
+            )
+        self.policies = dict(state.get("policies", {}))
+        self.layer_amounts = dict(state.get("layer_amounts", {}))
+        self.layer_importance = dict(state.get("layer_importance", {}))
+
+    @override
+    def masked_parameters(self, pl_module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in self._layers(pl_module).values():
+            value = layer.mask_value()
+            if value is not None:
+                out.append((layer.weight, value))
+        return out
+
+    @override
+    def enforce(self, pl_module: nn.Module) -> None:
         for layer in self._layers(pl_module).values():
             if layer.mask is not None:
                 self._enforce(layer)
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # After backward, DDP all-reduce, accumulation and AMP unscaling, before clipping and the step: with a zero
-        # gradient and zeroed optimizer state, pruned weights stay exactly zero under any usual optimizer.
-        grads, masks = [], []
-        for layer in self._layers(pl_module).values():
-            value = layer.mask_value()
-            if value is not None and layer.weight.grad is not None:
-                grads.append(layer.weight.grad)
-                masks.append(value)
-        if grads:
-            torch._foreach_mul_(grads, masks)
-
-    @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._release(pl_module)
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release(pl_module)  # Lightning skips teardown when fit raises
-
-    def _release(self, pl_module: pl.LightningModule) -> None:
+    def release(self, pl_module: nn.Module) -> None:
         # outside this callback nobody masks gradients: layers go back to masking in every forward pass
         for layer in self._layers(pl_module).values():
             layer.mask_in_forward = True
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": 1,
-            "m": self.m,
-            "method": self.method,
-            "layer_names": list(self.layer_names),
-            "policies": dict(self.policies),
-            "layer_amounts": dict(self.layer_amounts),
-            "layer_importance": dict(self.layer_importance),
-            "last_pruned_epoch": self.last_pruned_epoch,
-            "history": list(self.history),
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("m", self.m) != self.m:
-            raise MisconfigurationException(
-                f"checkpoint was pruned with m={state_dict['m']}, but this WinogradPruning has m={self.m}"
-            )
-        self.layer_names = list(state_dict.get("layer_names", self.layer_names))
-        self.policies = dict(state_dict.get("policies", {}))
-        self.layer_amounts = dict(state_dict.get("layer_amounts", {}))
-        self.layer_importance = dict(state_dict.get("layer_importance", {}))
-        self.last_pruned_epoch = int(state_dict.get("last_pruned_epoch", -1))
-        self.history = list(state_dict.get("history", []))
 
     # ------------------------------------------------------------------------------------------ pruning
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> dict[str, MaskResult]:
@@ -301,7 +217,7 @@ class WinogradPruning(Callback):
         needs_policy = self.method == "abwsp" and not self.policies
         needs_budget = self.latency_budget is not None and not self.layer_amounts
         if needs_policy or needs_budget or self.score == "taylor":
-            batches = self._calibration(trainer)
+            batches = self.calibration(trainer)
             if self.score == "taylor" or self.importance == "taylor":
                 saliency = self._taylor(trainer, pl_module, layers, batches)
         if needs_budget:
@@ -326,11 +242,6 @@ class WinogradPruning(Callback):
         self._report(trainer, target, layers, results)
         return results
 
-    def _selected(self, name: str) -> bool:
-        if self.include and not any(re.fullmatch(p, name) for p in self.include):
-            return False
-        return not any(re.fullmatch(p, name) for p in self.exclude)
-
     def _pattern(self, name: str) -> Pattern:
         policy = self.policies.get(name)
         return self._policy_pattern(None if policy == "dense" else policy).with_(score=_SCORES[self.score])
@@ -347,27 +258,8 @@ class WinogradPruning(Callback):
     def _apply(self, trainer: pl.Trainer, layer: WinogradConv2d, mask: torch.Tensor) -> None:
         layer.set_mask(mask)
         self._enforce(layer)
-        for opt in trainer.optimizers:  # momentum / Adam moments of pruned entries restart from zero
-            for value in opt.state.get(layer.weight, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape and layer.mask is not None:
-                    value.mul_(layer.mask)
-
-    def _calibration(self, trainer: pl.Trainer) -> list[Any]:
-        loader = trainer.train_dataloader
-        if loader is None:
-            raise MisconfigurationException("WinogradPruning needs the trainer's train dataloader for calibration")
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0]
-        elif isinstance(loader, dict):
-            loader = next(iter(loader.values()))
-        batches = []
-        for i, batch in enumerate(loader):
-            if i >= self.calibration_batches:
-                break
-            batches.append(trainer.strategy.batch_to_device(batch))
-        if not batches:
-            raise MisconfigurationException("WinogradPruning's calibration found an empty train dataloader")
-        return batches
+        assert layer.mask is not None
+        self.zero_optimizer_state(trainer, layer.weight, layer.mask)
 
     def _taylor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, WinogradConv2d],
                 batches: list[Any]) -> dict[str, torch.Tensor]:
@@ -467,16 +359,16 @@ class WinogradPruning(Callback):
                          round(self.layer_importance.get(n, float("nan")), 6), "; ".join(r.notes)])
         columns = ["layer", "shape", "policy", "block", "scope", "sparsity", "pruned blocks per xi", "importance",
                    "notes"]
-        figures = self._figures(layers) if self.log_masks and _has_wandb(trainer) and trainer.is_global_zero else None
+        figures = self._figures(layers) if self.log_masks and has_wandb(trainer) and trainer.is_global_zero else None
         log_pruning_report(trainer, "winograd_pruning", metrics, columns, rows, figures)
         title = f"WinogradPruning {self.method} epoch {trainer.current_epoch}: target {target:.3f}, achieved " \
                 f"{overall:.3f}"
         if self.verbose >= 2:
-            _print_table(title, columns, rows)
+            print_table(title, columns, rows)
         elif self.verbose:
             compact = [[n, "x".join(map(str, layers[n].weight.shape)), row[2], f"{r.sparsity:.3f}", row[6]]
                        for (n, r), row in zip(results.items(), rows, strict=True)]
-            _print_table(title, ["layer", "U shape", "policy", "sparsity", "pruned blocks/xi"], compact)
+            print_table(title, ["layer", "U shape", "policy", "sparsity", "pruned blocks/xi"], compact)
 
     def _figures(self, layers: dict[str, WinogradConv2d]) -> dict[str, Any]:
         from lightning_winoprune.pruning._plot import plot_bgemm_masks
@@ -486,12 +378,6 @@ class WinogradPruning(Callback):
             layer = layers[n]
             figs[n] = plot_bgemm_masks(layer.weight, layer.mask, title=f"{n} ({self.policies.get(n, self.method)})")
         return figs
-
-
-def _has_wandb(trainer: pl.Trainer) -> bool:
-    from lightning.pytorch.loggers import WandbLogger
-
-    return any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
 
 
 def _batch_size(batch: Any) -> int:
@@ -515,23 +401,3 @@ def _input_sizes(module: nn.Module, layers: dict[str, WinogradConv2d], batch: An
         for h in hooks:
             h.remove()
     return sizes
-
-
-@rank_zero_only
-def _print(obj: object) -> None:
-    from rich.console import Console
-
-    Console().print(obj)
-
-
-@rank_zero_only
-def _print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*[str(v) for v in row])
-    Console().print(table)

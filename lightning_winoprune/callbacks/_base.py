@@ -1,0 +1,253 @@
+"""Machinery shared by the pruning callbacks: validation, schedule, calibration, mask maintenance, state."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from typing_extensions import override
+
+from lightning_winoprune.callbacks._schedule import PruningSchedule
+
+__all__ = ["LossFn", "PruningCallback"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+def default_loss(module: nn.Module, batch: Any) -> torch.Tensor:
+    """Cross-entropy of ``module(x)`` for ``(x, y)`` batches with integer labels."""
+    if (isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[0], torch.Tensor)
+            and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point()):
+        return F.cross_entropy(module(batch[0]), batch[1])
+    raise MisconfigurationException(
+        "the pruning callbacks' importance estimator needs a loss: the default handles (inputs, integer labels) "
+        f"batches with cross-entropy, got a batch of type {type(batch).__name__}; pass loss_fn=(module, batch) -> loss"
+    )
+
+
+def check_choice(name: str, value: object, valid: Sequence[object]) -> None:
+    """Raise a ``MisconfigurationException`` naming ``value`` and listing ``valid`` unless it is one of them."""
+    if value not in valid:
+        raise MisconfigurationException(f"{name}={value!r} is not valid; valid values are {list(valid)}")
+
+
+def check_positive_int(name: str, value: object, allow_none: bool = True) -> None:
+    """Raise unless ``value`` is a positive int (or ``None`` when allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MisconfigurationException(f"{name} must be a positive int{' or None' if allow_none else ''}, "
+                                        f"got {value!r}")
+
+
+def check_fraction(name: str, value: object, low_open: bool = False, high_open: bool = True) -> float:
+    """Return ``value`` as a float in ``[0, 1)`` (bounds configurable) or raise naming it."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (v > 0 if low_open else v >= 0) and (v < 1 if high_open else v <= 1)
+    if not ok:
+        interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
+        raise MisconfigurationException(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def compile_patterns(value: str | Sequence[str] | None, name: str) -> list[str]:
+    """Validate regular expressions given as one string or a list (YAML-friendly)."""
+    items = [] if value is None else [value] if isinstance(value, str) else list(value)
+    for pat in items:
+        try:
+            re.compile(pat)
+        except re.error as err:
+            msg = f"{name} pattern {pat!r} is not a valid regular expression: {err}"
+            raise MisconfigurationException(msg) from None
+    return items
+
+
+class PruningCallback(Callback):
+    """Base of the pruning callbacks: what is pruned and how is the subclass's, when and how it is kept is here.
+
+    A subclass implements :meth:`setup` (find or build its layers and set :attr:`layer_names`), :meth:`prune`
+    (compute and apply masks for a cumulative target) and :meth:`masked_parameters` (the weights and their float
+    masks). This class runs the schedule at the start of epochs, masks the gradients of those weights before every
+    optimizer step (after DDP all-reduce, gradient accumulation and AMP unscaling, before clipping), re-enforces
+    masks restored from a checkpoint, and saves the schedule position.
+
+    Args:
+        amount: The final cumulative target of the schedule.
+        schedule: ``"one_shot"`` or ``"gradual"``.
+        start_epoch: First pruning epoch.
+        end_epoch: Last pruning epoch of the gradual schedule.
+        frequency: Epochs between gradual steps.
+        include: Regular expressions of module names to prune (``re.fullmatch``).
+        exclude: Regular expressions of module names never pruned.
+        calibration_batches: Training batches the importance estimators use.
+        loss_fn: ``(module, batch) -> loss`` for the estimators (default: cross-entropy on ``(x, y)`` batches).
+        verbose: 0 silent, 1 progress and per-layer tables, 2 more detail.
+        log_masks: Log mask pictures to W&B loggers.
+    """
+
+    def __init__(
+        self,
+        amount: float,
+        schedule: str = "one_shot",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        frequency: int = 1,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        calibration_batches: int = 4,
+        loss_fn: LossFn | None = None,
+        verbose: int = 1,
+        log_masks: bool = True,
+    ) -> None:
+        super().__init__()
+        check_choice("verbose", verbose, [0, 1, 2])
+        check_positive_int("calibration_batches", calibration_batches, allow_none=False)
+        if loss_fn is not None and not callable(loss_fn):
+            raise MisconfigurationException(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.schedule = PruningSchedule(schedule, float(amount), start_epoch, end_epoch, frequency)
+        self.include, self.exclude = compile_patterns(include, "include"), compile_patterns(exclude, "exclude")
+        self.calibration_batches = calibration_batches
+        self.loss_fn: LossFn = loss_fn or default_loss
+        self.verbose, self.log_masks = verbose, log_masks
+        self.layer_names: list[str] = []
+        self.last_pruned_epoch = -1
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------ extension points
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> Any:
+        """Compute and apply the masks for the cumulative ``target``; called by the schedule."""
+        raise NotImplementedError
+
+    def masked_parameters(self, pl_module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(weight, float mask)`` of every pruned weight (the mask in the weight's dtype, 1 keeps)."""
+        raise NotImplementedError
+
+    def enforce(self, pl_module: nn.Module) -> None:
+        """Zero the pruned entries of every masked weight (after a restore); subclasses may do more."""
+        with torch.no_grad():
+            for weight, mask in self.masked_parameters(pl_module):
+                weight.mul_(mask)
+
+    def release(self, pl_module: nn.Module) -> None:
+        """Called when the callback stops (teardown or exception): undo what only holds while it runs."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state saved next to the schedule's."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` saved."""
+
+    # ------------------------------------------------------------------------------------------ Lightning hooks
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        target = self.schedule.target_at(epoch)
+        if target is None or epoch <= self.last_pruned_epoch:
+            return
+        self.prune(trainer, pl_module, target)
+        self.last_pruned_epoch = epoch
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.enforce(pl_module)  # masks restored from a checkpoint hold in storage from the first step
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # With a zero gradient and zeroed optimizer state, pruned weights stay exactly zero under any usual optimizer.
+        pairs = [(w.grad, m) for w, m in self.masked_parameters(pl_module) if w.grad is not None]
+        if pairs:
+            torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.release(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.release(pl_module)  # Lightning skips teardown when fit raises
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": 1, "layer_names": list(self.layer_names), "last_pruned_epoch": self.last_pruned_epoch,
+                "history": list(self.history), **self.extra_state()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.layer_names = list(state_dict.get("layer_names", self.layer_names))
+        self.last_pruned_epoch = int(state_dict.get("last_pruned_epoch", -1))
+        self.history = list(state_dict.get("history", []))
+        self.load_extra_state(state_dict)
+
+    # ------------------------------------------------------------------------------------------ helpers
+    def selected(self, name: str) -> bool:
+        """Whether ``name`` passes the include/exclude regular expressions."""
+        if self.include and not any(re.fullmatch(p, name) for p in self.include):
+            return False
+        return not any(re.fullmatch(p, name) for p in self.exclude)
+
+    @staticmethod
+    def zero_optimizer_state(trainer: pl.Trainer, weight: torch.Tensor, mask: torch.Tensor) -> None:
+        """Momentum and Adam moments of pruned entries restart from zero."""
+        for opt in trainer.optimizers:
+            for value in opt.state.get(weight, {}).values():
+                if isinstance(value, torch.Tensor) and value.shape == weight.shape:
+                    value.mul_(mask)
+
+    def calibration(self, trainer: pl.Trainer) -> list[Any]:
+        """The first ``calibration_batches`` batches of the trainer's train dataloader, on the model's device."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise MisconfigurationException(f"{type(self).__name__} needs the trainer's train dataloader")
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0]
+        elif isinstance(loader, dict):
+            loader = next(iter(loader.values()))
+        batches = []
+        for i, batch in enumerate(loader):
+            if i >= self.calibration_batches:
+                break
+            batches.append(trainer.strategy.batch_to_device(batch))
+        if not batches:
+            raise MisconfigurationException(f"{type(self).__name__}'s calibration found an empty train dataloader")
+        return batches
+
+
+def has_wandb(trainer: pl.Trainer) -> bool:
+    """Whether one of the trainer's loggers is a ``WandbLogger``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    return any(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+
+
+@rank_zero_only
+def print_rich(obj: object) -> None:
+    """Print a rich renderable on rank zero."""
+    from rich.console import Console
+
+    Console().print(obj)
+
+
+@rank_zero_only
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Print a rich table on rank zero."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    print_rich(table)
