@@ -11,7 +11,7 @@ The public API is deliberately small; building blocks live in the subpackages:
 * :mod:`lightning_winoprune.recipes`: the classification module and runnable jobs.
 """
 
-from lightning_winoprune.callbacks import WinogradPruning, load_pruned_checkpoint
+from lightning_winoprune.callbacks import DEPrune, WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.kernels import Backend, extension_status, native_available
 from lightning_winoprune.winograd import Route, WinogradConv2d, WinogradizeReport, winogradize
 
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "DEPrune",
     "Route",
     "WinogradConv2d",
     "WinogradPruning",

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_winoprune.callbacks._deprune import register_mask_buffer
 from lightning_winoprune.winograd._convert import winogradize
 
 __all__ = ["load_pruned_checkpoint"]
@@ -36,17 +37,26 @@ def load_pruned_checkpoint(
         ``model``, converted and loaded.
 
     Raises:
-        ValueError: If the checkpoint holds no pruning-callback state.
+        ValueError: If the checkpoint holds no pruning-callback state (``WinogradPruning`` or ``DEPrune``).
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
                                                                       weights_only=False)
-    states = [v for k, v in ckpt.get("callbacks", {}).items() if k.startswith("WinogradPruning")]
-    if not states:
-        raise ValueError("the checkpoint holds no WinogradPruning state: was it written with the callback attached?")
-    for state in states:
+    callbacks = ckpt.get("callbacks", {})
+    wino = [v for k, v in callbacks.items() if k.startswith("WinogradPruning")]
+    deprune = [v for k, v in callbacks.items() if k.startswith("DEPrune")]
+    if not wino and not deprune:
+        raise ValueError("the checkpoint holds no WinogradPruning or DEPrune state: was it written with the callback "
+                         "attached?")
+    for state in wino:
         names = [n[len(prefix):] for n in state["layer_names"] if n.startswith(prefix)]
         if names:
             winogradize(model, m=state["m"], skip_first=False, include=[_literal(n) for n in names])
+    for state in deprune:
+        for name in state["layer_names"]:
+            if name.startswith(prefix):
+                conv = model.get_submodule(name[len(prefix):])
+                assert isinstance(conv, nn.Conv2d)
+                register_mask_buffer(conv)
     weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(weights, strict=strict)
     return model
