@@ -2,6 +2,7 @@
 
 from lightning_winoprune.pruning._depthwise import (
     DEFAULT_DR_TILE,
+    DW_BASELINES,
     DW_METHODS,
     DepthwiseMaskResult,
     PointwiseMaskResult,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_ABWSP_ALIGN",
     "DEFAULT_ABWSP_UNIT",
     "DEFAULT_DR_TILE",
+    "DW_BASELINES",
     "DW_METHODS",
     "METHODS",
     "POLICIES",

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from lightning_winoprune.pruning._engine import Block, Pattern, Rounding, Scope, Score, compute_mask
 
 __all__ = [
+    "DW_BASELINES",
     "DEFAULT_DR_TILE",
     "DW_METHODS",
     "DepthwiseMaskResult",
@@ -53,6 +54,8 @@ __all__ = [
 
 #: The DEPrune depthwise methods: DCP, DCP + BWT, DCP + BWT + HSR.
 DW_METHODS: tuple[str, ...] = ("dcp", "dcp-b", "dcp-bh")
+#: Baselines for comparison: ``channel`` prunes whole depthwise channels (the paper's channel-pruning baseline).
+DW_BASELINES: tuple[str, ...] = ("channel",)
 #: The GPU tile of the paper: channels per DR sub-GEMM, and HSR's alignment of pruned columns.
 DEFAULT_DR_TILE = 32
 
@@ -288,8 +291,9 @@ def depthwise_mask(
     Args:
         w: Depthwise conv weight of shape ``(C, 1, kh, kw)``.
         amount: Fraction of weights (DR columns) to prune, in ``[0, 1]``.
-        method: ``"dcp"`` (layer ranking), ``"dcp-b"`` (the same ratio in every sub-GEMM) or ``"dcp-bh"``
-            (``dcp-b`` with every sub-GEMM's pruned-column count rounded to a multiple of ``tile``).
+        method: ``"dcp"`` (layer ranking), ``"dcp-b"`` (the same ratio in every sub-GEMM), ``"dcp-bh"``
+            (``dcp-b`` with every sub-GEMM's pruned-column count rounded to a multiple of ``tile``) or ``"channel"``
+            (the baseline DEPrune compares against: whole depthwise channels ranked by the L2 norm of their kernel).
         tile: Channels per sub-GEMM (the GPU tile), also HSR's alignment.
         rounding: HSR's direction for ``dcp-bh``: ``"down"``/``"u"`` (under-aligned) or ``"up"``/``"o"``
             (over-aligned); validated but unused by the other methods.
@@ -303,8 +307,8 @@ def depthwise_mask(
     """
     w = _check_depthwise(w)
     amount = _check_amount(amount)
-    if method not in DW_METHODS:
-        raise ValueError(f"method={method!r} is not valid; valid values are {list(DW_METHODS)}")
+    if method not in DW_METHODS + DW_BASELINES:
+        raise ValueError(f"method={method!r} is not valid; valid values are {list(DW_METHODS + DW_BASELINES)}")
     tile = _check_tile(tile)
     rnd = _parse_rounding(rounding)
     score_ = _parse_score(score, importance, w.shape)
@@ -317,9 +321,13 @@ def depthwise_mask(
     blocks = _blocks(c, tile)
     columns = [n * k for _, n in blocks]
 
-    if method == "dcp":
-        res = compute_mask(flat.view(1, 1, -1), amount, Pattern(Block.ELEMENT, Scope.LAYER, score=score_),
-                           None if imp is None else imp.view(1, 1, -1))
+    if method in ("dcp", "channel"):
+        # dcp: single weights over the layer; channel: a channel's whole kernel (a row of the (1, C, k) view)
+        shape = (1, 1, flat.numel()) if method == "dcp" else (1, c, k)
+        block = Block.ELEMENT if method == "dcp" else Block.ROW
+        ch_score = Score.L2 if method == "channel" and importance is None else score_
+        res = compute_mask(flat.view(shape), amount, Pattern(block, Scope.LAYER, score=ch_score),
+                           None if imp is None else imp.view(shape))
         keep = res.mask.reshape(-1)
         notes += res.notes
     else:

@@ -341,7 +341,7 @@ def test_depthwise_mask_errors():
     for bad in (-0.1, 1.5, True, "0.5"):
         with pytest.raises(ValueError, match=r"amount must be a number in \[0, 1\]"):
             depthwise_mask(w, bad, "dcp")
-    with pytest.raises(ValueError, match=r"method='dcp-x' is not valid; valid values are \['dcp', 'dcp-b', 'dcp-bh'\]"):
+    with pytest.raises(ValueError, match=r"method='dcp-x' is not valid; valid values are \['dcp', 'dcp-b', 'dcp-bh', 'channel'\]"):
         depthwise_mask(w, 0.5, "dcp-x")
     for bad_tile in (0, -32, 2.0, True):
         with pytest.raises(ValueError, match="tile must be a positive int"):
@@ -389,3 +389,17 @@ def test_pointwise_l1_differs_from_l2_and_errors():
         pointwise_filter_mask(w, 2.0)
     with pytest.raises(ValueError, match="score='bogus' is not valid"):
         pointwise_filter_mask(w, 0.5, score="bogus")
+
+
+@pytest.mark.parametrize("c", [31, 33, 70])
+@pytest.mark.parametrize("amount", [0.0, 0.3, 0.5, 0.9])
+def test_channel_baseline_prunes_whole_lowest_l2_channels(c, amount):
+    w = torch.randn(c, 1, 3, 3, generator=torch.Generator().manual_seed(c))
+    res = depthwise_mask(w, amount, "channel")
+    pruned = (~res.mask).flatten(1)
+    channels = pruned.all(1)
+    assert torch.equal(pruned.any(1), channels)  # whole channels only
+    assert int(channels.sum()) == round(amount * c) or abs(int(channels.sum()) - amount * c) <= 0.5
+    norms = w.flatten(1).norm(dim=1)
+    if 0 < int(channels.sum()) < c:
+        assert norms[channels].max() <= norms[~channels].min()

@@ -1,0 +1,139 @@
+"""DEPrune accuracy on scikit-learn's bundled digits: mobilenetv2_100 dense vs DEPrune, -B, -BH and channel pruning.
+
+The model is trained dense once. Then, for each depthwise ratio (DW) and pointwise ratio (PW), a copy is pruned
+one-shot by the ``DEPrune`` callback with ``dcp`` (DEPrune), ``dcp-b`` (DEPrune-B), ``dcp-bh`` (DEPrune-BH, u/o per
+layer chosen by importance) and ``channel`` (whole depthwise channels at the same ratio: the channel-pruning
+baseline the paper compares against), and fine-tuned for the same number of epochs. One table: accuracy right after
+pruning and after fine-tuning, the drop from dense, the real-DW ratio (mean and minimum over layers of the smallest
+sub-GEMM pruning ratio, the paper's Table 2) and the u/o pattern per depthwise layer.
+
+    python benchmarks/bench_deprune_accuracy.py [--epochs 6] [--finetune 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+import warnings
+
+import lightning as L
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lightning_winoprune import DEPrune
+from lightning_winoprune.data import DigitsDataModule
+from lightning_winoprune.pruning import dr_column_masks
+from lightning_winoprune.recipes import ImageClassifier
+
+NAMES = {"dcp": "DEPrune", "dcp-b": "DEPrune-B", "dcp-bh": "DEPrune-BH", "channel": "channel pruning"}
+
+
+def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [],
+                     num_sanity_val_steps=0)
+
+
+@torch.no_grad()
+def accuracy(module: L.LightningModule, data: DigitsDataModule) -> float:
+    was = module.training
+    module.eval()
+    correct = total = 0
+    for x, y in data.test_dataloader():
+        correct += int((module(x).argmax(1) == y).sum())
+        total += len(y)
+    module.train(was)
+    return correct / total
+
+
+class PrunedAccuracy(L.Callback):
+    """Test accuracy right after the pruning step (before any fine-tuning update)."""
+
+    def __init__(self, data: DigitsDataModule) -> None:
+        self.data, self.acc = data, float("nan")
+
+    def on_train_epoch_start(self, tr: L.Trainer, module: L.LightningModule) -> None:
+        if tr.current_epoch == 0:  # runs after DEPrune's hook (callback order)
+            self.acc = accuracy(module, self.data)
+
+
+def real_dw(module: torch.nn.Module, cb: DEPrune, tile: int) -> list[float]:
+    """Per depthwise layer: the smallest pruning ratio over its DR sub-GEMMs."""
+    out = []
+    for name, kind in cb.kinds.items():
+        if kind == "dw":
+            keeps = dr_column_masks(module.get_submodule(name).weight_mask, tile)
+            out.append(min(float((~k).float().mean()) for k in keeps))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mobilenetv2_100")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=6, help="dense training epochs")
+    ap.add_argument("--finetune", type=int, default=2, help="fine-tuning epochs after pruning (same for every run)")
+    ap.add_argument("--dw", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--pw", type=float, nargs="+", default=[0.0, 0.3])
+    ap.add_argument("--methods", nargs="+", default=list(NAMES))
+    ap.add_argument("--tile", type=int, default=32)
+    ap.add_argument("--json", help="write the results to this JSON file")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    console = Console()
+
+    L.seed_everything(0, verbose=False)
+    data = DigitsDataModule(image_size=args.image_size, batch_size=64)
+    dense = ImageClassifier(args.model, num_classes=10, in_chans=1, lr=0.05)
+    console.print(f"training {args.model} dense on digits {args.image_size}x{args.image_size}, {args.epochs} epochs")
+    trainer(args.epochs).fit(dense, datamodule=data)
+    dense_acc = accuracy(dense, data)
+    console.print(f"dense test accuracy: {dense_acc:.4f}")
+
+    rows = []
+    for dw in args.dw:
+        for pw in args.pw:
+            for method in args.methods:
+                L.seed_everything(1, verbose=False)
+                module = copy.deepcopy(dense)
+                module.hparams["lr"] = 0.01
+                cb = DEPrune(method=method, dw_amount=dw, pw_amount=pw, tile=args.tile, verbose=0,
+                             calibration_batches=4)
+                probe = PrunedAccuracy(data)
+                t0 = time.perf_counter()
+                trainer(args.finetune, [cb, probe]).fit(module, datamodule=data)
+                acc = accuracy(module, data)
+                rdw = real_dw(module, cb, args.tile)
+                pattern = "".join({"down": "u", "up": "o"}[cb.dw_rounding[n]] for n, k in cb.kinds.items()
+                                  if k == "dw") if method == "dcp-bh" else "-"
+                hist = cb.history[-1]
+                rows.append({"dw": dw, "pw": pw, "method": method, "dw_sparsity": hist.get("dw_sparsity", 0.0),
+                             "pw_sparsity": hist.get("pw_sparsity", 0.0), "acc_pruned": probe.acc,
+                             "acc_finetuned": acc, "drop": dense_acc - acc, "real_dw_mean": statistics.mean(rdw),
+                             "real_dw_min": min(rdw), "pattern": pattern, "seconds": time.perf_counter() - t0})
+                console.print(f"  DW {dw:.0%} PW {pw:.0%} {NAMES[method]:15}: pruned {probe.acc:.4f} -> "
+                              f"fine-tuned {acc:.4f}, real DW mean {statistics.mean(rdw):.3f}")
+
+    table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, fine-tuning {args.finetune} "
+                        f"epochs per run, tile {args.tile}")
+    for col in ("DW", "PW", "method", "DW sparsity", "acc. after pruning", "acc. fine-tuned", "drop",
+                "real DW mean/min", "DW-Pat. per layer"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r['dw']:.0%}", f"{r['pw']:.0%}", NAMES[r["method"]], f"{r['dw_sparsity']:.3f}",
+                      f"{r['acc_pruned']:.4f}", f"{r['acc_finetuned']:.4f}", f"{r['drop']:+.4f}",
+                      f"{r['real_dw_mean']:.3f}/{r['real_dw_min']:.3f}", r["pattern"])
+    console.print(table)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "dense_acc": dense_acc, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
