@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_winoprune import WinogradConv2d, WinogradPruning
+from lightning_winoprune import DEPrune, WinogradConv2d, WinogradPruning
 from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.recipes import ImageClassifier
 
@@ -18,21 +18,32 @@ class DumpMasks(L.Callback):
         self.out = out
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        masks = {n: m.mask.clone() for n, m in pl_module.named_modules() if isinstance(m, WinogradConv2d)}
-        weights = {n: m.weight.detach().clone() for n, m in pl_module.named_modules() if isinstance(m, WinogradConv2d)}
-        cb = next(c for c in trainer.callbacks if isinstance(c, WinogradPruning))
-        torch.save({"masks": masks, "weights": weights, "policies": cb.policies, "importance": cb.layer_importance},
+        cb = next(c for c in trainer.callbacks if isinstance(c, (WinogradPruning, DEPrune)))
+        if isinstance(cb, WinogradPruning):
+            layers = {n: (m.weight, m.mask) for n, m in pl_module.named_modules() if isinstance(m, WinogradConv2d)}
+            decisions = cb.policies
+        else:
+            layers = {n: (pl_module.get_submodule(n).weight, pl_module.get_submodule(n).weight_mask)
+                      for n in cb.layer_names}
+            decisions = {"dw_rounding": cb.dw_rounding, "pw_pruned": cb.pw_pruned}
+        torch.save({"masks": {n: m.clone() for n, (_, m) in layers.items()},
+                    "weights": {n: w.detach().clone() for n, (w, _) in layers.items()},
+                    "policies": decisions, "importance": cb.layer_importance},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
 def main() -> None:
-    out = Path(sys.argv[1])
+    out, mode = Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "winograd"
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     L.seed_everything(0)
-    module = ImageClassifier("resnet18", num_classes=10, in_chans=1, lr=0.01)
-    pruning = WinogradPruning(method="abwsp", amount=0.5, importance="taylor", calibration_batches=2, unit=8,
-                              align=2, verbose=0)
+    if mode == "winograd":
+        module = ImageClassifier("resnet18", num_classes=10, in_chans=1, lr=0.01)
+        pruning: L.Callback = WinogradPruning(method="abwsp", amount=0.5, importance="taylor", calibration_batches=2,
+                                              unit=8, align=2, verbose=0)
+    else:
+        module = ImageClassifier("mobilenetv2_100", num_classes=10, in_chans=1, lr=0.01)
+        pruning = DEPrune(method="dcp-bh", dw_amount=0.5, pw_amount=0.3, calibration_batches=2, verbose=0)
     trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[pruning, DumpMasks(out)])

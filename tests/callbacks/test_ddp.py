@@ -23,3 +23,20 @@ def test_masks_identical_on_two_cpu_ddp_ranks(tmp_path):
     # the policies came from all-reduced Taylor scores, identical on both ranks, both kinds present
     assert r0["policies"] == r1["policies"] and set(r0["policies"].values()) == {"wsp", "bwsp"}
     assert r0["importance"] == pytest.approx(r1["importance"])
+
+
+@pytest.mark.slow
+def test_deprune_masks_identical_on_two_cpu_ddp_ranks(tmp_path):
+    script = Path(__file__).with_name("ddp_script.py")
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "deprune"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        assert torch.equal(r0["weights"][name], r1["weights"][name]), name
+    # u/o and the pruned PW layers came from all-reduced Taylor scores: identical, and both directions used
+    assert r0["policies"] == r1["policies"] and set(r0["policies"]["dw_rounding"].values()) == {"down", "up"}
+    assert r0["importance"] == pytest.approx(r1["importance"])

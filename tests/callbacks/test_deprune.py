@@ -1,6 +1,9 @@
+import glob
+import json
 import logging
 import math
 import warnings
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -8,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
 
 from lightning_winoprune import DEPrune, WinogradConv2d, WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.callbacks._deprune import is_depthwise
@@ -181,3 +185,30 @@ def test_other_families_end_to_end(name, data):
     assert any(k == "dw" for k in cb.kinds.values()) and cb.pw_pruned
     assert cb.history[-1]["dw_sparsity"] > 0.2
     masks_hold(module, cb.layer_names)
+
+
+@wandb_timeout(120)
+def test_wandb_offline_run_gets_deprune_metrics_and_table(tmp_path, data, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from lightning.pytorch.loggers import WandbLogger
+
+    offline_wandb_env(monkeypatch, tmp_path)
+    module = mobilenet()
+    cb = DEPrune(method="dcp-bh", dw_amount=0.5, pw_amount=0.3, calibration_batches=1, verbose=0)
+    try:
+        trainer([cb], logger=WandbLogger(offline=True, save_dir=str(tmp_path), project="t")).fit(module, data)
+    finally:
+        wandb.finish()
+    (run_dir,) = (Path(p) for p in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
+    summary = wandb_summary(run_dir)
+    assert summary["deprune/dw_sparsity"] == pytest.approx(cb.history[0]["dw_sparsity"])
+    assert summary["deprune/pw_sparsity"] == pytest.approx(cb.history[0]["pw_sparsity"])
+    dw = [n for n, k in cb.kinds.items() if k == "dw"]
+    for name in dw:
+        keeps = dr_column_masks(module.get_submodule(name).weight_mask, 32)
+        assert summary[f"deprune/real_dw/{name}"] == pytest.approx(min(float((~k).float().mean()) for k in keeps))
+    table = summary["deprune/layers"]
+    content = json.loads((run_dir / "files" / table["path"]).read_text())
+    col = content["columns"].index("DW-Pat. / PW")
+    patterns = {row[0]: row[col] for row in content["data"]}
+    assert {patterns[n] for n in dw} == {"u", "o"}  # the paper's DW-Pat. column, chosen per layer
