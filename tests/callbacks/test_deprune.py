@@ -54,7 +54,7 @@ def masks_hold(module, names):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "dcp-x"}, r"method='dcp-x' is not valid; valid values are \['dcp', 'dcp-b', 'dcp-bh'\]"),
+        ({"method": "dcp-x"}, r"method='dcp-x' is not valid; valid values are \['dcp', 'dcp-b', 'dcp-bh', 'channel'\]"),
         ({"dw_amount": 1.0}, r"dw_amount must be a number in \[0, 1\), got 1.0"),
         ({"pw_amount": -0.1}, r"pw_amount must be a number in \[0, 1\), got -0.1"),
         ({"tile": 0}, "tile must be a positive int, got 0"),
