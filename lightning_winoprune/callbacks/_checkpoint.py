@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_winoprune.callbacks._deprune import register_mask_buffer
+from lightning_winoprune.callbacks._deprune import register_mask_buffer, replay_shrink
 from lightning_winoprune.winograd._convert import winogradize
 
 __all__ = ["load_pruned_checkpoint"]
@@ -20,8 +20,9 @@ def load_pruned_checkpoint(
     """Rebuild the pruned structure on ``model`` and load a checkpoint written by a Trainer with pruning callbacks.
 
     The callbacks' saved state says which layers were converted to the Winograd domain and with which tile size;
-    those layers are converted on ``model`` (in place), then the weights, biases and masks are loaded. Use it for
-    inference::
+    those layers are converted on ``model`` (in place). When ``DEPrune(physical=True)`` shrank the model before the
+    checkpoint was written (``trainer.save_checkpoint(path)`` after ``fit``), the same channels are removed from
+    ``model`` (this needs ``torch-pruning``). Then the weights, biases and masks are loaded. Use it for inference::
 
         model = MyLightningModule(...)            # or the bare network, with prefix="model."
         load_pruned_checkpoint(model, "last.ckpt").eval()
@@ -37,7 +38,9 @@ def load_pruned_checkpoint(
         ``model``, converted and loaded.
 
     Raises:
-        ValueError: If the checkpoint holds no pruning-callback state (``WinogradPruning`` or ``DEPrune``).
+        ValueError: If the checkpoint holds no pruning-callback state (``WinogradPruning`` or ``DEPrune``), or a
+            physically shrunk one whose layers are not under ``prefix``.
+        MisconfigurationException: If the checkpoint was physically shrunk and ``torch-pruning`` is not installed.
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
                                                                       weights_only=False)
@@ -52,6 +55,8 @@ def load_pruned_checkpoint(
         if names:
             winogradize(model, m=state["m"], skip_first=False, include=[_literal(n) for n in names])
     for state in deprune:
+        if state.get("physical_done"):
+            _replay_physical(model, state, prefix)
         for name in state["layer_names"]:
             if name.startswith(prefix):
                 conv = model.get_submodule(name[len(prefix):])
@@ -60,6 +65,19 @@ def load_pruned_checkpoint(
     weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model.load_state_dict(weights, strict=strict)
     return model
+
+
+def _replay_physical(model: nn.Module, state: dict[str, Any], prefix: str) -> None:
+    """Remove from ``model`` the pointwise filters (and coupled channels) DEPrune removed, in the same order."""
+    removed = []
+    for name, idxs in state["physical_removed"]:
+        if not name.startswith(prefix):
+            raise ValueError(f"the checkpoint's DEPrune shrank {name!r}, which is not under prefix={prefix!r}")
+        removed.append((name[len(prefix):], list(idxs)))
+    shape, dtype = state["physical_input"]
+    param = next(model.parameters())
+    example = torch.zeros(shape, dtype=getattr(torch, dtype), device=param.device)
+    replay_shrink(model, removed, example)
 
 
 def _literal(name: str) -> str:

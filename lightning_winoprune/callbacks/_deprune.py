@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -22,6 +23,7 @@ from lightning_winoprune.callbacks._base import (
 )
 from lightning_winoprune.callbacks._logging import log_pruning_report
 from lightning_winoprune.pruning._depthwise import (
+    DW_BASELINES,
     DW_METHODS,
     DepthwiseMaskResult,
     PointwiseMaskResult,
@@ -29,7 +31,7 @@ from lightning_winoprune.pruning._depthwise import (
     pointwise_filter_mask,
 )
 
-__all__ = ["DEPrune", "MASK_BUFFER", "is_depthwise", "is_pointwise"]
+__all__ = ["DEPrune", "MASK_BUFFER", "is_depthwise", "is_pointwise", "replay_shrink", "shrink_pointwise"]
 
 #: Name of the boolean keep-mask buffer DEPrune registers on every conv it prunes (saved in checkpoints).
 MASK_BUFFER = "weight_mask"
@@ -69,8 +71,27 @@ class DEPrune(PruningCallback):
     :class:`~lightning_winoprune.WinogradPruning`, so both can run in one Trainer on a model that has both kinds of
     layer).
 
+    With ``physical=True`` the pointwise convs are still only masked while training, and at the end of the fit
+    (``on_fit_end``, identically on every rank) their pruned filters are removed for real with `torch-pruning
+    <https://github.com/VainF/Torch-Pruning>`_'s dependency graph, which also removes the coupled channels: the
+    following BatchNorm, depthwise conv, squeeze-and-excitation convs and the next layers' input channels. A pruned
+    filter's channel is removed only where every conv that writes it has that filter pruned too: channels shared
+    through a residual add with live filters of another conv, or groups that would empty a layer, are kept (masked)
+    and listed in :attr:`physical_skipped`. The removed indices, in the order applied, are in
+    :attr:`physical_removed` and in the callback's checkpoint state, so
+    :func:`~lightning_winoprune.load_pruned_checkpoint` rebuilds the shrunk model. Notes:
+
+    * The shrunk model is the masked one with the removed channels' outputs set to zero. It is not always identical
+      to the masked model: a pruned filter followed by BatchNorm still emits BatchNorm's constant shift
+      (``beta - gamma * running_mean / sqrt(running_var + eps)``), and a pruned SE-reduce conv its bias, which the
+      shrink drops with the channel.
+    * The optimizer (and its state) is stale after the shrink: it is the end of the fit. A checkpoint written by
+      ``ModelCheckpoint`` during the fit holds the unshrunk model; save the shrunk one with
+      ``trainer.save_checkpoint(path)`` after ``fit``. Such a checkpoint is for inference or export (load it with
+      :func:`~lightning_winoprune.load_pruned_checkpoint`); resuming a fit from it is refused.
+
     Args:
-        method: ``"dcp"``, ``"dcp-b"`` or ``"dcp-bh"``.
+        method: ``"dcp"``, ``"dcp-b"`` or ``"dcp-bh"`` (or the baseline ``"channel"``: whole depthwise channels).
         dw_amount: Fraction of every depthwise conv's weights to prune, in ``[0, 1)``.
         pw_amount: Fraction of filters of every selected pointwise conv to prune, in ``[0, 1)`` (0: none).
         tile: Channels per DR sub-GEMM (32, the GPU tile).
@@ -88,6 +109,11 @@ class DEPrune(PruningCallback):
         calibration_batches: Training batches the Taylor importance estimator uses.
         loss_fn: ``(module, batch) -> loss`` for the estimator (default: cross-entropy on ``(x, y)`` batches).
         verbose: 0 silent, 1 progress bars and a per-layer table at every pruning step, 2 also the notes column.
+        physical: Remove the pruned pointwise filters (and the channels coupled to them) at the end of the fit; needs
+            ``torch-pruning`` (``pip install 'lightning-winoprune[physical]'``).
+
+    Raises:
+        MisconfigurationException: On an invalid argument, or ``physical=True`` without ``torch-pruning``.
     """
 
     def __init__(
@@ -108,12 +134,13 @@ class DEPrune(PruningCallback):
         calibration_batches: int = 4,
         loss_fn: LossFn | None = None,
         verbose: int = 1,
+        physical: bool = False,
     ) -> None:
         dw = check_fraction("dw_amount", dw_amount)
         pw = check_fraction("pw_amount", pw_amount)
         super().__init__(max(dw, pw), schedule, start_epoch, end_epoch, frequency, include, exclude,
                          calibration_batches, loss_fn, verbose, log_masks=False)
-        check_choice("method", method, list(DW_METHODS))
+        check_choice("method", method, list(DW_METHODS + DW_BASELINES))
         check_positive_int("tile", tile, allow_none=False)
         check_choice("rounding", rounding, list(_ROUNDING))
         check_choice("pw_select", pw_select, list(_PW_SELECT))
@@ -125,6 +152,21 @@ class DEPrune(PruningCallback):
         self.pw_pruned: list[str] = []
         self.layer_importance: dict[str, float] = {}
         self._float_masks: dict[str, torch.Tensor] = {}
+        if not isinstance(physical, bool):
+            raise MisconfigurationException(f"physical must be a bool, got {physical!r}")
+        if physical:
+            _require_torch_pruning()
+        self.physical = physical
+        self.physical_done = False
+        #: ``(pointwise conv name, removed output filters)`` in the order applied (indices as of that step).
+        self.physical_removed: list[tuple[str, list[int]]] = []
+        #: Pointwise conv name -> why (some of) its pruned filters were kept masked instead of removed.
+        self.physical_skipped: dict[str, str] = {}
+        #: Shape and dtype of the example input the dependency graph was traced with.
+        self.physical_input: tuple[list[int], str] | None = None
+        #: Parameter count of the module before and after the shrink.
+        self.physical_params: tuple[int, int] | None = None
+        self._load_hook: torch.utils.hooks.RemovableHandle | None = None
 
     @property
     @override
@@ -150,6 +192,42 @@ class DEPrune(PruningCallback):
             register_mask_buffer(pl_module.get_submodule(name))  # type: ignore[arg-type]
         self.kinds, self.layer_names = kinds, list(kinds)
         self._float_masks.clear()
+        self.release(pl_module)
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._refuse_other_shapes)
+
+    @override
+    def release(self, pl_module: nn.Module) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
+
+    def _refuse_other_shapes(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """``load_state_dict`` pre-hook: a clear error for a physically shrunk state dict and an unshrunk model."""
+        for name in self.layer_names:
+            key, conv = f"{prefix}{name}.weight", module.get_submodule(name)
+            if key in state_dict and isinstance(conv, nn.Conv2d) and state_dict[key].shape != conv.weight.shape:
+                raise MisconfigurationException(
+                    f"the state dict's {key} has shape {tuple(state_dict[key].shape)}, the model's "
+                    f"{tuple(conv.weight.shape)}: it holds a model that DEPrune(physical=True) shrank at the end of a "
+                    f"fit, and it is for inference or export: load it into a fresh model with "
+                    f"lightning_winoprune.load_pruned_checkpoint(model, path) (and start a new fit without ckpt_path "
+                    f"to fine-tune it)."
+                )
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # The model already matched the shrunk weights (it was loaded with load_pruned_checkpoint), but the optimizer
+        # state saved with them is stale: the parameters it was built for were replaced at the end of that fit.
+        shrunk = any(str(k).startswith("DEPrune") and isinstance(v, dict) and v.get("physical_done")
+                     for k, v in checkpoint.get("callbacks", {}).items())
+        if shrunk and trainer.state.fn == "fit":
+            raise MisconfigurationException(
+                "the checkpoint holds a model that DEPrune(physical=True) shrank at the end of a fit; it is for "
+                "inference or export and a fit cannot resume from it (its optimizer state is stale). Start a new fit "
+                "without ckpt_path to fine-tune the shrunk model."
+            )
 
     # ------------------------------------------------------------------------------------------ base hooks
     @override
@@ -169,7 +247,13 @@ class DEPrune(PruningCallback):
     @override
     def extra_state(self) -> dict[str, Any]:
         return {"method": self.method, "kinds": dict(self.kinds), "dw_rounding": dict(self.dw_rounding),
-                "pw_pruned": list(self.pw_pruned), "layer_importance": dict(self.layer_importance)}
+                "pw_pruned": list(self.pw_pruned), "layer_importance": dict(self.layer_importance),
+                "physical_done": self.physical_done,
+                "physical_removed": [(n, list(idxs)) for n, idxs in self.physical_removed],
+                "physical_skipped": dict(self.physical_skipped),
+                "physical_input": None if self.physical_input is None else (list(self.physical_input[0]),
+                                                                            self.physical_input[1]),
+                "physical_params": self.physical_params}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -177,7 +261,54 @@ class DEPrune(PruningCallback):
         self.dw_rounding = dict(state.get("dw_rounding", {}))
         self.pw_pruned = list(state.get("pw_pruned", []))
         self.layer_importance = dict(state.get("layer_importance", {}))
+        self.physical_done = bool(state.get("physical_done", False))
+        self.physical_removed = [(str(n), [int(i) for i in idxs]) for n, idxs in state.get("physical_removed", [])]
+        self.physical_skipped = dict(state.get("physical_skipped", {}))
+        shape = state.get("physical_input")
+        self.physical_input = None if shape is None else (list(shape[0]), str(shape[1]))
+        params = state.get("physical_params")
+        self.physical_params = None if params is None else (int(params[0]), int(params[1]))
         self._float_masks.clear()
+
+    # ------------------------------------------------------------------------------------------ physical shrink
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.physical:
+            self.shrink(trainer, pl_module)
+
+    def shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Physically remove the pruned filters of the pruned pointwise convs (see the class notes).
+
+        Deterministic (the masks are the same on every rank), so every rank runs it. The example input that the
+        dependency graph is traced with is the first sample of the first training batch.
+        """
+        names = [n for n in self.pw_pruned if self.kinds.get(n) == "pw"]
+        if not names:
+            return
+        example = _example_input(self.calibration(trainer)[0])
+        device = next(pl_module.parameters()).device
+        example = example.to(device)
+        before = _count_parameters(pl_module)
+        removed, skipped = shrink_pointwise(pl_module, names, example)
+        self._float_masks.clear()
+        after = _count_parameters(pl_module)
+        self.physical_removed.extend(removed)
+        self.physical_skipped.update(skipped)
+        self.physical_input = (list(example.shape), str(example.dtype).removeprefix("torch."))
+        if removed:
+            self.physical_done = True
+            self.physical_params = (before if self.physical_params is None else self.physical_params[0], after)
+        if skipped:
+            rank_zero_warn(f"DEPrune(physical=True) kept pruned filters of {len(skipped)} pointwise convs masked "
+                           f"instead of removing them (reasons in DEPrune.physical_skipped): {', '.join(skipped)}")
+        n_filters = sum(len(idxs) for _, idxs in removed)
+        rank_zero_info(f"DEPrune(physical=True): removed {n_filters} pointwise filters in {len(removed)} groups, "
+                       f"parameters {before:,} -> {after:,}")
+        if self.verbose:
+            rows = [[n, str(len(idxs)), str(_filters_left(pl_module.get_submodule(n)))] for n, idxs in removed]
+            rows += [[n, "-", reason] for n, reason in skipped.items()]
+            print_table(f"DEPrune physical shrink: parameters {before:,} -> {after:,}",
+                        ["pointwise conv", "filters removed", "filters left / skipped because"], rows)
 
     # ------------------------------------------------------------------------------------------ pruning
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> dict[str, Any]:
@@ -271,3 +402,220 @@ class DEPrune(PruningCallback):
                      f"PW target {self.pw_amount * scale:.3f}")
             width = len(columns) if self.verbose >= 2 else len(columns) - 1
             print_table(title, columns[:width], [r[:width] for r in rows])
+
+
+# ---------------------------------------------------------------------------------------------- physical shrink
+_INSTALL_HINT = "pip install 'lightning-winoprune[physical]'"
+
+
+def _require_torch_pruning() -> Any:
+    """Import ``torch_pruning`` or raise a ``MisconfigurationException`` that says how to install it."""
+    try:
+        import torch_pruning
+    except ImportError as err:
+        raise MisconfigurationException(
+            f"DEPrune(physical=True) removes pruned channels with torch-pruning, which is not installed: {err}. "
+            f"Install it with `{_INSTALL_HINT}` (or `pip install torch-pruning`)."
+        ) from err
+    return torch_pruning
+
+
+def _count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _example_input(batch: Any) -> torch.Tensor:
+    """The first sample of a batch's input (the batch itself, or the first element of a tuple/list batch)."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        raise MisconfigurationException(
+            "DEPrune(physical=True) traces the model with the input of a training batch: the batch itself or its "
+            f"first element must be a batched tensor, got {type(x).__name__}"
+        )
+    return x[:1].detach()
+
+
+def _dependency_graph(model: nn.Module, example: torch.Tensor) -> Any:
+    """A torch-pruning ``DependencyGraph`` of ``model`` traced in eval mode (BatchNorm statistics stay untouched)."""
+    tp = _require_torch_pruning()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+    finally:
+        model.train(was_training)
+
+
+def _filters_left(conv: nn.Module) -> int:
+    return conv.out_channels if isinstance(conv, nn.Conv2d) else 0
+
+
+def _pruned_filters(conv: nn.Module) -> list[int]:
+    """Output filters of ``conv`` whose ``weight_mask`` is all False."""
+    mask = getattr(conv, MASK_BUFFER, None)
+    if not isinstance(mask, torch.Tensor) or mask.shape != conv.weight.shape:
+        return []
+    return torch.nonzero(~mask.flatten(1).any(1)).flatten().tolist()
+
+
+#: Autograd ops that map a silent (all-zero) channel to a silent channel, one channel in, the same channel out.
+#: BatchNorm counts as one: its constant shift on a pruned channel is the documented difference of the shrunk model.
+_SILENT_PRESERVING = frozenset({
+    "Convolution", "NativeBatchNorm", "CudnnBatchNorm", "MiopenBatchNorm", "Silu", "Relu", "Hardtanh", "Hardswish",
+    "Gelu", "LeakyRelu", "Elu", "Mish", "Tanh", "Mean", "Sum", "AvgPool2D", "AdaptiveAvgPool2D",
+    "MaxPool2DWithIndices", "AdaptiveMaxPool2D", "View", "UnsafeView", "Reshape", "Alias", "Permute",
+    "Transpose", "Clone", "Squeeze", "Unsqueeze", "Expand", "ConstantPadNd", "UpsampleNearest2D",
+    "UpsampleBilinear2D", "NativeDropout", "ToCopy",
+})
+_WRITERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Embedding, nn.RNNBase, nn.MultiheadAttention)
+
+
+def _op_name(node: Any) -> str:
+    """``"Mul"`` for a node whose output came from ``MulBackward0``."""
+    return type(node.grad_fn).__name__.rstrip("0123456789").removesuffix("Backward") if node.grad_fn else ""
+
+
+def _removable(dg: Any, group: Any, names: dict[nn.Module, str]) -> tuple[set[int], set[str]]:
+    """Root indices of ``group`` whose removal leaves the masked model's function (but constant shifts) unchanged.
+
+    Removing a channel is exact where every layer that reads it (the convs and linears whose input channels the group
+    removes) reads zeros. A channel is silent at the output of a conv or linear whose filter is pruned, stays silent
+    through per-channel ops (BatchNorm, the usual activations, depthwise convs, pooling, reshapes), through a product
+    with one silent factor (a squeeze-and-excitation gate) and through a sum of silent terms only (a residual add
+    with another conv's live filter is not silent). Anything else (an unknown op, a sigmoid, GroupNorm, the network
+    output) counts as live.
+
+    Returns:
+        The removable root indices, and the writers (convs, linears) with a live filter on a channel that is not.
+    """
+    root_of: dict[Any, dict[int, int]] = {}  # node -> {local index: root index} of the channels the group removes
+    writers: dict[Any, set[int]] = {}  # writer node -> root indices of its live filters
+    sinks = []
+    for item in group.items:
+        node, mod, handler = item.dep.target, item.dep.target.module, item.dep.handler
+        root_of.setdefault(node, {}).update({int(i): int(r) for i, r in zip(item.idxs, item.root_idxs, strict=True)})
+        if isinstance(mod, _WRITERS) and not is_depthwise(mod):
+            if dg.is_out_channel_pruning_fn(handler):
+                dead = set(_pruned_filters(mod))
+                writers[node] = {int(r) for i, r in zip(item.idxs, item.root_idxs, strict=True) if int(i) not in dead}
+            elif dg.is_in_channel_pruning_fn(handler):
+                sinks.append(node)
+    every = {r for m in root_of.values() for r in m.values()}
+    if any(n.type == dg.ops.OPTYPE.OUTPUT for n in root_of):  # the group would remove network outputs
+        return set(), set()
+
+    memo: dict[Any, set[int]] = {}
+
+    def silent(node: Any) -> set[int]:  # root indices that are silent at the output of ``node``
+        if node in memo:
+            return memo[node]
+        memo[node] = set()  # a cycle (should not happen in a traced graph) counts as live
+        carried = set(root_of.get(node, {}).values())
+        ins = [i for i in node.inputs if i in root_of]
+        op = _op_name(node)
+        if node in writers:
+            out = carried - writers[node]
+        elif op in ("Mul", "Cat") or node in sinks:  # one silent factor / the one input that carries the channel
+            out = set().union(*(silent(i) for i in ins)) & carried if ins else set()
+        elif op in ("Add", "Sub"):  # silent only if every term is (a term outside the group, a constant, is not)
+            out = set.intersection(*(silent(i) for i in ins)) & carried if len(ins) == len(node.inputs) >= 2 else set()
+        elif op in _SILENT_PRESERVING and len(ins) == 1:
+            out = silent(ins[0]) & carried
+        else:
+            out = set()
+        memo[node] = out
+        return out
+
+    ok = set(every)
+    for sink in sinks:
+        ok &= silent(sink)
+    live = {names.get(n.module, str(n.module)) for n, lv in writers.items() if lv & (every - ok)}
+    return ok, live
+
+
+def _prune_group(dg: Any, group: Any) -> None:
+    """``group.prune()``, and the same rows / columns cut from the ``weight_mask`` buffers of the convs it shrinks."""
+    cuts = []
+    for item in group.items:
+        mod = item.dep.target.module
+        mask = getattr(mod, MASK_BUFFER, None) if isinstance(mod, nn.Conv2d) else None
+        if not isinstance(mask, torch.Tensor):
+            continue
+        if dg.is_out_channel_pruning_fn(item.dep.handler):
+            dim = 0  # output filters; a depthwise conv's input channels are its filters
+        elif dg.is_in_channel_pruning_fn(item.dep.handler) and mod.groups == 1:
+            dim = 1
+        else:  # pragma: no cover - DEPrune masks only depthwise and pointwise convs
+            continue
+        cuts.append((mod, dim, {int(i) for i in item.idxs}))
+    group.prune()
+    for mod, dim, idxs in cuts:
+        mask = getattr(mod, MASK_BUFFER)
+        keep = torch.tensor([i for i in range(mask.shape[dim]) if i not in idxs], dtype=torch.long, device=mask.device)
+        setattr(mod, MASK_BUFFER, mask.index_select(dim, keep))
+        assert getattr(mod, MASK_BUFFER).shape == mod.weight.shape, "mask and weight shapes diverged"
+
+
+def shrink_pointwise(
+    model: nn.Module, names: Sequence[str], example: torch.Tensor
+) -> tuple[list[tuple[str, list[int]]], dict[str, str]]:
+    """Remove the pruned filters (all-False ``weight_mask`` rows) of the pointwise convs ``names`` from ``model``.
+
+    Every conv's pruned filters are removed with torch-pruning's ``prune_conv_out_channels`` group, which also removes
+    the coupled channels everywhere (BatchNorm, depthwise convs, SE convs, next layers' inputs, convs coupled through
+    residual adds). Indices whose channel another conv of the group still writes with a live filter are kept, as are
+    groups torch-pruning's ``check_pruning_group`` refuses (they would empty a layer). ``weight_mask`` buffers follow
+    the new shapes.
+
+    Args:
+        model: The module (names are relative to it), masked by DEPrune.
+        names: The pointwise convs to shrink, in order.
+        example: An input ``model`` can be traced with.
+
+    Returns:
+        ``(removed, skipped)``: the ``(name, filter indices)`` removed, in order, with indices as of that step (replay
+        them with :func:`replay_shrink`), and name -> reason for convs with pruned filters that were kept.
+    """
+    tp = _require_torch_pruning()
+    dg = _dependency_graph(model, example)
+    module_names = {m: n for n, m in model.named_modules()}
+    removed: list[tuple[str, list[int]]] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        conv = model.get_submodule(name)
+        idxs = _pruned_filters(conv)
+        if not idxs:  # nothing pruned, or already removed with an earlier conv's group
+            continue
+        group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, idxs)
+        ok, live = _removable(dg, group, module_names)
+        safe = [i for i in idxs if i in ok]
+        if len(safe) < len(idxs):
+            why = f"live filters of {', '.join(sorted(live))}" if live else "a layer that is not channel-wise"
+            skipped[name] = (f"{len(idxs) - len(safe)} of {len(idxs)} pruned filters kept masked: their channels also "
+                             f"carry {why} (residual add, SE gate)")
+            if not safe:
+                continue
+            group = dg.get_pruning_group(conv, tp.prune_conv_out_channels, safe)
+        if not dg.check_pruning_group(group):
+            skipped[name] = f"{len(idxs)} pruned filters kept masked: removing them would empty a coupled layer"
+            continue
+        _prune_group(dg, group)
+        removed.append((name, safe))
+    return removed, skipped
+
+
+def replay_shrink(model: nn.Module, removed: Sequence[tuple[str, Sequence[int]]], example: torch.Tensor) -> None:
+    """Redo the shrink :func:`shrink_pointwise` returned ``removed`` for, on a freshly built ``model`` of the same kind.
+
+    ``weight_mask`` buffers already on ``model`` follow the new shapes; register the others afterwards.
+
+    Args:
+        model: The unshrunk module (names are relative to it).
+        removed: ``(pointwise conv name, filter indices)`` in the order they were removed.
+        example: An input ``model`` can be traced with.
+    """
+    tp = _require_torch_pruning()
+    dg = _dependency_graph(model, example)
+    for name, idxs in removed:
+        _prune_group(dg, dg.get_pruning_group(model.get_submodule(name), tp.prune_conv_out_channels, list(idxs)))
