@@ -13,53 +13,18 @@ sub-GEMM pruning ratio, the paper's Table 2) and the u/o pattern per depthwise l
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import logging
 import statistics
 import time
-import warnings
 
-import lightning as L
 import torch
-from rich.console import Console
+from _common import finetune_copy, quiet, train_dense
 from rich.table import Table
 
 from lightning_winoprune import DEPrune
-from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.pruning import dr_column_masks
-from lightning_winoprune.recipes import ImageClassifier
 
 NAMES = {"dcp": "DEPrune", "dcp-b": "DEPrune-B", "dcp-bh": "DEPrune-BH", "channel": "channel pruning"}
-
-
-def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [],
-                     num_sanity_val_steps=0)
-
-
-@torch.no_grad()
-def accuracy(module: L.LightningModule, data: DigitsDataModule) -> float:
-    was = module.training
-    module.eval()
-    correct = total = 0
-    for x, y in data.test_dataloader():
-        correct += int((module(x).argmax(1) == y).sum())
-        total += len(y)
-    module.train(was)
-    return correct / total
-
-
-class PrunedAccuracy(L.Callback):
-    """Test accuracy right after the pruning step (before any fine-tuning update)."""
-
-    def __init__(self, data: DigitsDataModule) -> None:
-        self.data, self.acc = data, float("nan")
-
-    def on_train_epoch_start(self, tr: L.Trainer, module: L.LightningModule) -> None:
-        if tr.current_epoch == 0:  # runs after DEPrune's hook (callback order)
-            self.acc = accuracy(module, self.data)
 
 
 def real_dw(module: torch.nn.Module, cb: DEPrune, tile: int) -> list[float]:
@@ -84,40 +49,26 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=32)
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    console = Console()
-
-    L.seed_everything(0, verbose=False)
-    data = DigitsDataModule(image_size=args.image_size, batch_size=64)
-    dense = ImageClassifier(args.model, num_classes=10, in_chans=1, lr=0.05)
-    console.print(f"training {args.model} dense on digits {args.image_size}x{args.image_size}, {args.epochs} epochs")
-    trainer(args.epochs).fit(dense, datamodule=data)
-    dense_acc = accuracy(dense, data)
-    console.print(f"dense test accuracy: {dense_acc:.4f}")
+    console = quiet()
+    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console)
 
     rows = []
     for dw in args.dw:
         for pw in args.pw:
             for method in args.methods:
-                L.seed_everything(1, verbose=False)
-                module = copy.deepcopy(dense)
-                module.hparams["lr"] = 0.01
                 cb = DEPrune(method=method, dw_amount=dw, pw_amount=pw, tile=args.tile, verbose=0,
                              calibration_batches=4)
-                probe = PrunedAccuracy(data)
                 t0 = time.perf_counter()
-                trainer(args.finetune, [cb, probe]).fit(module, datamodule=data)
-                acc = accuracy(module, data)
+                module, acc_pruned, acc = finetune_copy(dense, data, cb, args.finetune)
                 rdw = real_dw(module, cb, args.tile)
                 pattern = "".join({"down": "u", "up": "o"}[cb.dw_rounding[n]] for n, k in cb.kinds.items()
                                   if k == "dw") if method == "dcp-bh" else "-"
                 hist = cb.history[-1]
                 rows.append({"dw": dw, "pw": pw, "method": method, "dw_sparsity": hist.get("dw_sparsity", 0.0),
-                             "pw_sparsity": hist.get("pw_sparsity", 0.0), "acc_pruned": probe.acc,
+                             "pw_sparsity": hist.get("pw_sparsity", 0.0), "acc_pruned": acc_pruned,
                              "acc_finetuned": acc, "drop": dense_acc - acc, "real_dw_mean": statistics.mean(rdw),
                              "real_dw_min": min(rdw), "pattern": pattern, "seconds": time.perf_counter() - t0})
-                console.print(f"  DW {dw:.0%} PW {pw:.0%} {NAMES[method]:15}: pruned {probe.acc:.4f} -> "
+                console.print(f"  DW {dw:.0%} PW {pw:.0%} {NAMES[method]:15}: pruned {acc_pruned:.4f} -> "
                               f"fine-tuned {acc:.4f}, real DW mean {statistics.mean(rdw):.3f}")
 
     table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, fine-tuning {args.finetune} "

@@ -15,52 +15,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import logging
 import statistics
 import time
-import warnings
 from collections import Counter
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from rich.console import Console
+from _common import finetune_copy, quiet, train_dense
 from rich.table import Table
 
 from lightning_winoprune import WinogradConv2d, WinogradPruning, winogradize
-from lightning_winoprune.data import DigitsDataModule
-from lightning_winoprune.recipes import ImageClassifier
 
 METHODS = ("wwp", "wsp-r", "wsp-c", "bwsp", "abwsp", "fp")
-
-
-def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
-    return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [],
-                     num_sanity_val_steps=0)
-
-
-def test_acc(module: ImageClassifier, data: DigitsDataModule) -> float:
-    return float(trainer(1).test(module, datamodule=data, verbose=False)[0]["test/acc"])
-
-
-class PrunedAccuracy(L.Callback):
-    """Test accuracy right after the pruning step (before any fine-tuning update)."""
-
-    def __init__(self, data: DigitsDataModule) -> None:
-        self.data, self.acc = data, float("nan")
-
-    def on_train_epoch_start(self, tr: L.Trainer, module: L.LightningModule) -> None:
-        if tr.current_epoch == 0:  # runs after WinogradPruning's hook (callback order)
-            was = module.training
-            module.eval()
-            correct = total = 0
-            with torch.no_grad():
-                for x, y in self.data.test_dataloader():
-                    correct += int((module(x).argmax(1) == y).sum())
-                    total += len(y)
-            module.train(was)
-            self.acc = correct / total
 
 
 def mask_overhead(model: torch.nn.Module, size: int, batch: int, reps: int) -> dict[str, float]:
@@ -113,37 +79,23 @@ def main() -> None:
     ap.add_argument("--overhead-reps", type=int, default=20)
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    console = Console()
-
-    L.seed_everything(0, verbose=False)
-    data = DigitsDataModule(image_size=args.image_size, batch_size=64)
-    dense = ImageClassifier(args.model, num_classes=10, in_chans=1, lr=0.05)
-    console.print(f"training {args.model} dense on digits {args.image_size}x{args.image_size}, {args.epochs} epochs")
-    trainer(args.epochs).fit(dense, datamodule=data)
-    dense_acc = test_acc(dense, data)
-    console.print(f"dense test accuracy: {dense_acc:.4f}")
+    console = quiet()
+    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console)
 
     rows = []
     for amount in args.amounts:
         for method in args.methods:
-            L.seed_everything(1, verbose=False)
-            module = copy.deepcopy(dense)
-            module.hparams["lr"] = 0.01
             cb = WinogradPruning(method=method, amount=amount, score=args.score, verbose=0, calibration_batches=4)
-            probe = PrunedAccuracy(data)
             t0 = time.perf_counter()
-            trainer(args.finetune, [cb, probe]).fit(module, datamodule=data)
-            acc = test_acc(module, data)
+            module, acc_pruned, acc = finetune_copy(dense, data, cb, args.finetune)
             layers = [m for m in module.modules() if isinstance(m, WinogradConv2d)]
             sparsity = sum(m.sparsity * m.weight.numel() for m in layers) / sum(m.weight.numel() for m in layers)
             pol = Counter(cb.policies.values()) if cb.policies else Counter({method: len(layers)})
-            rows.append({"method": method, "amount": amount, "sparsity": sparsity, "acc_pruned": probe.acc,
+            rows.append({"method": method, "amount": amount, "sparsity": sparsity, "acc_pruned": acc_pruned,
                          "acc_finetuned": acc, "drop": dense_acc - acc,
                          "policies": ", ".join(f"{k}:{v}" for k, v in sorted(pol.items())),
                          "seconds": time.perf_counter() - t0})
-            console.print(f"  {method:6} {amount:.0%}: pruned {probe.acc:.4f} -> fine-tuned {acc:.4f}")
+            console.print(f"  {method:6} {amount:.0%}: pruned {acc_pruned:.4f} -> fine-tuned {acc:.4f}")
 
     table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, score {args.score}, "
                         f"fine-tuning {args.finetune} epochs per run")

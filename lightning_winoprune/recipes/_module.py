@@ -24,7 +24,7 @@ _SCHEDULES: dict[str, Callable[[torch.optim.Optimizer, int, int, float], _Sched]
 
 
 class ImageClassifier(L.LightningModule):
-    """Classify images with any timm model; SGD with momentum, an LR schedule, torchmetrics accuracy.
+    """Classify images with any timm model; SGD with momentum, an LR schedule, torchmetrics top-1 (micro) accuracy.
 
     Args:
         model_name: A timm model name, e.g. ``"resnet18"``.
@@ -65,7 +65,8 @@ class ImageClassifier(L.LightningModule):
             model_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
         )
         self.metrics = torch.nn.ModuleDict(
-            {f"{split}_acc": MulticlassAccuracy(num_classes=num_classes) for split in ("train", "val", "test")}
+            {f"{split}_acc": MulticlassAccuracy(num_classes=num_classes, average="micro")
+             for split in ("train", "val", "test")}
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

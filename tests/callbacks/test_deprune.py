@@ -1,8 +1,6 @@
 import glob
 import json
-import logging
 import math
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -15,24 +13,12 @@ from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
 
 from lightning_winoprune import DEPrune, WinogradConv2d, WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.callbacks._deprune import is_depthwise
-from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.pruning import dr_column_masks
 from lightning_winoprune.recipes import ImageClassifier
 
-
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quiet_single_thread")
 
 
-@pytest.fixture(scope="module")
-def data():
-    return DigitsDataModule(image_size=16, batch_size=16)
 
 
 def trainer(callbacks, max_epochs=1, **kw):

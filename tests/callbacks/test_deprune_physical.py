@@ -2,9 +2,7 @@
 
 import copy
 import importlib.util
-import logging
 import sys
-import warnings
 
 import lightning as L
 import pytest
@@ -14,7 +12,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_winoprune import DEPrune, load_pruned_checkpoint
-from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.recipes import ImageClassifier
 
 needs_tp = pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
@@ -23,20 +20,10 @@ needs_tp = pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None,
 KW = {"dw_amount": 0.5, "pw_amount": 0.3, "pw_select": "importance", "calibration_batches": 1, "verbose": 0}
 
 
-@pytest.fixture(autouse=True)
-def _quiet_single_thread():
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*kept pruned filters of.*")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.usefixtures("quiet_single_thread"),
+              pytest.mark.filterwarnings("ignore:.*kept pruned filters of.*")]
 
 
-@pytest.fixture(scope="module")
-def data():
-    return DigitsDataModule(image_size=16, batch_size=16)
 
 
 def trainer(callbacks, **kw):
