@@ -6,7 +6,7 @@ The public API is deliberately small; building blocks live in the subpackages:
 * :mod:`lightning_winoprune.kernels`: the compiled ``_C`` kernels behind a backend switch with a torch fallback.
 * :mod:`lightning_winoprune.pruning`: the one masking engine; a pattern is data.
 * :mod:`lightning_winoprune.importance`: layer-importance estimators, latency tables and budgets.
-* :mod:`lightning_winoprune.callbacks`: :class:`WinogradPruning` and :func:`load_pruned_checkpoint`.
+* :mod:`lightning_winoprune.callbacks`: :class:`WinogradPruning`, :class:`DEPrune` and :func:`load_pruned_checkpoint`.
 * :mod:`lightning_winoprune.data`: the embedded digits datamodule.
 * :mod:`lightning_winoprune.recipes`: the classification module and runnable jobs.
 """
