@@ -1,5 +1,6 @@
-"""Datasets as LightningDataModules; the embedded default is scikit-learn's bundled digits."""
+"""Datasets as LightningDataModules: the embedded digits (default), ImageFolder trees and CIFAR from local roots."""
 
 from lightning_winoprune.data._digits import DigitsDataModule
+from lightning_winoprune.data._folders import CIFARDataModule, ImageFolderDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule"]
