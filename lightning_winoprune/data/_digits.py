@@ -6,10 +6,11 @@ upsampled (bilinear) to ``image_size``, normalised, and split with a fixed seed 
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from lightning_winoprune.data._base import SplitDataModule
 
 __all__ = ["DigitsDataModule"]
 
@@ -17,7 +18,7 @@ _SPLIT_SEED = 20240601  # fixed: the split never changes between runs or machine
 _FRACTIONS = (0.70, 0.15)  # train, val; test is the rest
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """scikit-learn's ``load_digits``, upsampled, with a fixed train/val/test split.
 
     Args:
@@ -41,7 +42,6 @@ class DigitsDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.image_size, self.in_chans = image_size, in_chans
         self.batch_size, self.num_workers = batch_size, num_workers
-        self._splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Load, upsample, normalise and split the digits (once)."""
@@ -62,28 +62,7 @@ class DigitsDataModule(L.LightningDataModule):
         self._splits = {k: TensorDataset(x[v], y[v]) for k, v in idx.items()}
 
     def split(self, name: str) -> TensorDataset:
-        """The ``train``, ``val`` or ``test`` split (after :meth:`setup`)."""
-        if not self._splits:
-            self.setup()
-        if name not in self._splits:
-            raise KeyError(f"unknown split {name!r}; valid splits are {sorted(self._splits)}")
-        return self._splits[name]
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """Test batches, for ``predict``."""
-        return self._loader("test", False)
+        """The ``train``, ``val`` or ``test`` split as tensors (sets the module up if needed)."""
+        ds = super().split(name)
+        assert isinstance(ds, TensorDataset)
+        return ds

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+
+from lightning_winoprune.data._base import SplitDataModule
 
 __all__ = ["CIFARDataModule", "ImageFolderDataModule"]
 
@@ -21,12 +22,7 @@ _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 _SPLIT_SEED = 20240601
 
 
-def _loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int) -> DataLoader:
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-
-
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """An ImageNet-layout folder (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) with timm's transforms.
 
     Args:
@@ -53,7 +49,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.root, self.image_size, self.batch_size, self.num_workers = Path(root), image_size, batch_size, num_workers
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
         self.augment = augment
-        self._sets: dict[str, Dataset] = {}
         self.classes: list[str] = []
 
     def _folder(self, split: str) -> Path:
@@ -67,7 +62,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Index the folders (once) and build timm's train and evaluation transforms."""
-        if self._sets:
+        if self._splits:
             return
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
@@ -76,12 +71,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         eval_tf = create_transform(self.image_size, is_training=False)
         for split in ("train", "val", "test"):
             transform = train_tf if split == "train" else eval_tf
-            self._sets[split] = ImageFolder(str(self._folder(split)), transform=transform)
-        train = self._sets["train"]
+            self._splits[split] = ImageFolder(str(self._folder(split)), transform=transform)
+        train = self._splits["train"]
         assert isinstance(train, ImageFolder)
         self.classes = list(train.classes)
         for split in ("val", "test"):
-            other = self._sets[split]
+            other = self._splits[split]
             assert isinstance(other, ImageFolder)
             if other.classes != self.classes:
                 raise ValueError(f"the {split} folder's classes {other.classes[:5]}... differ from train's "
@@ -94,23 +89,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.setup()
         return len(self.classes)
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches."""
-        self.setup()
-        return _loader(self._sets["train"], self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches."""
-        self.setup()
-        return _loader(self._sets["val"], self.batch_size, False, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches."""
-        self.setup()
-        return _loader(self._sets["test"], self.batch_size, False, self.num_workers)
 
 
-class CIFARDataModule(L.LightningDataModule):
+class CIFARDataModule(SplitDataModule):
     """CIFAR-10 or CIFAR-100 from a local root, with a fixed train/val split of the training set.
 
     Args:
@@ -139,7 +120,6 @@ class CIFARDataModule(L.LightningDataModule):
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.val_fraction, self.augment = val_fraction, augment
         self.num_classes = _CIFAR[variant][2]
-        self._sets: dict[str, Dataset] = {}
 
     def _dataset(self, train: bool, transform: Any) -> Dataset:
         import torchvision.datasets as tvd
@@ -161,7 +141,7 @@ class CIFARDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits (once)."""
-        if self._sets:
+        if self._splits:
             return
         import torchvision.transforms as T
 
@@ -173,21 +153,7 @@ class CIFARDataModule(L.LightningDataModule):
         n = len(train_full)  # type: ignore[arg-type]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(_SPLIT_SEED)).tolist()
         n_val = int(self.val_fraction * n)
-        self._sets = {"train": Subset(train_full, perm[n_val:]),
+        self._splits = {"train": Subset(train_full, perm[n_val:]),
                       "val": Subset(eval_train, perm[:n_val]),
                       "test": self._dataset(False, T.Compose(size + norm))}
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
-        self.setup()
-        return _loader(self._sets["train"], self.batch_size, True, self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        """Held-out validation batches from the training set."""
-        self.setup()
-        return _loader(self._sets["val"], self.batch_size, False, self.num_workers)
-
-    def test_dataloader(self) -> DataLoader:
-        """The official test set."""
-        self.setup()
-        return _loader(self._sets["test"], self.batch_size, False, self.num_workers)
