@@ -1,0 +1,46 @@
+"""The documentation site builds with ``mkdocs build --strict`` (every warning is an error), as CI runs it."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS_TOOLS = ("mkdocs-material", "mkdocstrings[python]")
+
+
+def test_docs_tools_are_in_the_test_extra():
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    names = {re.split(r"[<>=!~ ;]", req, maxsplit=1)[0] for req in extra}
+    assert set(DOCS_TOOLS) <= names, f"CI installs .[test]: add {DOCS_TOOLS} to it"
+
+
+def test_docs_build_strict(tmp_path):
+    pytest.importorskip("mkdocs")
+    pytest.importorskip("material")
+    pytest.importorskip("mkdocstrings_handlers.python")
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+    api = (site / "api" / "callbacks" / "index.html").read_text()
+    for name in ("WinogradPruning", "DEPrune", "load_pruned_checkpoint", "PruningCallback"):
+        assert f'id="lightning_winoprune.{name}"' in api or f'id="lightning_winoprune.callbacks.{name}"' in api, name
+    assert "Prune the Winograd-domain weights" in api  # the docstrings were rendered, not only the headings
+    assert ":class:`" not in api  # reST roles became cross-references
+    for page in ("quickstart", "pruning", "deprune", "recipes", "latency", "checkpoints", "benchmarks",
+                 "api/winograd", "api/data", "api/importance", "api/recipes"):
+        assert (site / page / "index.html").is_file(), page
+
+    # every pattern picture the pages show was built into the site
+    pictures = set()
+    for page in ("pruning", "deprune"):
+        pictures |= set(re.findall(r'src="\.\./(assets/[\w.-]+\.png)"', (site / page / "index.html").read_text()))
+    assert len(pictures) >= 9, pictures
+    assert all((site / p).is_file() for p in pictures)
