@@ -10,6 +10,8 @@
 
 #include "common.h"
 #include "filter_transform.h"
+#include "isa.h"
+#include "winograd_conv.h"
 #include "winograd_tiles.h"
 
 namespace py = pybind11;
@@ -28,10 +30,25 @@ std::string shape_str(const py::array& a) {
   return s.str();
 }
 
+const char* isa_name(winoprune::Isa isa) {
+  switch (isa) {
+    case winoprune::Isa::avx512: return "avx512";
+    case winoprune::Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+py::list supported_isas() {
+  py::list out;
+  for (auto isa : {winoprune::Isa::generic, winoprune::Isa::avx2, winoprune::Isa::avx512})
+    if (winoprune::isa_supported(isa)) out.append(isa_name(isa));
+  return out;
+}
+
 // Type checks happen before pybind's own conversion so that the message names the argument.
 template <typename T>
 carray<T> as_array(const py::handle& obj, const char* name, bool writable = false) {
-  const char* want = std::is_same<T, float>::value ? "float32" : "float64";
+  const char* want = std::is_same<T, float>::value ? "float32" : (std::is_same<T, bool>::value ? "bool" : "float64");
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array of " + want + ", got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
@@ -196,6 +213,165 @@ void output_transform_adjoint(const py::handle& dy_obj, const py::handle& AT_obj
   winoprune::output_transform_adjoint(dp, g, ap, p, mp);
 }
 
+winoprune::Isa parse_isa(const py::object& isa) {
+  if (isa.is_none()) return winoprune::detect_isa();
+  const std::string name = py::str(isa);
+  for (auto cand : {winoprune::Isa::generic, winoprune::Isa::avx2, winoprune::Isa::avx512}) {
+    if (name == isa_name(cand)) {
+      if (!winoprune::isa_supported(cand))
+        throw py::value_error("isa='" + name + "' is not supported by this CPU; supported: " +
+                              std::string(py::str(supported_isas())));
+      return cand;
+    }
+  }
+  throw py::value_error("isa='" + name + "' is not valid; valid values are ['generic', 'avx2', 'avx512']");
+}
+
+int resolve_threads(int threads) {
+  if (threads == 0 || threads < -1) throw py::value_error("threads must be >= 1 or -1 (all), got " + std::to_string(threads));
+  return threads == -1 ? winoprune::max_threads() : threads;
+}
+
+// Validates padding and the output size of a conv whose input is (.., H, W) and kernel (kh, kw), stride (sh, sw).
+void check_conv_geometry(index_t H, index_t W, index_t pad_top, index_t pad_left, index_t Ho, index_t Wo, index_t kh,
+                         index_t kw, index_t sh, index_t sw) {
+  if (pad_top < 0 || pad_left < 0)
+    throw py::value_error("padding must be >= 0, got (" + std::to_string(pad_top) + ", " + std::to_string(pad_left) +
+                          ")");
+  if (Ho < 1 || Wo < 1) throw py::value_error("out must have a non-empty spatial size");
+  // the implied bottom/right padding: a strided conv may leave up to stride-1 input rows unused (negative), and it
+  // may exceed the top padding by at most the kernel size (asymmetric "same" padding)
+  const index_t pad_bottom = (Ho - 1) * sh + kh - H - pad_top, pad_right = (Wo - 1) * sw + kw - W - pad_left;
+  if (pad_bottom <= -sh || pad_right <= -sw || pad_bottom > pad_top + kh || pad_right > pad_left + kw)
+    throw py::value_error("out's spatial size (" + std::to_string(Ho) + ", " + std::to_string(Wo) +
+                          ") does not match the input (" + std::to_string(H) + ", " + std::to_string(W) +
+                          ") with padding (" + std::to_string(pad_top) + ", " + std::to_string(pad_left) + ")");
+}
+
+struct PyWinogradPlan {
+  winoprune::WinogradPlan plan;
+
+  winoprune::ConvGeometry geometry(const py::array& x, index_t pad_top, index_t pad_left, index_t Ho,
+                                   index_t Wo) const {
+    expect_ndim(x, 4, "x");
+    if (x.shape(1) != plan.C)
+      throw py::value_error("x must have " + std::to_string(plan.C) + " channels, got shape " + shape_str(x));
+    check_conv_geometry(x.shape(2), x.shape(3), pad_top, pad_left, Ho, Wo, 3, 3, 1, 1);
+    return {x.shape(0), x.shape(2), x.shape(3), pad_top, pad_left, Ho, Wo};
+  }
+
+  index_t workspace_size(index_t N, index_t H, index_t W, index_t pad_top, index_t pad_left, index_t Ho, index_t Wo,
+                         int threads) const {
+    if (N < 1 || H < 1 || W < 1) throw py::value_error("N, H and W must be >= 1");
+    check_conv_geometry(H, W, pad_top, pad_left, Ho, Wo, 3, 3, 1, 1);
+    const winoprune::ConvGeometry g{N, H, W, pad_top, pad_left, Ho, Wo};
+    return winoprune::kernel_table(plan.isa).winograd_workspace(plan.view(), g, resolve_threads(threads));
+  }
+
+  void forward(const py::handle& x_obj, index_t pad_top, index_t pad_left, const py::handle& out_obj,
+               const py::handle& ws_obj, int threads) const {
+    auto x = as_array<float>(x_obj, "x");
+    auto out = as_array<float>(out_obj, "out", true);
+    auto ws = as_array<float>(ws_obj, "workspace", true);
+    expect_ndim(out, 4, "out");
+    const auto g = geometry(x, pad_top, pad_left, out.shape(2), out.shape(3));
+    expect_shape(out, {g.N, plan.K, g.Ho, g.Wo}, "out");
+    const int nt = resolve_threads(threads);
+    const auto& table = winoprune::kernel_table(plan.isa);
+    const auto view = plan.view();
+    const index_t need = table.winograd_workspace(view, g, nt);
+    if (ws.size() < need)
+      throw py::value_error("workspace must hold at least " + std::to_string(need) + " floats, got " +
+                            std::to_string(ws.size()));
+    const float* xp = x.data();
+    float* yp = out.mutable_data();
+    float* wp = ws.mutable_data();
+    const index_t wn = ws.size();
+    py::gil_scoped_release release;
+    table.winograd_forward(view, g, xp, yp, wp, wn, nt);
+  }
+};
+
+struct PyDepthwisePlan {
+  winoprune::DepthwisePlan plan;
+
+  void forward(const py::handle& x_obj, index_t pad_top, index_t pad_left, const py::handle& out_obj,
+               int threads) const {
+    auto x = as_array<float>(x_obj, "x");
+    auto out = as_array<float>(out_obj, "out", true);
+    expect_ndim(x, 4, "x");
+    expect_ndim(out, 4, "out");
+    if (x.shape(1) != plan.C)
+      throw py::value_error("x must have " + std::to_string(plan.C) + " channels, got shape " + shape_str(x));
+    check_conv_geometry(x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2), out.shape(3), plan.kh, plan.kw,
+                        plan.stride_h, plan.stride_w);
+    expect_shape(out, {x.shape(0), plan.C, out.shape(2), out.shape(3)}, "out");
+    const winoprune::DepthwiseGeometry g{x.shape(0), x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2),
+                                         out.shape(3)};
+    const int nt = resolve_threads(threads);
+    const auto& table = winoprune::kernel_table(winoprune::detect_isa());
+    const auto view = plan.view();
+    const float* xp = x.data();
+    float* yp = out.mutable_data();
+    py::gil_scoped_release release;
+    table.depthwise_forward(view, g, xp, yp, nt);
+  }
+};
+
+PyWinogradPlan pack_winograd(const py::handle& U_obj, const py::handle& mask_obj, int m, const py::object& bias_obj,
+                             bool csr, const py::object& isa_obj) {
+  auto U = as_array<float>(U_obj, "U");
+  auto mask = as_array<bool>(mask_obj, "mask");
+  if (m != 2 && m != 4) throw py::value_error("m=" + std::to_string(m) + " is not valid; valid values are [2, 4]");
+  const index_t P2 = static_cast<index_t>(m + 2) * (m + 2);
+  expect_ndim(U, 3, "U");
+  if (U.shape(0) != P2 || U.shape(1) < 1 || U.shape(2) < 1)
+    throw py::value_error("U must be (p*p, K, C) = (" + std::to_string(P2) + ", K, C) with K, C >= 1, got " +
+                          shape_str(U));
+  expect_shape(mask, {P2, U.shape(1), U.shape(2)}, "mask");
+  const float* bias = nullptr;
+  carray<float> b;
+  if (!bias_obj.is_none()) {
+    b = as_array<float>(bias_obj, "bias");
+    expect_shape(b, {U.shape(1)}, "bias");
+    bias = b.data();
+  }
+  const auto isa = parse_isa(isa_obj);
+  const int mr = winoprune::kernel_table(isa).mr;
+  PyWinogradPlan out;
+  const float* up = U.data();
+  const bool* mp = mask.data();
+  {
+    py::gil_scoped_release release;
+    out.plan = winoprune::pack_winograd(up, mp, m, U.shape(1), U.shape(2), bias, csr, isa, mr);
+  }
+  return out;
+}
+
+PyDepthwisePlan pack_depthwise(const py::handle& w_obj, const py::handle& mask_obj, int stride_h, int stride_w,
+                               const py::object& bias_obj) {
+  auto w = as_array<float>(w_obj, "weight");
+  auto mask = as_array<bool>(mask_obj, "mask");
+  expect_ndim(w, 3, "weight");
+  if (w.shape(0) < 1 || w.shape(1) < 1 || w.shape(2) < 1)
+    throw py::value_error("weight must be (C, kh, kw) with every size >= 1, got " + shape_str(w));
+  expect_shape(mask, {w.shape(0), w.shape(1), w.shape(2)}, "mask");
+  if (stride_h < 1 || stride_w < 1)
+    throw py::value_error("stride must be >= 1, got (" + std::to_string(stride_h) + ", " + std::to_string(stride_w) +
+                          ")");
+  const float* bias = nullptr;
+  carray<float> b;
+  if (!bias_obj.is_none()) {
+    b = as_array<float>(bias_obj, "bias");
+    expect_shape(b, {w.shape(0)}, "bias");
+    bias = b.data();
+  }
+  PyDepthwisePlan out;
+  out.plan = winoprune::pack_depthwise(w.data(), mask.data(), w.shape(0), static_cast<int>(w.shape(1)),
+                                       static_cast<int>(w.shape(2)), stride_h, stride_w, bias);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -211,6 +387,37 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("tw"), py::arg("out"), "y = A^T M A (+ bias) for every tile, cropped into out (N, K, Ho, Wo).");
   mod.def("output_transform_adjoint", &output_transform_adjoint, py::arg("dy"), py::arg("AT"), py::arg("th"),
           py::arg("tw"), py::arg("out"), "Transpose of output_transform (without bias): out (p*p, K, T).");
+  mod.def("isa", [] { return isa_name(winoprune::detect_isa()); },
+          "The ISA the kernels dispatch to: the widest this CPU supports, capped by $WINOPRUNE_ISA.");
+  mod.def("supported_isas", &supported_isas, "ISAs this CPU (and this build) can run.");
+  py::class_<PyWinogradPlan>(mod, "WinogradPlan", "Winograd-domain weights packed for the native conv kernels.")
+      .def_property_readonly("m", [](const PyWinogradPlan& p) { return p.plan.m; })
+      .def_property_readonly("K", [](const PyWinogradPlan& p) { return p.plan.K; })
+      .def_property_readonly("C", [](const PyWinogradPlan& p) { return p.plan.C; })
+      .def_property_readonly("csr", [](const PyWinogradPlan& p) { return p.plan.csr; })
+      .def_property_readonly("isa", [](const PyWinogradPlan& p) { return isa_name(p.plan.isa); })
+      .def_property_readonly("kept", [](const PyWinogradPlan& p) { return p.plan.kept; }, "Kept weights.")
+      .def_property_readonly("work", [](const PyWinogradPlan& p) { return p.plan.work; },
+                             "Multiply-adds per tile actually run (panel padding included).")
+      .def_property_readonly("n_panels", [](const PyWinogradPlan& p) { return p.plan.n_panels(); })
+      .def_property_readonly("balanced", [](const PyWinogradPlan& p) { return p.plan.balanced(); })
+      .def("workspace_size", &PyWinogradPlan::workspace_size, py::arg("N"), py::arg("H"), py::arg("W"),
+           py::arg("pad_top"), py::arg("pad_left"), py::arg("Ho"), py::arg("Wo"), py::arg("threads") = -1,
+           "Floats of workspace forward() needs for this input geometry and thread count.")
+      .def("forward", &PyWinogradPlan::forward, py::arg("x"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
+           py::arg("workspace"), py::arg("threads") = -1,
+           "y = conv(x) into out (N, K, Ho, Wo); padding beyond (pad_top, pad_left) follows from out's size.");
+  py::class_<PyDepthwisePlan>(mod, "DepthwisePlan", "A pruned depthwise conv packed as kept taps per channel.")
+      .def_property_readonly("C", [](const PyDepthwisePlan& p) { return p.plan.C; })
+      .def_property_readonly("kept", [](const PyDepthwisePlan& p) { return p.plan.kept(); }, "Kept taps.")
+      .def("forward", &PyDepthwisePlan::forward, py::arg("x"), py::arg("pad_top"), py::arg("pad_left"),
+           py::arg("out"), py::arg("threads") = -1, "Depthwise conv of x into out (N, C, Ho, Wo).");
+  mod.def("pack_winograd", &pack_winograd, py::arg("U"), py::arg("mask"), py::arg("m"), py::arg("bias") = py::none(),
+          py::arg("csr") = false, py::arg("isa") = py::none(),
+          "Pack U (p*p, K, C) float32 and its bool mask into panels (or CSR rows when csr=True) for one ISA.");
+  mod.def("pack_depthwise", &pack_depthwise, py::arg("weight"), py::arg("mask"), py::arg("stride_h") = 1,
+          py::arg("stride_w") = 1, py::arg("bias") = py::none(),
+          "Pack a depthwise weight (C, kh, kw) float32 and its bool mask as kept taps per channel.");
   mod.def("max_threads", &winoprune::max_threads, "Threads the kernels use (OpenMP max threads, 1 without OpenMP).");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

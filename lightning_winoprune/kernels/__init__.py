@@ -7,5 +7,23 @@ from lightning_winoprune.kernels._backend import (
     native_available,
     resolve_backend,
 )
+from lightning_winoprune.kernels._conv import (
+    NativeConv,
+    PackedDepthwiseConv,
+    PackedWinogradConv,
+    SparseForm,
+    native_isa,
+)
 
-__all__ = ["DISABLE_ENV_VAR", "Backend", "extension_status", "native_available", "resolve_backend"]
+__all__ = [
+    "DISABLE_ENV_VAR",
+    "Backend",
+    "NativeConv",
+    "PackedDepthwiseConv",
+    "PackedWinogradConv",
+    "SparseForm",
+    "extension_status",
+    "native_available",
+    "native_isa",
+    "resolve_backend",
+]

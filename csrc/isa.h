@@ -1,0 +1,94 @@
+// Runtime ISA dispatch for the compute kernels (torch-free).
+//
+// The compute kernels (winograd_conv_kernels.h, depthwise_kernels.h) are written once on GCC/Clang vector extensions
+// and compiled three times by kernels_isa.cpp, each time into its own namespace and with its own flags:
+//   isa_generic : the x86-64 / any-architecture baseline (SSE2 on x86-64), always built;
+//   isa_avx2    : -mavx2 -mfma                        (x86-64 only);
+//   isa_avx512  : -mavx512f -mavx512vl -mavx512dq -mfma (x86-64 only).
+// Nothing outside those namespaces is compiled with AVX flags, so the extension loads on any x86-64 CPU; the widest
+// ISA the CPU supports is picked at run time (WINOPRUNE_ISA=generic|avx2|avx512 forces a narrower one).
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace winoprune {
+
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
+
+// A layer plan packed for one ISA (panel height MR and vector width depend on it). Raw views, owned elsewhere.
+struct WinogradPlanView {
+  int p, m;                          // tile size p = m + 2
+  index_t K, C;                      // output / input channels
+  int mr;                            // panel height the A panels were packed with
+  bool csr;                          // element-sparse (WWP) CSR form instead of panels
+  // panels (csr == false): the panels of Winograd position xi are [panel_begin[xi], panel_begin[xi + 1])
+  const index_t* panel_begin;        // (P2 + 1)
+  const index_t* panel_xi;           // (n_panels) Winograd position of every panel
+  const index_t* panel_rows;         // (n_panels * mr) output rows; K marks a padding row (written to a scratch row)
+  const index_t* panel_col_begin;    // (n_panels + 1) into panel_cols; the A panel of panel q starts at col_begin*mr
+  const std::int32_t* panel_cols;    // kept input channels of every panel
+  const float* A;                    // packed weights: per panel (n_cols, mr), row-major
+  // rows never written by any panel of xi (their M rows must read as zero): [zero_begin[xi], zero_begin[xi + 1])
+  const index_t* zero_begin;         // (P2 + 1)
+  const index_t* zero_rows;
+  // CSR (csr == true): row r = xi * K + k holds entries [row_ptr[r], row_ptr[r + 1])
+  const index_t* row_ptr;            // (P2 * K + 1)
+  const std::int32_t* csr_cols;
+  const float* csr_vals;
+  const float* bias;                 // (K) or nullptr
+};
+
+struct ConvGeometry {
+  index_t N, H, W;        // input batch and spatial size (channels come from the plan)
+  index_t pad_top, pad_left;
+  index_t Ho, Wo;         // output spatial size; input pixels outside [0, H) x [0, W) read as zero
+};
+
+// A pruned depthwise conv: per channel, the kept taps of its (kh, kw) kernel.
+struct DepthwisePlanView {
+  index_t C;
+  int kh, kw, stride_h, stride_w;
+  const index_t* tap_begin;          // (C + 1)
+  const std::int32_t* tap_dy;        // kernel row of each kept tap
+  const std::int32_t* tap_dx;        // kernel column of each kept tap
+  const float* tap_w;                // its weight
+  const float* bias;                 // (C) or nullptr
+};
+
+struct DepthwiseGeometry {
+  index_t N, H, W, pad_top, pad_left, Ho, Wo;
+};
+
+// One ISA's entry points. Workspace sizes are in floats; workspaces are caller-owned (no allocation per call).
+struct KernelTable {
+  Isa isa;
+  const char* name;
+  int vector_width;   // floats per vector register
+  int mr;             // panel height used when packing for this ISA
+  index_t (*winograd_workspace)(const WinogradPlanView&, const ConvGeometry&, int threads);
+  void (*winograd_forward)(const WinogradPlanView&, const ConvGeometry&, const float* x, float* y, float* workspace,
+                           index_t workspace_size, int threads);
+  void (*depthwise_forward)(const DepthwisePlanView&, const DepthwiseGeometry&, const float* x, float* y,
+                            int threads);
+};
+
+#define WINOPRUNE_DECLARE_ISA(NS) \
+  namespace NS {                  \
+  const KernelTable& table();     \
+  }
+WINOPRUNE_DECLARE_ISA(isa_generic)
+#if defined(__x86_64__) || defined(_M_X64)
+WINOPRUNE_DECLARE_ISA(isa_avx2)
+WINOPRUNE_DECLARE_ISA(isa_avx512)
+#endif
+#undef WINOPRUNE_DECLARE_ISA
+
+// The widest ISA this CPU supports, capped by the WINOPRUNE_ISA environment variable when set.
+Isa detect_isa();
+// The table of an ISA; throws std::invalid_argument when the CPU (or this build) does not support it.
+const KernelTable& kernel_table(Isa isa);
+bool isa_supported(Isa isa);
+
+}  // namespace winoprune

@@ -1,0 +1,38 @@
+// Compiles the compute kernels for one ISA. CMake builds this file three times with
+//   -DWINOPRUNE_ISA_NS=isa_generic|isa_avx2|isa_avx512 -DVW=<floats per vector> -DMR=<panel height>
+// and the matching -m flags; everything it defines lives in winoprune::<WINOPRUNE_ISA_NS> (see isa.h).
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+
+#include "isa.h"
+#if WINOPRUNE_ISA_ID > 0
+#include <immintrin.h>
+#endif
+
+#if !defined(WINOPRUNE_ISA_NS) || !defined(VW) || !defined(MR) || !defined(WINOPRUNE_ISA_ID)
+#error "kernels_isa.cpp needs WINOPRUNE_ISA_NS, WINOPRUNE_ISA_ID, VW and MR"
+#endif
+
+#define WINOPRUNE_STR2(x) #x
+#define WINOPRUNE_STR(x) WINOPRUNE_STR2(x)
+
+namespace winoprune {
+namespace WINOPRUNE_ISA_NS {
+
+#include "depthwise_kernels.h"
+#include "winograd_conv_kernels.h"
+
+const KernelTable& table() {
+  static const KernelTable t{static_cast<Isa>(WINOPRUNE_ISA_ID),
+                             WINOPRUNE_STR(WINOPRUNE_ISA_NS) + 4,  // drop "isa_"
+                             VW,
+                             MR,
+                             &winograd_workspace,
+                             &winograd_forward,
+                             &depthwise_forward};
+  return t;
+}
+
+}  // namespace WINOPRUNE_ISA_NS
+}  // namespace winoprune

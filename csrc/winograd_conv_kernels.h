@@ -1,0 +1,432 @@
+// Winograd convolution F(m x m, 3 x 3) from packed Winograd-domain weights: dense, structured-sparse and CSR.
+//
+// Included only by kernels_isa.cpp, inside one ISA namespace per compilation (see isa.h); VW (floats per vector)
+// and MR (panel height) come from there. Torch-free, raw pointers.
+//
+// Per block of Tb tiles (Tb = VW or 2 * VW, so a block row is one or two vector registers):
+//   1. input transform   V[xi][c][t] = (B^T d_t B)[xi]           (P2, C, Tb)   gathered from NCHW x, zero outside
+//   2. per-xi GEMM       M[xi][k][t] = sum_c U[xi][k][c] V[xi][c][t] (P2, K+1, Tb) only kept panels/columns run
+//   3. output transform  y_t = A^T M_t A (+ bias), cropped into NCHW y
+// so the intermediates of a block stay in L1/L2. Rows of M that no panel writes (pruned rows) are zeroed once per
+// call; row K is a scratch row that the padding rows of the last panel write into.
+//
+// Many blocks: each thread runs whole blocks with private buffers (no synchronisation). Few blocks (small maps,
+// batch 1): the threads share one block and split its three stages (channels, panels, output channels).
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+
+#include "isa.h"
+
+typedef float wp_vf __attribute__((vector_size(VW * 4)));
+typedef float wp_vfu __attribute__((vector_size(VW * 4), aligned(4), __may_alias__));
+
+namespace winograd_detail {
+
+inline wp_vf load(const float* p) { return *reinterpret_cast<const wp_vfu*>(p); }
+inline void store(float* p, wp_vf v) { *reinterpret_cast<wp_vfu*>(p) = v; }
+inline wp_vf splat(float s) { return s - wp_vf{}; }  // x - 0 == x exactly, so this folds to a broadcast
+
+// The transform matrices of src/lightning_winoprune/winograd/_transforms.py (exact in float32; a test compares them).
+template <int P>
+struct Mats;
+template <>
+struct Mats<4> {
+  static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, -1, 0, 1}};
+  static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, 1}};
+};
+template <>
+struct Mats<6> {
+  static constexpr float BT[6][6] = {{1, -1.5f, -2, 1.5f, 1, 0},   {0, -1, 0.5f, 2.5f, 1, 0},
+                                     {0, -1, 2.5f, -0.5f, -1, 0},  {0, 2, 1, -2, -1, 0},
+                                     {0, 0.5f, -1, -0.5f, 1, 0},   {0, 1, -1.5f, -2, 1.5f, 1}};
+  static constexpr float AT[4][6] = {
+      {1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, 1, -1, 0.125f, -8, 1}};
+};
+
+// s (+)= c * v with the zero and +-1 coefficients folded away at compile time (after unrolling c is a constant).
+inline void fma_const(wp_vf& s, bool& first, float c, wp_vf v) {
+  if (c == 0.0f) return;
+  const wp_vf term = c == 1.0f ? v : (c == -1.0f ? -v : c * v);
+  s = first ? term : s + term;
+  first = false;
+}
+
+struct TileInfo {
+  index_t nt;                 // valid tiles in the block (<= Tb); lanes beyond read zeros and are not stored
+  bool gather_ok;             // every offset below fits in int32 (the gather path's index type)
+  std::int32_t goff[2 * VW];  // xbase + h0 * W + w0: the tile's top-left input pixel relative to channel c's plane
+  std::uint32_t row_bits[2][8], col_bits[2][8];  // per lane group, bit l set when row h0 + u / column w0 + v is inside
+  index_t xbase[2 * VW];      // offset of the tile's top-left input pixel inside its image's channel plane + n*C*H*W
+  index_t h0[2 * VW], w0[2 * VW];
+  index_t ybase[2 * VW];      // n * K * Ho * Wo + (ty * m) * Wo + tx * m
+  index_t oh0[2 * VW], ow0[2 * VW];
+};
+
+template <int P>
+void tile_info(const ConvGeometry& g, index_t C, index_t K, index_t th, index_t tw, index_t t0, index_t Tb,
+               index_t T, TileInfo& ti) {
+  constexpr int m = P - 2;
+  ti.nt = std::min(Tb, T - t0);
+  for (index_t l = 0; l < ti.nt; ++l) {
+    const index_t t = t0 + l, n = t / (th * tw), r = t % (th * tw), ty = r / tw, tx = r % tw;
+    ti.h0[l] = ty * m - g.pad_top;
+    ti.w0[l] = tx * m - g.pad_left;
+    ti.xbase[l] = n * C * g.H * g.W;
+    ti.oh0[l] = ty * m;
+    ti.ow0[l] = tx * m;
+    ti.ybase[l] = n * K * g.Ho * g.Wo + ty * m * g.Wo + tx * m;
+  }
+  const index_t last = ti.nt ? ti.xbase[ti.nt - 1] + (ti.h0[ti.nt - 1] + P) * g.W : 0;
+  ti.gather_ok = last < INT32_MAX && (C - 1) * g.H * g.W < INT32_MAX;
+  for (index_t grp = 0; grp * VW < Tb; ++grp) {
+    for (int u = 0; u < P; ++u) ti.row_bits[grp][u] = ti.col_bits[grp][u] = 0;
+    for (index_t l = 0; l < VW; ++l) {
+      const index_t t = grp * VW + l;
+      if (t >= ti.nt) {
+        ti.goff[t] = 0;
+        continue;
+      }
+      ti.goff[t] = static_cast<std::int32_t>(ti.gather_ok ? ti.xbase[t] + ti.h0[t] * g.W + ti.w0[t] : 0);
+      for (int u = 0; u < P; ++u) {
+        if (ti.h0[t] + u >= 0 && ti.h0[t] + u < g.H) ti.row_bits[grp][u] |= 1u << l;
+        if (ti.w0[t] + u >= 0 && ti.w0[t] + u < g.W) ti.col_bits[grp][u] |= 1u << l;
+      }
+    }
+  }
+}
+
+// d[u][v] for the VW tiles of lane group grp of channel plane xc, by hardware gathers (zero outside the image).
+template <int P>
+inline bool gather_tiles(const float* xc, const ConvGeometry& g, const TileInfo& ti, index_t grp, wp_vf (&dv)[P][P]) {
+#if WINOPRUNE_ISA_ID == 2
+  if (!ti.gather_ok) return false;
+  const __m512i base = _mm512_loadu_si512(ti.goff + grp * VW);
+  for (int u = 0; u < P; ++u)
+    for (int v = 0; v < P; ++v) {
+      const __mmask16 k = static_cast<__mmask16>(ti.row_bits[grp][u] & ti.col_bits[grp][v]);
+      const __m512i idx = _mm512_add_epi32(base, _mm512_set1_epi32(static_cast<int>(u * g.W + v)));
+      dv[u][v] = reinterpret_cast<wp_vf>(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, idx, xc, 4));
+    }
+  return true;
+#elif WINOPRUNE_ISA_ID == 1
+  if (!ti.gather_ok) return false;
+  const __m256i base = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ti.goff + grp * VW));
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  for (int u = 0; u < P; ++u)
+    for (int v = 0; v < P; ++v) {
+      const int bits = static_cast<int>(ti.row_bits[grp][u] & ti.col_bits[grp][v]);
+      const __m256i sel = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lane_bit), lane_bit);
+      const __m256i idx = _mm256_add_epi32(base, _mm256_set1_epi32(static_cast<int>(u * g.W + v)));
+      dv[u][v] = reinterpret_cast<wp_vf>(
+          _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xc, idx, _mm256_castsi256_ps(sel), 4));
+    }
+  return true;
+#else
+  (void)xc, (void)g, (void)ti, (void)grp, (void)dv;
+  return false;
+#endif
+}
+
+// V[(xi * C + c) * Tb + t] for channels [c0, c1) of one block.
+template <int P>
+void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, index_t c1, const TileInfo& ti,
+                 index_t Tb, float* V) {
+  const index_t plane = g.H * g.W;
+  alignas(64) float d[P][P][VW];
+  for (index_t c = c0; c < c1; ++c) {
+    const float* xc = x + c * plane;
+    for (index_t l0 = 0; l0 < Tb; l0 += VW) {
+      wp_vf dv[P][P], tmp[P][P];
+      if (!gather_tiles<P>(xc, g, ti, l0 / VW, dv)) {
+      for (int l = 0; l < VW; ++l) {
+        const index_t t = l0 + l;
+        if (t >= ti.nt) {
+          for (int u = 0; u < P; ++u)
+            for (int v = 0; v < P; ++v) d[u][v][l] = 0.0f;
+          continue;
+        }
+        const index_t h0 = ti.h0[t], w0 = ti.w0[t];
+        const float* xt = xc + ti.xbase[t];
+        if (h0 >= 0 && w0 >= 0 && h0 + P <= g.H && w0 + P <= g.W) {
+          const float* src = xt + h0 * g.W + w0;
+#pragma GCC unroll 8
+          for (int u = 0; u < P; ++u)
+#pragma GCC unroll 8
+            for (int v = 0; v < P; ++v) d[u][v][l] = src[u * g.W + v];
+        } else {
+          for (int u = 0; u < P; ++u) {
+            const index_t h = h0 + u;
+            const bool row_ok = h >= 0 && h < g.H;
+            for (int v = 0; v < P; ++v) {
+              const index_t w = w0 + v;
+              d[u][v][l] = (row_ok && w >= 0 && w < g.W) ? xt[h * g.W + w] : 0.0f;
+            }
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int u = 0; u < P; ++u)
+#pragma GCC unroll 8
+        for (int v = 0; v < P; ++v) dv[u][v] = load(d[u][v]);
+      }
+#pragma GCC unroll 8
+      for (int i = 0; i < P; ++i)
+#pragma GCC unroll 8
+        for (int v = 0; v < P; ++v) {
+          wp_vf s{};
+          bool first = true;
+#pragma GCC unroll 8
+          for (int u = 0; u < P; ++u) fma_const(s, first, Mats<P>::BT[i][u], dv[u][v]);
+          tmp[i][v] = s;
+        }
+#pragma GCC unroll 8
+      for (int i = 0; i < P; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < P; ++j) {
+          wp_vf s{};
+          bool first = true;
+#pragma GCC unroll 8
+          for (int v = 0; v < P; ++v) fma_const(s, first, Mats<P>::BT[j][v], tmp[i][v]);
+          store(V + ((i * P + j) * C + c) * Tb + l0, s);
+        }
+    }
+  }
+}
+
+// y for output channels [k0, k1) of one block; M rows are (K + 1) long per position.
+template <int P>
+void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, index_t k1, const float* bias,
+                  const TileInfo& ti, index_t Tb, float* y) {
+  constexpr int m = P - 2;
+  const index_t plane = g.Ho * g.Wo;
+  alignas(64) float out[m][m][VW];
+  for (index_t k = k0; k < k1; ++k) {
+    const float b = bias ? bias[k] : 0.0f;
+    float* yk = y + k * plane;
+    for (index_t l0 = 0; l0 < ti.nt; l0 += VW) {
+      wp_vf mv[P][P], tmp[m][P];
+#pragma GCC unroll 8
+      for (int i = 0; i < P; ++i)
+#pragma GCC unroll 8
+        for (int j = 0; j < P; ++j) mv[i][j] = load(M + ((i * P + j) * (K + 1) + k) * Tb + l0);
+#pragma GCC unroll 8
+      for (int a = 0; a < m; ++a)
+#pragma GCC unroll 8
+        for (int j = 0; j < P; ++j) {
+          wp_vf s{};
+          bool first = true;
+#pragma GCC unroll 8
+          for (int i = 0; i < P; ++i) fma_const(s, first, Mats<P>::AT[a][i], mv[i][j]);
+          tmp[a][j] = s;
+        }
+#pragma GCC unroll 8
+      for (int a = 0; a < m; ++a)
+#pragma GCC unroll 8
+        for (int c = 0; c < m; ++c) {
+          wp_vf s = splat(b);
+#pragma GCC unroll 8
+          for (int j = 0; j < P; ++j) {
+            const float coef = Mats<P>::AT[c][j];
+            if (coef == 0.0f) continue;
+            s += coef == 1.0f ? tmp[a][j] : (coef == -1.0f ? -tmp[a][j] : coef * tmp[a][j]);
+          }
+          store(out[a][c], s);
+        }
+      const index_t lanes = std::min<index_t>(VW, ti.nt - l0);
+      for (index_t l = 0; l < lanes; ++l) {
+        const index_t t = l0 + l;
+        float* dst = yk + ti.ybase[t];
+        const index_t hm = std::min<index_t>(m, g.Ho - ti.oh0[t]), wm = std::min<index_t>(m, g.Wo - ti.ow0[t]);
+        if (hm == m && wm == m) {
+#pragma GCC unroll 8
+          for (int a = 0; a < m; ++a)
+#pragma GCC unroll 8
+            for (int c = 0; c < m; ++c) dst[a * g.Wo + c] = out[a][c][l];
+        } else {
+          for (index_t a = 0; a < hm; ++a)
+            for (index_t c = 0; c < wm; ++c) dst[a * g.Wo + c] = out[a][c][l];
+        }
+      }
+    }
+  }
+}
+
+// One panel: M rows panel_rows[q * MR + r] = A_q (n_cols x MR)^T . V[cols] for NV vectors of tiles.
+template <int NV>
+inline void panel_gemm(const WinogradPlanView& pl, index_t q, const float* Vx, float* Mx, index_t Tb) {
+  const index_t cb = pl.panel_col_begin[q], ce = pl.panel_col_begin[q + 1];
+  const float* a = pl.A + cb * MR;
+  const std::int32_t* cols = pl.panel_cols + cb;
+  wp_vf acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = wp_vf{};
+  for (index_t j = 0; j < ce - cb; ++j) {
+    const float* bp = Vx + static_cast<index_t>(cols[j]) * Tb;
+    wp_vf bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = load(bp + v * VW);
+    const float* aj = a + j * MR;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const wp_vf ar = splat(aj[r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
+    }
+  }
+  const index_t* rows = pl.panel_rows + q * MR;
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* out = Mx + rows[r] * Tb;
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store(out + v * VW, acc[r][v]);
+  }
+}
+
+// One CSR row (WWP): four independent accumulator sets hide the FMA latency.
+template <int NV>
+inline void csr_row(const WinogradPlanView& pl, index_t row, const float* Vx, float* out, index_t Tb) {
+  const index_t e0 = pl.row_ptr[row], e1 = pl.row_ptr[row + 1];
+  wp_vf acc[4][NV];
+  for (int s = 0; s < 4; ++s)
+    for (int v = 0; v < NV; ++v) acc[s][v] = wp_vf{};
+  index_t e = e0;
+  for (; e + 4 <= e1; e += 4) {
+#pragma GCC unroll 4
+    for (int s = 0; s < 4; ++s) {
+      const float* bp = Vx + static_cast<index_t>(pl.csr_cols[e + s]) * Tb;
+      const wp_vf w = splat(pl.csr_vals[e + s]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[s][v] += w * load(bp + v * VW);
+    }
+  }
+  for (; e < e1; ++e) {
+    const float* bp = Vx + static_cast<index_t>(pl.csr_cols[e]) * Tb;
+    const wp_vf w = splat(pl.csr_vals[e]);
+    for (int v = 0; v < NV; ++v) acc[0][v] += w * load(bp + v * VW);
+  }
+  for (int v = 0; v < NV; ++v) store(out + v * VW, (acc[0][v] + acc[1][v]) + (acc[2][v] + acc[3][v]));
+}
+
+struct Layout {
+  index_t T, th, tw, Tb, blocks;
+  int nv;
+  bool shared;      // few blocks: threads cooperate on one block at a time
+  index_t v_size, m_size, slots;
+};
+
+inline Layout layout(const WinogradPlanView& pl, const ConvGeometry& g, int threads) {
+  Layout L{};
+  L.th = (g.Ho + pl.m - 1) / pl.m;
+  L.tw = (g.Wo + pl.m - 1) / pl.m;
+  L.T = g.N * L.th * L.tw;
+  L.nv = L.T <= VW ? 1 : 2;
+  L.Tb = L.nv * VW;
+  L.blocks = (L.T + L.Tb - 1) / L.Tb;
+  L.shared = threads > 1 && L.blocks < 4 * static_cast<index_t>(threads);
+  const index_t P2 = static_cast<index_t>(pl.p) * pl.p;
+  L.v_size = P2 * pl.C * L.Tb;
+  L.m_size = P2 * (pl.K + 1) * L.Tb;
+  L.slots = L.shared ? 1 : std::max(threads, 1);
+  return L;
+}
+
+inline index_t workspace_size(const WinogradPlanView& pl, const ConvGeometry& g, int threads) {
+  const Layout L = layout(pl, g, threads);
+  return L.slots * (L.v_size + L.m_size);
+}
+
+inline void zero_pruned_rows(const WinogradPlanView& pl, float* M, index_t Tb) {
+  const index_t P2 = static_cast<index_t>(pl.p) * pl.p;
+  if (pl.csr) return;  // CSR writes every row
+  for (index_t xi = 0; xi < P2; ++xi)
+    for (index_t z = pl.zero_begin[xi]; z < pl.zero_begin[xi + 1]; ++z)
+      std::memset(M + (xi * (pl.K + 1) + pl.zero_rows[z]) * Tb, 0, sizeof(float) * Tb);
+}
+
+// GEMM work item w of a block: a panel (structured) or a (position, row) pair (CSR).
+template <int NV>
+inline void gemm_item(const WinogradPlanView& pl, index_t w, const index_t* panel_xi, const float* V, float* M,
+                      index_t Tb) {
+  if (pl.csr) {
+    const index_t xi = w / pl.K, k = w % pl.K;
+    csr_row<NV>(pl, w, V + xi * pl.C * Tb, M + (xi * (pl.K + 1) + k) * Tb, Tb);
+  } else {
+    const index_t xi = panel_xi[w];
+    panel_gemm<NV>(pl, w, V + xi * pl.C * Tb, M + xi * (pl.K + 1) * Tb, Tb);
+  }
+}
+
+template <int P, int NV>
+void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layout& L, const float* x, float* y,
+                  float* ws, const index_t* panel_xi, index_t n_items, int threads) {
+  const index_t C = pl.C, K = pl.K, Tb = L.Tb;
+  if (!L.shared) {
+#pragma omp parallel num_threads(threads)
+    {
+#if defined(_OPENMP)
+      const index_t tid = omp_get_thread_num();
+#else
+      const index_t tid = 0;
+#endif
+      float* V = ws + tid * (L.v_size + L.m_size);
+      float* M = V + L.v_size;
+      zero_pruned_rows(pl, M, Tb);
+      TileInfo ti;
+#pragma omp for schedule(static)
+      for (index_t b = 0; b < L.blocks; ++b) {
+        tile_info<P>(g, C, K, L.th, L.tw, b * Tb, Tb, L.T, ti);
+        input_block<P>(x, g, C, 0, C, ti, Tb, V);
+        for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
+        output_block<P>(M, g, K, 0, K, pl.bias, ti, Tb, y);
+      }
+    }
+    return;
+  }
+  float* V = ws;
+  float* M = V + L.v_size;
+  zero_pruned_rows(pl, M, Tb);
+#pragma omp parallel num_threads(threads)
+  {
+    TileInfo ti;
+    for (index_t b = 0; b < L.blocks; ++b) {
+      tile_info<P>(g, C, K, L.th, L.tw, b * Tb, Tb, L.T, ti);
+#pragma omp for schedule(static)
+      for (index_t c = 0; c < C; ++c) input_block<P>(x, g, C, c, c + 1, ti, Tb, V);
+#pragma omp for schedule(dynamic, 4)
+      for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
+#pragma omp for schedule(static)
+      for (index_t k = 0; k < K; ++k) output_block<P>(M, g, K, k, k + 1, pl.bias, ti, Tb, y);
+    }
+  }
+}
+
+}  // namespace winograd_detail
+
+inline index_t winograd_workspace(const WinogradPlanView& pl, const ConvGeometry& g, int threads) {
+  return winograd_detail::workspace_size(pl, g, threads);
+}
+
+// Throws std::invalid_argument on a plan packed for another panel height or a too-small workspace.
+inline void winograd_forward(const WinogradPlanView& pl, const ConvGeometry& g, const float* x, float* y,
+                             float* workspace, index_t workspace_size, int threads) {
+  using namespace winograd_detail;
+  if (!pl.csr && pl.mr != MR) throw std::invalid_argument("plan was packed for another ISA (panel height differs)");
+  threads = std::max(threads, 1);
+  const Layout L = layout(pl, g, threads);
+  if (workspace_size < L.slots * (L.v_size + L.m_size)) throw std::invalid_argument("workspace too small");
+  const index_t P2 = static_cast<index_t>(pl.p) * pl.p;
+  const index_t n_items = pl.csr ? P2 * pl.K : pl.panel_begin[P2];
+#define WINOPRUNE_FWD(P, NV) forward_impl<P, NV>(pl, g, L, x, y, workspace, pl.panel_xi, n_items, threads)
+  if (pl.p == 4) {
+    if (L.nv == 1) WINOPRUNE_FWD(4, 1); else WINOPRUNE_FWD(4, 2);
+  } else if (pl.p == 6) {
+    if (L.nv == 1) WINOPRUNE_FWD(6, 1); else WINOPRUNE_FWD(6, 2);
+  } else {
+    throw std::invalid_argument("only F(2,3) and F(4,3) have native kernels (p = 4 or 6)");
+  }
+#undef WINOPRUNE_FWD
+}

@@ -1,0 +1,304 @@
+"""The native inference kernels against plain PyTorch: dense / structured / CSR Winograd and pruned depthwise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from lightning_winoprune.kernels import (
+    NativeConv,
+    PackedDepthwiseConv,
+    PackedWinogradConv,
+    SparseForm,
+    native_available,
+    native_isa,
+)
+from lightning_winoprune.winograd import WinogradConv2d
+
+needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+if native_available():
+    from lightning_winoprune import _C
+
+    ISAS = list(_C.supported_isas())
+else:  # pragma: no cover
+    _C, ISAS = None, []
+
+MASK_KINDS = ["dense", "rows", "rows_unbalanced", "cols", "segments", "elements", "empty_position", "none"]
+
+
+def make_mask(kind: str, p2: int, k: int, c: int, gen: torch.Generator, keep: float = 0.3) -> torch.Tensor:
+    """A random keep-mask (p2, K, C) with the structure of one pruning method."""
+    if kind == "dense":
+        return torch.ones(p2, k, c, dtype=torch.bool)
+    if kind == "none":
+        return torch.zeros(p2, k, c, dtype=torch.bool)
+    if kind == "rows":  # BWSP: the same number of kept rows at every position
+        n = max(1, round(k * keep))
+        rows = torch.stack([torch.randperm(k, generator=gen)[:n] for _ in range(p2)])
+        return torch.zeros(p2, k, dtype=torch.bool).scatter_(1, rows, True).unsqueeze(2).expand(p2, k, c).clone()
+    if kind == "rows_unbalanced":  # WSP-R: whole rows, a different count per position
+        return (torch.rand(p2, k, 1, generator=gen) < keep).expand(p2, k, c).clone()
+    if kind == "cols":  # WSP-C
+        return (torch.rand(p2, 1, c, generator=gen) < keep).expand(p2, k, c).clone()
+    if kind == "segments":  # ABWSP's row segments of 4
+        seg = torch.rand(p2, k, -(-c // 4), generator=gen) < keep
+        return seg.repeat_interleave(4, dim=2)[:, :, :c].clone()
+    if kind == "elements":  # WWP
+        return torch.rand(p2, k, c, generator=gen) < keep
+    if kind == "empty_position":  # one position fully pruned, the others dense
+        mask = torch.ones(p2, k, c, dtype=torch.bool)
+        mask[p2 // 2] = False
+        return mask
+    raise AssertionError(kind)
+
+
+def reference(layer: WinogradConv2d, x: torch.Tensor) -> torch.Tensor:
+    """The layer's own pure-torch Winograd forward (tested against F.conv2d elsewhere)."""
+    layer.backend = layer.backend.parse("torch")
+    with torch.no_grad():
+        return layer(x)
+
+
+def layer_with_mask(c: int, k: int, m: int, pad: int, mask_kind: str, bias: bool, gen: torch.Generator
+                    ) -> WinogradConv2d:
+    layer = WinogradConv2d(c, k, m=m, padding=pad, bias=bias)
+    p2 = (m + 2) ** 2
+    view = make_mask(mask_kind, p2, k, c, gen)
+    layer.set_mask(view.reshape(m + 2, m + 2, k, c).permute(2, 3, 0, 1))
+    return layer
+
+
+def close(a: torch.Tensor, b: torch.Tensor, m: int) -> None:
+    tol = 1e-5 if m == 2 else 1e-4
+    scale = max(float(b.abs().max()), 1.0)
+    assert float((a - b).abs().max()) <= tol * scale, float((a - b).abs().max()) / scale
+
+
+# ------------------------------------------------------------------------------------------------ Winograd
+@needs_ext
+@given(
+    n=st.integers(1, 3), c=st.integers(1, 37), k=st.integers(1, 37), h=st.integers(1, 19), w=st.integers(1, 19),
+    pad=st.integers(0, 2), m=st.sampled_from([2, 4]), kind=st.sampled_from(MASK_KINDS),
+    form=st.sampled_from(["structured", "csr"]), bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_native_winograd_matches_torch(n, c, k, h, w, pad, m, kind, form, bias, seed):
+    if h + 2 * pad < 3 or w + 2 * pad < 3:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    layer = layer_with_mask(c, k, m, pad, kind, bias, gen)
+    x = torch.randn(n, c, h, w, generator=gen)
+    packed = PackedWinogradConv.from_layer(layer, form=form, backend="native")
+    close(packed(x), reference(layer, x), m)
+
+
+@needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("kind", ["dense", "rows", "cols", "segments"])
+def test_every_isa_agrees(isa, m, kind, monkeypatch):
+    """Each compiled ISA variant (generic, AVX2, AVX-512) on sizes that are not multiples of 16 or 32."""
+    gen = torch.Generator().manual_seed(1)
+    layer = layer_with_mask(19, 45, m, 1, kind, True, gen)
+    x = torch.randn(2, 19, 23, 17, generator=gen)
+    monkeypatch.setenv("WINOPRUNE_ISA", isa)
+    packed = PackedWinogradConv.from_layer(layer, backend="native")
+    assert packed.isa == isa
+    close(packed(x), reference(layer, x), m)
+
+
+@needs_ext
+@pytest.mark.parametrize("m", [2, 4])
+def test_dense_equals_conv2d_and_threads_agree(m):
+    conv = nn.Conv2d(24, 40, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv, m)
+    x = torch.randn(3, 24, 30, 29)
+    outs = []
+    for threads in (1, 2):
+        packed = PackedWinogradConv.from_layer(layer, backend="native", threads=threads)
+        outs.append(packed(x).clone())
+        close(outs[-1], F.conv2d(x, conv.weight, conv.bias, padding=1).detach(), m)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+@needs_ext
+def test_few_and_many_blocks_and_batch_one():
+    """Tiny maps (threads share one tile block) and large ones (a block per thread) both match."""
+    gen = torch.Generator().manual_seed(2)
+    for h, n in ((3, 1), (7, 1), (40, 2)):
+        layer = layer_with_mask(33, 70, 2, 1, "rows", True, gen)
+        x = torch.randn(n, 33, h, h, generator=gen)
+        close(PackedWinogradConv.from_layer(layer, backend="native", threads=2)(x), reference(layer, x), 2)
+
+
+@needs_ext
+def test_fully_pruned_layer_outputs_bias():
+    layer = WinogradConv2d(5, 6, m=2)
+    layer.set_mask(torch.zeros_like(layer.weight, dtype=torch.bool))
+    x = torch.randn(1, 5, 8, 8)
+    for form in SparseForm:
+        out = PackedWinogradConv.from_layer(layer, form=form, backend="native")(x)
+        assert layer.bias is not None
+        torch.testing.assert_close(out, layer.bias.detach().view(1, 6, 1, 1).expand_as(out))
+
+
+@needs_ext
+def test_structured_work_follows_the_mask():
+    gen = torch.Generator().manual_seed(3)
+    layer = layer_with_mask(64, 96, 2, 1, "rows", False, gen)  # 29 of 96 rows per position, panels of 12 or 6
+    packed = PackedWinogradConv.from_layer(layer, backend="native")
+    assert packed.balanced
+    assert packed.kept_fraction == pytest.approx(29 / 96)
+    assert packed.kept_fraction <= packed.work_fraction < packed.kept_fraction + 12 / 96
+    dense = PackedWinogradConv.from_layer(layer, backend="native", dense=True)
+    assert dense.work_fraction == 1.0
+
+
+@pytest.mark.parametrize("kind", ["rows", "rows_unbalanced", "cols", "elements", "dense"])
+@pytest.mark.parametrize("form", ["structured", "csr"])
+def test_torch_path_matches(kind, form):
+    """The torch path (also the GPU path: compacted bmm) gives the layer's output."""
+    gen = torch.Generator().manual_seed(4)
+    layer = layer_with_mask(12, 20, 2, 1, kind, True, gen)
+    x = torch.randn(2, 12, 9, 10, generator=gen)
+    packed = PackedWinogradConv.from_layer(layer, form=form, backend="torch")
+    assert packed.backend.value == "torch"
+    close(packed(x), reference(layer, x), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_torch_path_on_cuda():  # pragma: no cover - runs on GPU machines only
+    gen = torch.Generator().manual_seed(5)
+    layer = layer_with_mask(32, 64, 2, 1, "rows", True, gen)
+    x = torch.randn(2, 32, 14, 14, generator=gen)
+    packed = PackedWinogradConv.from_layer(layer, backend="torch")
+    close(packed(x.cuda()).cpu(), reference(layer, x), 2)
+
+
+# ------------------------------------------------------------------------------------------------ depthwise
+@needs_ext
+@given(
+    n=st.integers(1, 2), c=st.integers(1, 37), h=st.integers(1, 21), w=st.integers(1, 21),
+    ksize=st.sampled_from([3, 5]), stride=st.sampled_from([1, 2]), pad=st.integers(0, 2),
+    keep=st.sampled_from([0.0, 0.3, 0.7, 1.0]), bias=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_native_depthwise_matches_conv2d(n, c, h, w, ksize, stride, pad, keep, bias, seed):
+    if h + 2 * pad < ksize or w + 2 * pad < ksize:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(c, 1, ksize, ksize, generator=gen)
+    mask = torch.rand(c, 1, ksize, ksize, generator=gen) < keep
+    b = torch.randn(c, generator=gen) if bias else None
+    x = torch.randn(n, c, h, w, generator=gen)
+    packed = PackedDepthwiseConv(weight, mask, stride, pad, b, backend="native")
+    ref = F.conv2d(x, weight * mask, b, stride, pad, groups=c)
+    torch.testing.assert_close(packed(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_depthwise_from_conv_uses_weight_mask():
+    conv = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16)
+    conv.register_buffer("weight_mask", torch.rand_like(conv.weight) < 0.3)
+    x = torch.randn(2, 16, 15, 15)
+    packed = PackedDepthwiseConv.from_conv(conv, backend="native")
+    assert packed.kept_fraction == pytest.approx(float(conv.weight_mask.float().mean()))
+    ref = F.conv2d(x, conv.weight * conv.weight_mask, conv.bias, 2, 1, groups=16)
+    torch.testing.assert_close(NativeConv(packed)(x), ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_depthwise_from_conv_refuses_non_depthwise():
+    with pytest.raises(ValueError, match="depthwise"):
+        PackedDepthwiseConv.from_conv(nn.Conv2d(4, 8, 3, groups=4))
+    with pytest.raises(ValueError, match="dilation"):
+        PackedDepthwiseConv.from_conv(nn.Conv2d(4, 4, 3, groups=4, dilation=2))
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+@needs_ext
+def test_python_api_rejects_bad_input():
+    layer = WinogradConv2d(4, 6, m=2)
+    packed = PackedWinogradConv.from_layer(layer, backend="native")
+    with pytest.raises(ValueError, match=r"x must be \(N, 4, H, W\)"):
+        packed(torch.randn(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        packed(np.zeros((1, 4, 8, 8), np.float32))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
+        PackedWinogradConv(layer.weight, m=2, padding=0)(torch.randn(1, 4, 2, 2))
+    with pytest.raises(ValueError, match=r"m=3 is not valid; valid values are \[2, 4\]"):
+        PackedWinogradConv(layer.weight, m=3)
+    with pytest.raises(ValueError, match=r"weight must be \(K, C, 6, 6\)"):
+        PackedWinogradConv(layer.weight, m=4)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        PackedWinogradConv(layer.weight, torch.ones_like(layer.weight), m=2)
+    with pytest.raises(ValueError, match="form"):
+        PackedWinogradConv(layer.weight, m=2, form="coo")
+    with pytest.raises(ValueError, match="threads must be a positive int or -1"):
+        PackedWinogradConv(layer.weight, m=2, threads=0)
+    with pytest.raises(ValueError, match=r"padding must be a non-negative int"):
+        PackedWinogradConv(layer.weight, m=2, padding=-1)
+    with pytest.raises(ValueError, match="backend='native' needs CPU float32"):
+        PackedWinogradConv(layer.weight.double(), m=2, backend="native")
+    with pytest.raises(ValueError, match=r"x must be \(N, 3, H, W\)"):
+        PackedDepthwiseConv(torch.randn(3, 1, 3, 3))(torch.randn(1, 4, 5, 5))
+    with pytest.raises(ValueError, match=r"depthwise \(C, 1, kh, kw\)"):
+        PackedDepthwiseConv(torch.randn(3, 2, 3, 3))
+
+
+@needs_ext
+def test_extension_rejects_bad_buffers():
+    u = np.zeros((16, 4, 3), np.float32)
+    mask = np.ones((16, 4, 3), bool)
+    with pytest.raises(TypeError, match="U must have dtype float32"):
+        _C.pack_winograd(u.astype(np.float64), mask, 2)
+    with pytest.raises(TypeError, match="mask must have dtype bool"):
+        _C.pack_winograd(u, mask.astype(np.float32), 2)
+    with pytest.raises(ValueError, match=r"mask must have shape \(16, 4, 3\)"):
+        _C.pack_winograd(u, np.ascontiguousarray(mask[:, :3]), 2)
+    with pytest.raises(ValueError, match=r"U must be \(p\*p, K, C\)"):
+        _C.pack_winograd(u[:9], mask[:9], 2)
+    with pytest.raises(ValueError, match="m=6 is not valid"):
+        _C.pack_winograd(u, mask, 6)
+    with pytest.raises(ValueError, match="isa='sse9' is not valid"):
+        _C.pack_winograd(u, mask, 2, isa="sse9")
+    plan = _C.pack_winograd(u, mask, 2)
+    x = np.zeros((1, 3, 6, 6), np.float32)
+    out = np.zeros((1, 4, 6, 6), np.float32)
+    ws = np.zeros(plan.workspace_size(1, 6, 6, 1, 1, 6, 6, -1), np.float32)
+    plan.forward(x, 1, 1, out, ws)
+    with pytest.raises(TypeError, match="x must be C-contiguous"):
+        plan.forward(np.zeros((1, 3, 6, 12), np.float32)[..., ::2], 1, 1, out, ws)
+    with pytest.raises(TypeError, match="x must have dtype float32"):
+        plan.forward(x.astype(np.float64), 1, 1, out, ws)
+    with pytest.raises(TypeError, match="out must be a numpy array"):
+        plan.forward(x, 1, 1, [0.0], ws)
+    with pytest.raises(ValueError, match="x must have 3 channels"):
+        plan.forward(np.zeros((1, 2, 6, 6), np.float32), 1, 1, out, ws)
+    with pytest.raises(ValueError, match=r"out must have shape \(1, 4, 6, 6\)"):
+        plan.forward(x, 1, 1, np.zeros((2, 4, 6, 6), np.float32), ws)
+    with pytest.raises(ValueError, match="does not match the input"):
+        plan.forward(x, 1, 1, np.zeros((1, 4, 12, 12), np.float32), ws)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        plan.forward(x, -1, 1, out, ws)
+    with pytest.raises(ValueError, match="workspace must hold at least"):
+        plan.forward(x, 1, 1, out, ws[:1])
+    with pytest.raises(ValueError, match="threads must be >= 1 or -1"):
+        plan.forward(x, 1, 1, out, ws, 0)
+    dw = _C.pack_depthwise(np.zeros((3, 3, 3), np.float32), np.ones((3, 3, 3), bool))
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        _C.pack_depthwise(np.zeros((3, 3, 3), np.float32), np.ones((3, 3, 3), bool), 0)
+    with pytest.raises(ValueError, match=r"weight must be 3-D"):
+        _C.pack_depthwise(np.zeros((3, 3), np.float32), np.ones((3, 3), bool))
+    with pytest.raises(ValueError, match="x must have 3 channels"):
+        dw.forward(np.zeros((1, 4, 6, 6), np.float32), 1, 1, np.zeros((1, 4, 6, 6), np.float32))
+    with pytest.raises(ValueError, match=r"out must have shape \(1, 3, 6, 6\)"):
+        dw.forward(x, 1, 1, np.zeros((1, 4, 6, 6), np.float32))
+
+
+@needs_ext
+def test_native_isa_is_reported():
+    assert native_isa() in ("generic", "avx2", "avx512")
+    assert native_isa() in ISAS
