@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <vector>
 
 #include "isa.h"
 #if WINOPRUNE_ISA_ID > 0

@@ -23,6 +23,7 @@ from lightning_winoprune.callbacks._base import (
     print_table,
 )
 from lightning_winoprune.callbacks._logging import log_pruning_report
+from lightning_winoprune.importance._latency import LatencyTable, NativeLatencyTable, TorchLatencyTable
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.pruning._engine import MaskResult, Pattern, Rounding, Score
 from lightning_winoprune.pruning._methods import METHODS, POLICIES, method_pattern, winograd_mask
@@ -78,9 +79,10 @@ class WinogradPruning(PruningCallback):
         latency_budget: If set, choose per layer a policy and amount that minimise the estimated loss increase with
             the pruned layers' total latency at most this fraction of their dense latency (overrides ``amount``).
         budget_amounts: Candidate amounts for the latency-budget search.
-        latency_table: Per-layer latencies for the budget (a
-            :class:`~lightning_winoprune.importance.LatencyTable`); default: torch timings of the pruned BGEMMs at
-            the calibration batch's shapes.
+        latency_table: Per-layer latencies for the budget: a
+            :class:`~lightning_winoprune.importance.LatencyTable`, or ``"torch"`` (default; torch timings of the
+            pruned BGEMMs) or ``"native"`` (the whole layer on the native CPU kernels,
+            :class:`~lightning_winoprune.importance.NativeLatencyTable`), timed at the calibration batch's shapes.
         loss_fn: ``(module, batch) -> loss`` for the estimators (default: cross-entropy on ``(x, y)`` batches).
         route: Route of the converted layers (see :class:`~lightning_winoprune.winograd.Route`).
         backend: Kernel backend of the converted layers.
@@ -130,6 +132,12 @@ class WinogradPruning(PruningCallback):
         check_choice("route", route, [r.value for r in Route])
         check_choice("backend", backend, [b.value for b in Backend])
         check_positive_int("unit", unit)
+        if isinstance(latency_table, str):
+            check_choice("latency_table", latency_table, sorted(_LATENCY_TABLES))
+        elif latency_table is not None and not isinstance(latency_table, LatencyTable):
+            raise MisconfigurationException(
+                f"latency_table={latency_table!r} is not valid; pass a LatencyTable or one of {sorted(_LATENCY_TABLES)}"
+            )
         check_positive_int("align", align)
         self.wsp_fraction = check_fraction("wsp_fraction", wsp_fraction, high_open=False)
         if latency_budget is not None:
@@ -305,7 +313,6 @@ class WinogradPruning(PruningCallback):
         """Per layer, the (policy, amount) with the least estimated loss increase under the latency budget."""
         from lightning_winoprune.importance import (
             Candidate,
-            TorchLatencyTable,
             choose_under_budget,
             measure_sensitivity,
         )
@@ -329,9 +336,10 @@ class WinogradPruning(PruningCallback):
             losses = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
                                          progress=self.verbose >= 1 and trainer.is_global_zero)
         table = self.latency_table
-        if table is None:
+        if table is None or isinstance(table, str):
             sizes = _input_sizes(pl_module, layers, batches[0])
-            table = TorchLatencyTable(layers, sizes, batch_size=_batch_size(batches[0]))
+            table_cls = _LATENCY_TABLES[table or "torch"]
+            table = table_cls(layers, sizes, batch_size=_batch_size(batches[0]))
         dense = sum(table.latency(n, cands[n][0]) for n in layers)
         assert self.latency_budget is not None
         choice = choose_under_budget(losses, table, self.latency_budget * dense)
@@ -378,6 +386,9 @@ class WinogradPruning(PruningCallback):
             layer = layers[n]
             figs[n] = plot_bgemm_masks(layer.weight, layer.mask, title=f"{n} ({self.policies.get(n, self.method)})")
         return figs
+
+
+_LATENCY_TABLES: dict[str, type[TorchLatencyTable]] = {"torch": TorchLatencyTable, "native": NativeLatencyTable}
 
 
 def _batch_size(batch: Any) -> int:

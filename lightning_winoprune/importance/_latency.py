@@ -28,7 +28,7 @@ from lightning_winoprune.pruning._methods import winograd_mask
 from lightning_winoprune.winograd._layer import WinogradConv2d
 from lightning_winoprune.winograd._tiles import tile_geometry
 
-__all__ = ["DictLatencyTable", "LatencyTable", "TorchLatencyTable"]
+__all__ = ["DictLatencyTable", "LatencyTable", "NativeLatencyTable", "TorchLatencyTable"]
 
 
 @runtime_checkable
@@ -171,6 +171,7 @@ class TorchLatencyTable:
             raise KeyError(f"input_sizes has no (H, W) for layers {missing}")
         self._layers: dict[str, WinogradConv2d] = {}
         self._tiles: dict[str, int] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
         for name, layer in layers.items():
             if not isinstance(layer, WinogradConv2d):
                 raise TypeError(f"layer {name!r} must be a WinogradConv2d, got {type(layer).__name__}")
@@ -180,6 +181,7 @@ class TorchLatencyTable:
             th, tw = tile_geometry(size[0], size[1], layer.padding, layer.m).tiles
             self._layers[name] = layer
             self._tiles[name] = th * tw
+            self._sizes[name] = (int(size[0]), int(size[1]))
         self._cache: dict[tuple[str, Candidate], float] = {}
 
     @property
@@ -282,3 +284,37 @@ class TorchLatencyTable:
 
                 fn = run_mms
             return _median_seconds(fn, self.reps, self.warmup, sync)
+
+
+class NativeLatencyTable(TorchLatencyTable):
+    """Latencies of the whole pruned layer on the native CPU kernels: what the model will really run.
+
+    Each candidate's representative mask (as for :class:`TorchLatencyTable`) is packed into a
+    :class:`~lightning_winoprune.kernels.PackedWinogradConv` and the full layer (input transform, the compacted
+    GEMMs, output transform) is timed on a random ``(batch_size, C, H, W)`` input, so transforms and panel
+    padding count too. Same arguments and caching as :class:`TorchLatencyTable`; ``num_threads`` is also the
+    kernels' thread count.
+
+    Raises:
+        RuntimeError: At the first measurement, if the native extension is unavailable.
+
+    """
+
+    def _measure(self, name: str, candidate: Candidate) -> float:
+        from lightning_winoprune.kernels import PackedWinogradConv
+
+        layer = self._layer(name)
+        weight = layer.weight.detach().float().cpu()
+        mask = None
+        if candidate.pattern is not None:
+            pattern = candidate.pattern
+            if pattern.score is Score.IMPORTANCE:
+                pattern = pattern.with_(score=Score.L2)
+            mask = winograd_mask(weight, candidate.amount, pattern)[0].cpu()
+        bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+        packed = PackedWinogradConv(weight, mask, layer.m, layer.padding, bias, backend="native",
+                                    threads=self.num_threads or -1)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(self.batch_size, layer.in_channels, *self._sizes[name], generator=gen)
+        with torch.no_grad():
+            return _median_seconds(lambda: packed(x), self.reps, self.warmup, lambda: None)

@@ -1,0 +1,313 @@
+"""``measure_latency``: time every pruned layer and the whole model against PyTorch's dense conv, side by side."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from lightning_winoprune.kernels import (
+    Backend,
+    NativeConv,
+    PackedDepthwiseConv,
+    PackedWinogradConv,
+    SparseForm,
+    native_available,
+    native_isa,
+)
+from lightning_winoprune.latency._report import GpuLatency, LatencyReport, LayerLatency, ModelLatency
+from lightning_winoprune.winograd._layer import WinogradConv2d
+
+__all__ = ["LatencyMismatchError", "measure_latency", "pruned_layers"]
+
+
+class LatencyMismatchError(RuntimeError):
+    """The pruned kernel's output differs from the PyTorch reference by more than the tolerance."""
+
+
+def _is_masked_depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+            and module.weight.shape[1] == 1 and isinstance(getattr(module, "weight_mask", None), torch.Tensor)
+            and module.dilation == (1, 1) and not isinstance(module.padding, str) and module.padding_mode == "zeros")
+
+
+def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers the report covers, by module name.
+
+    Every :class:`~lightning_winoprune.winograd.WinogradConv2d` and every depthwise ``nn.Conv2d`` with a DEPrune
+    ``weight_mask``.
+    """
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, WinogradConv2d) or _is_masked_depthwise(mod)}
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
+
+
+def _round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                 sync: Callable[[], None]) -> dict[str, float]:
+    """Median ms of every function, timed in interleaved rounds so drifting machine load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _capture_inputs(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_hook(lambda m, inp, out, n=name: inputs.__setitem__(n, inp[0].detach().clone()))
+             for name, mod in layers.items()]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
+def _winograd_row(name: str, layer: WinogradConv2d, x: torch.Tensor, threads: int, repeats: int, warmup: int,
+                  tol: float, check: bool, backend: Backend | str) -> LayerLatency:
+    k, c = layer.out_channels, layer.in_channels
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(k, c, 3, 3, generator=gen) * (2.0 / (9 * c)) ** 0.5
+    bias = None if layer.bias is None else layer.bias.detach().float()
+    pruned = PackedWinogradConv.from_layer(layer, backend=backend, threads=threads)
+    dense = PackedWinogradConv.from_layer(layer, backend=backend, threads=threads, dense=True)
+    csr = PackedWinogradConv.from_layer(layer, form=SparseForm.CSR, backend=backend, threads=threads)
+    kept = pruned.kept_fraction
+    k_fp = max(1, round(k * kept))
+    pad = layer.padding
+    err = 0.0
+    if check:
+        ref = layer(x)
+        err = max(_rel_error(pruned(x), ref), _rel_error(csr(x), ref))
+        tolerance = tol * (1 if layer.m == 2 else 10)
+        if err > tolerance:
+            raise LatencyMismatchError(
+                f"{name}: the pruned kernel's output differs from the PyTorch reference by {err:.2e} "
+                f"(relative max error, tolerance {tolerance:.0e}); the measured speedup would be meaningless"
+            )
+    medians = _round_robin({
+        "torch": lambda: F.conv2d(x, weight, bias, padding=pad),
+        "dense": lambda: dense(x),
+        "pruned": lambda: pruned(x),
+        "fp": lambda: F.conv2d(x, weight[:k_fp], None if bias is None else bias[:k_fp], padding=pad),
+        "csr": lambda: csr(x),
+    }, repeats, warmup, lambda: None)
+    shape = f"{c}->{k} {x.shape[-2]}x{x.shape[-1]} F({layer.m},3)"
+    return LayerLatency(name, "winograd", shape, kept, medians["torch"], medians["dense"], medians["pruned"],
+                        medians["fp"], medians["csr"], err, pruned.work_fraction, pruned.balanced)
+
+
+def _depthwise_row(name: str, conv: nn.Conv2d, x: torch.Tensor, threads: int, repeats: int, warmup: int,
+                   tol: float, check: bool, backend: Backend | str) -> LayerLatency:
+    packed = PackedDepthwiseConv.from_conv(conv, backend=backend, threads=threads)
+    weight = conv.weight.detach().float()
+    bias = None if conv.bias is None else conv.bias.detach().float()
+    stride, pad = conv.stride, conv.padding
+    ch = conv.in_channels
+    c_fp = max(1, round(ch * packed.kept_fraction))
+    x_fp = x[:, :c_fp].contiguous()
+    err = 0.0
+    if check:
+        ref = F.conv2d(x, packed.weight, bias, stride, pad, groups=ch)
+        err = _rel_error(packed(x), ref)
+        if err > tol:
+            raise LatencyMismatchError(
+                f"{name}: the pruned depthwise kernel's output differs from the PyTorch reference by {err:.2e} "
+                f"(relative max error, tolerance {tol:.0e})"
+            )
+    medians = _round_robin({
+        "torch": lambda: F.conv2d(x, weight, bias, stride, pad, groups=ch),  # type: ignore[arg-type]
+        "pruned": lambda: packed(x),
+        "fp": lambda: F.conv2d(x_fp, weight[:c_fp], None if bias is None else bias[:c_fp], stride, pad,  # type: ignore[arg-type]
+                               groups=c_fp),
+    }, repeats, warmup, lambda: None)
+    kh = conv.kernel_size[0]
+    shape = f"{ch} dw {x.shape[-2]}x{x.shape[-1]} k{kh} s{stride[0]}"
+    return LayerLatency(name, "depthwise", shape, packed.kept_fraction, medians["torch"], None, medians["pruned"],
+                        medians["fp"], None, err)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def _dense_copy(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
+    """The dense PyTorch model: Winograd layers back as ``nn.Conv2d`` (random weights: only timed), no masks."""
+    dense = copy.deepcopy(model)
+    for name, mod in layers.items():
+        if isinstance(mod, WinogradConv2d):
+            _set_module(dense, name, nn.Conv2d(mod.in_channels, mod.out_channels, 3, padding=mod.padding,
+                                               bias=mod.bias is not None))
+    return dense
+
+
+def _native_copy(model: nn.Module, layers: dict[str, nn.Module], threads: int, backend: Backend | str) -> nn.Module:
+    native = copy.deepcopy(model)
+    for name, mod in layers.items():
+        packed: PackedWinogradConv | PackedDepthwiseConv
+        if isinstance(mod, WinogradConv2d):
+            packed = PackedWinogradConv.from_layer(mod, backend=backend, threads=threads)
+        else:
+            assert isinstance(mod, nn.Conv2d)
+            packed = PackedDepthwiseConv.from_conv(mod, backend=backend, threads=threads)
+        _set_module(native, name, NativeConv(packed))
+    return native
+
+
+def _gpu_rows(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int,
+              warmup: int) -> list[GpuLatency]:
+    device = torch.device("cuda")
+    rows = []
+    for name, mod in layers.items():
+        if not isinstance(mod, WinogradConv2d):
+            continue
+        x = inputs[name].to(device)
+        packed = PackedWinogradConv.from_layer(mod, backend="torch")
+        weight = torch.randn(mod.out_channels, mod.in_channels, 3, 3, device=device)
+        medians = _round_robin({
+            "cudnn": lambda w=weight, x=x, p=mod.padding: F.conv2d(x, w, padding=p),
+            "compacted": lambda pk=packed, x=x: pk(x),
+        }, repeats, warmup, lambda: torch.cuda.synchronize(device))
+        rows.append(GpuLatency(name, medians["cudnn"], medians["compacted"]))
+    return rows
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = None,
+    check_output: bool = True,
+    tolerance: float = 1e-4,
+    whole_model: bool = True,
+    gpu: bool | None = None,
+    backend: Backend | str = Backend.AUTO,
+    progress: bool = True,
+) -> LatencyReport:
+    """Time every pruned layer and the whole model against PyTorch's dense conv, side by side in this process.
+
+    For each :class:`~lightning_winoprune.winograd.WinogradConv2d` (pruned or not) and each depthwise conv with a
+    DEPrune ``weight_mask``, on the input that layer sees for ``example_input``, it times PyTorch's dense conv, our
+    dense Winograd, our pruned kernel, the FP-equivalent smaller dense conv and the WWP CSR path, interleaved in
+    rounds, and reports medians. Before timing it checks the pruned kernel's output against the PyTorch reference.
+    The whole-model row times the dense PyTorch model, the model as trained and the model with the native kernels
+    swapped in. With CUDA available (and ``gpu`` not ``False``) it also times the compacted batched GEMM via torch
+    against cuDNN per Winograd layer.
+
+    Pin threads for stable numbers (``OMP_PROC_BIND=close OMP_PLACES=cores`` before starting Python).
+
+    Args:
+        model: Any module; it is put in eval mode for the measurement and restored afterwards.
+        example_input: A CPU batch ``(N, C, H, W)``; its batch size and image size are the measured ones.
+        repeats: Timed rounds per median.
+        warmup: Untimed runs of every alternative first.
+        threads: CPU threads for every alternative (``None``: torch's current count).
+        check_output: Verify the pruned kernels' outputs (and the whole native model's) against PyTorch.
+        tolerance: Largest allowed relative max error (F(4,3) layers get 10x this).
+        whole_model: Also time the whole model.
+        gpu: Time the GPU path too (``None``: when CUDA is available).
+        backend: Kernel backend for our kernels (``"auto"`` falls back to torch without the extension).
+        progress: Show a progress bar.
+
+    Returns:
+        The :class:`LatencyReport`.
+
+    Raises:
+        LatencyMismatchError: If an output check fails.
+        ValueError: On a bad input, ``repeats``, ``warmup``, ``threads`` or ``tolerance``.
+
+    """
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise ValueError(f"example_input must be an (N, C, H, W) tensor, got {getattr(example_input, 'shape', None)}")
+    for arg, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    n_threads = threads or torch.get_num_threads()
+    x = example_input.detach().to("cpu", torch.float32).contiguous()
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    use_gpu = torch.cuda.is_available() if gpu is None else gpu
+    if use_gpu and not torch.cuda.is_available():
+        raise ValueError("gpu=True but CUDA is not available")
+    work = copy.deepcopy(model).to("cpu").float().eval() if device.type != "cpu" else model.eval()
+    try:
+        with torch.no_grad(), _threads(n_threads):
+            layers = pruned_layers(work)
+            inputs = _capture_inputs(work, layers, x)
+            rows: list[LayerLatency] = []
+            with Progress(disable=not progress, transient=True) as bar:
+                task = bar.add_task("timing pruned layers", total=len(layers) + int(whole_model))
+                for name, mod in layers.items():
+                    if name not in inputs:  # not on the forward path of this input
+                        bar.advance(task)
+                        continue
+                    bar.update(task, description=f"timing {name}")
+                    make = _winograd_row if isinstance(mod, WinogradConv2d) else _depthwise_row
+                    rows.append(make(name, mod, inputs[name], n_threads, repeats, warmup, tolerance,  # type: ignore[arg-type]
+                                     check_output, backend))
+                    bar.advance(task)
+                model_row = None
+                if whole_model:
+                    bar.update(task, description="timing the whole model")
+                    dense = _dense_copy(work, layers).eval()
+                    native = _native_copy(work, layers, n_threads, backend).eval()
+                    ref = work(x)
+                    err = _rel_error(native(x), ref) if check_output else 0.0
+                    if check_output and err > tolerance * 10:
+                        raise LatencyMismatchError(
+                            f"the model with native kernels differs from the model as trained by {err:.2e} "
+                            f"(relative max error of the output, tolerance {tolerance * 10:.0e})"
+                        )
+                    medians = _round_robin({"dense": lambda: dense(x), "trained": lambda: work(x),
+                                            "native": lambda: native(x)}, max(3, repeats // 2), warmup, lambda: None)
+                    model_row = ModelLatency(medians["dense"], medians["trained"], medians["native"], err)
+                    bar.advance(task)
+            gpu_rows = _gpu_rows(layers, inputs, repeats, warmup) if use_gpu else []
+    finally:
+        model.train(was_training)
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "native_extension": native_available(),
+        "cuda": torch.cuda.get_device_name(0) if use_gpu else None,
+    }
+    return LatencyReport(rows, model_row, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), n_threads,
+                         native_isa(), repeats, gpu_rows, env)
