@@ -26,8 +26,10 @@ struct WinogradPlanView {
   // panels (csr == false): the panels of Winograd position xi are [panel_begin[xi], panel_begin[xi + 1])
   const index_t* panel_begin;        // (P2 + 1)
   const index_t* panel_xi;           // (n_panels) Winograd position of every panel
-  const index_t* panel_rows;         // (n_panels * mr) output rows; K marks a padding row (written to a scratch row)
-  const index_t* panel_col_begin;    // (n_panels + 1) into panel_cols; the A panel of panel q starts at col_begin*mr
+  const index_t* panel_row_begin;    // (n_panels + 1) into panel_rows; a panel is mr, 2mr/3 or mr/3 rows high
+  const index_t* panel_rows;         // output rows of every panel; K marks a padding row (written to a scratch row)
+  const index_t* panel_col_begin;    // (n_panels + 1) into panel_cols
+  const index_t* panel_a_begin;      // (n_panels + 1) into A
   const std::int32_t* panel_cols;    // kept input channels of every panel
   const float* A;                    // packed weights: per panel (n_cols, mr), row-major
   // rows never written by any panel of xi (their M rows must read as zero): [zero_begin[xi], zero_begin[xi + 1])

@@ -24,15 +24,16 @@ struct WinogradPlan {
   index_t K = 0, C = 0;
   bool csr = false;
   Isa isa = Isa::generic;
-  std::vector<index_t> panel_begin, panel_xi, panel_rows, panel_col_begin, zero_begin, zero_rows, row_ptr;
+  std::vector<index_t> panel_begin, panel_xi, panel_row_begin, panel_rows, panel_col_begin, panel_a_begin, zero_begin,
+      zero_rows, row_ptr;
   std::vector<std::int32_t> panel_cols, csr_cols;
   std::vector<float> A, csr_vals, bias;
   index_t kept = 0;          // kept (unmasked) weights
   index_t work = 0;          // multiply-adds per tile column actually run (panel padding included)
 
   WinogradPlanView view() const {
-    return {p, m, K, C, mr, csr, panel_begin.data(), panel_xi.data(), panel_rows.data(), panel_col_begin.data(),
-            panel_cols.data(), A.data(), zero_begin.data(), zero_rows.data(), row_ptr.data(), csr_cols.data(),
+    return {p, m, K, C, mr, csr, panel_begin.data(), panel_xi.data(), panel_row_begin.data(), panel_rows.data(),
+            panel_col_begin.data(), panel_a_begin.data(), panel_cols.data(), A.data(), zero_begin.data(), zero_rows.data(), row_ptr.data(), csr_cols.data(),
             csr_vals.data(), bias.empty() ? nullptr : bias.data()};
   }
   index_t positions() const { return static_cast<index_t>(p) * p; }
@@ -50,6 +51,8 @@ inline void pack_structured(WinogradPlan& pl, const float* U, const bool* mask) 
   const index_t P2 = pl.positions(), K = pl.K, C = pl.C, mr = pl.mr;
   pl.panel_begin.assign(1, 0);
   pl.panel_col_begin.assign(1, 0);
+  pl.panel_row_begin.assign(1, 0);
+  pl.panel_a_begin.assign(1, 0);
   pl.zero_begin.assign(1, 0);
   std::vector<index_t> rows;
   std::vector<std::int32_t> cols;
@@ -68,23 +71,30 @@ inline void pack_structured(WinogradPlan& pl, const float* U, const bool* mask) 
     std::stable_sort(rows.begin(), rows.end(), [&](index_t a, index_t b) {
       return std::lexicographical_compare(mk + b * C, mk + b * C + C, mk + a * C, mk + a * C + C);
     });
-    for (std::size_t r0 = 0; r0 < rows.size(); r0 += static_cast<std::size_t>(mr)) {
+    const index_t third = std::max<index_t>(mr / 3, 1);
+    for (std::size_t r0 = 0; r0 < rows.size();) {
+      // full panels of mr rows; the last one only as high as needed: mr / 3 or 2 mr / 3 (less padding work)
+      const index_t left = static_cast<index_t>(rows.size() - r0);
+      const index_t h = left >= mr ? mr : std::min<index_t>(mr, (left + third - 1) / third * third);
       cols.clear();
       for (index_t c = 0; c < C; ++c) {
         bool any = false;
-        for (index_t r = 0; r < mr && r0 + r < rows.size() && !any; ++r) any = mk[rows[r0 + r] * C + c];
+        for (index_t r = 0; r < h && r0 + r < rows.size() && !any; ++r) any = mk[rows[r0 + r] * C + c];
         if (any) cols.push_back(static_cast<std::int32_t>(c));
       }
-      for (index_t r = 0; r < mr; ++r) pl.panel_rows.push_back(r0 + r < rows.size() ? rows[r0 + r] : K);
+      for (index_t r = 0; r < h; ++r) pl.panel_rows.push_back(r0 + r < rows.size() ? rows[r0 + r] : K);
       for (std::int32_t c : cols) {
-        for (index_t r = 0; r < mr; ++r) {
+        for (index_t r = 0; r < h; ++r) {
           const bool real = r0 + r < rows.size();
           const index_t k = real ? rows[r0 + r] : 0;
           pl.A.push_back(real && mk[k * C + c] ? u[k * C + c] : 0.0f);
         }
         pl.panel_cols.push_back(c);
       }
-      pl.work += static_cast<index_t>(cols.size()) * mr;
+      r0 += static_cast<std::size_t>(std::min(h, left));
+      pl.panel_row_begin.push_back(static_cast<index_t>(pl.panel_rows.size()));
+      pl.panel_a_begin.push_back(static_cast<index_t>(pl.A.size()));
+      pl.work += static_cast<index_t>(cols.size()) * h;
       pl.panel_col_begin.push_back(static_cast<index_t>(pl.panel_cols.size()));
       pl.panel_xi.push_back(xi);
     }
@@ -126,6 +136,8 @@ inline WinogradPlan pack_winograd(const float* U, const bool* mask, int m, index
   if (csr) pack_csr(pl, U, mask);
   else pack_structured(pl, U, mask);
   // keep every vector non-empty so view() never hands out a null pointer for an array the kernel indexes
+  if (pl.panel_row_begin.empty()) pl.panel_row_begin.push_back(0);
+  if (pl.panel_a_begin.empty()) pl.panel_a_begin.push_back(0);
   for (auto* v : {&pl.panel_xi, &pl.panel_rows, &pl.zero_rows, &pl.row_ptr})
     if (v->empty()) v->push_back(0);
   if (pl.panel_begin.empty()) pl.panel_begin.assign(pl.positions() + 1, 0);

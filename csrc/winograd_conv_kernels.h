@@ -58,6 +58,9 @@ struct TileInfo {
   bool gather_ok;             // every offset below fits in int32 (the gather path's index type)
   std::int32_t goff[2 * VW];  // xbase + h0 * W + w0: the tile's top-left input pixel relative to channel c's plane
   std::uint32_t row_bits[2][8], col_bits[2][8];  // per lane group, bit l set when row h0 + u / column w0 + v is inside
+  // per lane group: its VW tiles are consecutive in one tile row and far enough inside the image that the input
+  // can be read with contiguous vector loads (in_run) / the output written with contiguous vector stores (out_run)
+  bool in_run[2], out_run[2];
   index_t xbase[2 * VW];      // offset of the tile's top-left input pixel inside its image's channel plane + n*C*H*W
   index_t h0[2 * VW], w0[2 * VW];
   index_t ybase[2 * VW];      // n * K * Ho * Wo + (ty * m) * Wo + tx * m
@@ -81,6 +84,10 @@ void tile_info(const ConvGeometry& g, index_t C, index_t K, index_t th, index_t 
   const index_t last = ti.nt ? ti.xbase[ti.nt - 1] + (ti.h0[ti.nt - 1] + P) * g.W : 0;
   ti.gather_ok = last < INT32_MAX && (C - 1) * g.H * g.W < INT32_MAX;
   for (index_t grp = 0; grp * VW < Tb; ++grp) {
+    const index_t f = grp * VW, e = f + VW - 1;
+    const bool run = e < ti.nt && ti.xbase[f] == ti.xbase[e] && ti.h0[f] == ti.h0[e] && ti.w0[e] - ti.w0[f] == m * (VW - 1);
+    ti.in_run[grp] = run && ti.h0[f] >= 0 && ti.h0[f] + P <= g.H && ti.w0[f] >= 0 && ti.w0[f] + m * VW + m <= g.W;
+    ti.out_run[grp] = run && ti.oh0[f] + m <= g.Ho && ti.ow0[f] + m * VW <= g.Wo;
     for (int u = 0; u < P; ++u) ti.row_bits[grp][u] = ti.col_bits[grp][u] = 0;
     for (index_t l = 0; l < VW; ++l) {
       const index_t t = grp * VW + l;
@@ -129,6 +136,78 @@ inline bool gather_tiles(const float* xc, const ConvGeometry& g, const TileInfo&
 #endif
 }
 
+typedef int wp_vi __attribute__((vector_size(VW * 4)));
+
+// Shuffle masks: even / odd elements of two concatenated vectors, and the interleave of their low / high halves.
+struct Masks {
+  wp_vi even, odd, ilo, ihi;
+  Masks() {
+    for (int i = 0; i < VW; ++i) {
+      even[i] = 2 * i;
+      odd[i] = 2 * i + 1;
+      ilo[i] = (i % 2 == 0) ? i / 2 : VW + i / 2;
+      ihi[i] = (i % 2 == 0) ? VW / 2 + i / 2 : VW + VW / 2 + i / 2;
+    }
+  }
+};
+
+inline const Masks& masks() {
+  static const Masks mk;
+  return mk;
+}
+
+// d[u][v] of VW tiles that sit side by side in one tile row: element (u, v) of lane l is src[u * W + m * l + v].
+// Contiguous loads de-interleaved with shuffles (stride m = 2 or 4) instead of gathers.
+template <int P>
+inline void load_run(const float* src, index_t W, wp_vf (&dv)[P][P]) {
+  const Masks& mk = masks();
+  for (int u = 0; u < P; ++u) {
+    const float* r = src + u * W;
+    if constexpr (P == 4) {
+      const wp_vf a = load(r), b = load(r + VW), a2 = load(r + 2), b2 = load(r + 2 + VW);
+      dv[u][0] = __builtin_shuffle(a, b, mk.even);
+      dv[u][1] = __builtin_shuffle(a, b, mk.odd);
+      dv[u][2] = __builtin_shuffle(a2, b2, mk.even);
+      dv[u][3] = __builtin_shuffle(a2, b2, mk.odd);
+    } else {
+      static_assert(P == 6, "stride-4 runs need P = 6");
+      for (int half = 0; half < 2; ++half) {  // columns v = 0..3 from offset 0, then v = 4, 5 from offset 4
+        const float* o = r + 4 * half;
+        const wp_vf q0 = load(o), q1 = load(o + VW), q2 = load(o + 2 * VW), q3 = load(o + 3 * VW);
+        const wp_vf e01 = __builtin_shuffle(q0, q1, mk.even), e23 = __builtin_shuffle(q2, q3, mk.even);
+        const wp_vf o01 = __builtin_shuffle(q0, q1, mk.odd), o23 = __builtin_shuffle(q2, q3, mk.odd);
+        dv[u][4 * half] = __builtin_shuffle(e01, e23, mk.even);
+        dv[u][4 * half + 1] = __builtin_shuffle(o01, o23, mk.even);
+        if (half == 0) {
+          dv[u][2] = __builtin_shuffle(e01, e23, mk.odd);
+          dv[u][3] = __builtin_shuffle(o01, o23, mk.odd);
+        }
+      }
+    }
+  }
+}
+
+// Writes out[a][c] of VW side-by-side full tiles: lane l goes to dst[a * Wo + m * l + c] (interleaving shuffles).
+template <int m>
+inline void store_run(const wp_vf (&out)[m][m], float* dst, index_t Wo) {
+  const Masks& mk = masks();
+  for (int a = 0; a < m; ++a) {
+    float* r = dst + a * Wo;
+    if constexpr (m == 2) {
+      store(r, __builtin_shuffle(out[a][0], out[a][1], mk.ilo));
+      store(r + VW, __builtin_shuffle(out[a][0], out[a][1], mk.ihi));
+    } else {
+      static_assert(m == 4, "runs need m = 2 or 4");
+      const wp_vf plo = __builtin_shuffle(out[a][0], out[a][2], mk.ilo), phi = __builtin_shuffle(out[a][0], out[a][2], mk.ihi);
+      const wp_vf qlo = __builtin_shuffle(out[a][1], out[a][3], mk.ilo), qhi = __builtin_shuffle(out[a][1], out[a][3], mk.ihi);
+      store(r, __builtin_shuffle(plo, qlo, mk.ilo));
+      store(r + VW, __builtin_shuffle(plo, qlo, mk.ihi));
+      store(r + 2 * VW, __builtin_shuffle(phi, qhi, mk.ilo));
+      store(r + 3 * VW, __builtin_shuffle(phi, qhi, mk.ihi));
+    }
+  }
+}
+
 // V[(xi * C + c) * Tb + t] for channels [c0, c1) of one block.
 template <int P>
 void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, index_t c1, const TileInfo& ti,
@@ -139,7 +218,9 @@ void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, i
     const float* xc = x + c * plane;
     for (index_t l0 = 0; l0 < Tb; l0 += VW) {
       wp_vf dv[P][P], tmp[P][P];
-      if (!gather_tiles<P>(xc, g, ti, l0 / VW, dv)) {
+      if (ti.in_run[l0 / VW]) {
+        load_run<P>(xc + ti.xbase[l0] + ti.h0[l0] * g.W + ti.w0[l0], g.W, dv);
+      } else if (!gather_tiles<P>(xc, g, ti, l0 / VW, dv)) {
       for (int l = 0; l < VW; ++l) {
         const index_t t = l0 + l;
         if (t >= ti.nt) {
@@ -221,6 +302,7 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
           for (int i = 0; i < P; ++i) fma_const(s, first, Mats<P>::AT[a][i], mv[i][j]);
           tmp[a][j] = s;
         }
+      wp_vf ov[m][m];
 #pragma GCC unroll 8
       for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
@@ -232,8 +314,16 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
             if (coef == 0.0f) continue;
             s += coef == 1.0f ? tmp[a][j] : (coef == -1.0f ? -tmp[a][j] : coef * tmp[a][j]);
           }
-          store(out[a][c], s);
+          ov[a][c] = s;
         }
+      if (ti.out_run[l0 / VW]) {
+        store_run<m>(ov, yk + ti.ybase[l0], g.Wo);
+        continue;
+      }
+#pragma GCC unroll 8
+      for (int a = 0; a < m; ++a)
+#pragma GCC unroll 8
+        for (int c = 0; c < m; ++c) store(out[a][c], ov[a][c]);
       const index_t lanes = std::min<index_t>(VW, ti.nt - l0);
       for (index_t l = 0; l < lanes; ++l) {
         const index_t t = l0 + l;
@@ -253,15 +343,15 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
   }
 }
 
-// One panel: M rows panel_rows[q * MR + r] = A_q (n_cols x MR)^T . V[cols] for NV vectors of tiles.
-template <int NV>
-inline void panel_gemm(const WinogradPlanView& pl, index_t q, const float* Vx, float* Mx, index_t Tb) {
+// One panel of R rows: M rows panel_rows[...] = A_q (n_cols x R)^T . V[cols], for NV vectors of tiles.
+template <int NV, int R>
+inline void panel_gemm_r(const WinogradPlanView& pl, index_t q, const float* Vx, float* Mx, index_t Tb) {
   const index_t cb = pl.panel_col_begin[q], ce = pl.panel_col_begin[q + 1];
-  const float* a = pl.A + cb * MR;
+  const float* a = pl.A + pl.panel_a_begin[q];
   const std::int32_t* cols = pl.panel_cols + cb;
-  wp_vf acc[MR][NV];
+  wp_vf acc[R][NV];
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[r][v] = wp_vf{};
   for (index_t j = 0; j < ce - cb; ++j) {
@@ -269,21 +359,30 @@ inline void panel_gemm(const WinogradPlanView& pl, index_t q, const float* Vx, f
     wp_vf bv[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) bv[v] = load(bp + v * VW);
-    const float* aj = a + j * MR;
+    const float* aj = a + j * R;
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < R; ++r) {
       const wp_vf ar = splat(aj[r]);
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[r][v] += ar * bv[v];
     }
   }
-  const index_t* rows = pl.panel_rows + q * MR;
+  const index_t* rows = pl.panel_rows + pl.panel_row_begin[q];
 #pragma GCC unroll 16
-  for (int r = 0; r < MR; ++r) {
+  for (int r = 0; r < R; ++r) {
     float* out = Mx + rows[r] * Tb;
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) store(out + v * VW, acc[r][v]);
   }
+}
+
+template <int NV>
+inline void panel_gemm(const WinogradPlanView& pl, index_t q, const float* Vx, float* Mx, index_t Tb) {
+  constexpr int third = MR / 3 > 0 ? MR / 3 : 1;
+  const index_t h = pl.panel_row_begin[q + 1] - pl.panel_row_begin[q];
+  if (h == MR) panel_gemm_r<NV, MR>(pl, q, Vx, Mx, Tb);
+  else if (h == 2 * third) panel_gemm_r<NV, 2 * third>(pl, q, Vx, Mx, Tb);
+  else panel_gemm_r<NV, third>(pl, q, Vx, Mx, Tb);
 }
 
 // One CSR row (WWP): four independent accumulator sets hide the FMA latency.

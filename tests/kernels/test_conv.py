@@ -112,6 +112,19 @@ def test_every_isa_agrees(isa, m, kind, monkeypatch):
 
 
 @needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize(("n", "h", "w", "pad"), [(1, 5, 150, 1), (2, 7, 131, 0), (1, 4, 137, 2)])
+def test_wide_rows_use_vector_runs(isa, m, n, h, w, pad, monkeypatch):
+    """Rows of >= 16 tiles: the contiguous-load / interleaved-store paths, with their edges on the gather path."""
+    gen = torch.Generator().manual_seed(6)
+    layer = layer_with_mask(7, 13, m, pad, "rows", True, gen)
+    x = torch.randn(n, 7, h, w, generator=gen)
+    monkeypatch.setenv("WINOPRUNE_ISA", isa)
+    close(PackedWinogradConv.from_layer(layer, backend="native")(x), reference(layer, x), m)
+
+
+@needs_ext
 @pytest.mark.parametrize("m", [2, 4])
 def test_dense_equals_conv2d_and_threads_agree(m):
     conv = nn.Conv2d(24, 40, 3, padding=1)
