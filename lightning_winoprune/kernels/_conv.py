@@ -166,7 +166,8 @@ class PackedWinogradConv:
         return (f"K={self.out_channels}, C={self.in_channels}, m={self.m}, form={self.form.value}, "
                 f"kept={self.kept_fraction:.3f}, backend={self.backend.value}")
 
-    __repr__ = lambda self: f"{type(self).__name__}({self.extra_repr()})"  # noqa: E731
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
 
     # ------------------------------------------------------------------------------------------ forward
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -329,6 +330,29 @@ class PackedDepthwiseConv:
     def kept_fraction(self) -> float:
         """Fraction of taps kept."""
         return float(self.mask.float().mean())
+
+    def dr_metadata(self, tile: int | None = None) -> list[dict[str, Any]]:
+        """The DR (diagonal-wise refactorization) tile structure of the mask: the metadata a GPU DR-GEMM needs.
+
+        On a CPU the direct kept-taps kernel is faster than a dense DR GEMM, so the CPU path does not use this; a GPU
+        kernel runs one sub-GEMM per tile of ``tile`` channels over its kept columns (HSR keeps their count a multiple
+        of the tile).
+
+        Returns:
+            One dict per sub-GEMM: ``channels`` (first, count), ``kept_columns`` (indices into its
+            ``channels * kh * kw`` columns) and ``aligned`` (whether the kept count is a multiple of ``tile``).
+
+        """
+        from lightning_winoprune.pruning._depthwise import DEFAULT_DR_TILE, dr_column_masks
+
+        tile = DEFAULT_DR_TILE if tile is None else tile
+        out = []
+        for g, keep in enumerate(dr_column_masks(self.mask.cpu(), tile)):
+            cols = keep.nonzero().squeeze(1)
+            first = g * tile
+            out.append({"channels": (first, min(tile, self.channels - first)), "kept_columns": cols.tolist(),
+                        "aligned": int(cols.numel()) % tile == 0})
+        return out
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(Ho, Wo)`` for an ``height x width`` input."""

@@ -223,6 +223,17 @@ def test_depthwise_from_conv_uses_weight_mask():
     torch.testing.assert_close(NativeConv(packed)(x), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_depthwise_dr_metadata_follows_the_mask():
+    from lightning_winoprune.pruning._depthwise import depthwise_mask
+
+    w = torch.randn(70, 1, 3, 3)
+    mask = depthwise_mask(w, 0.7, "dcp-bh").mask
+    meta = PackedDepthwiseConv(w, mask, backend="torch").dr_metadata(32)
+    assert [m["channels"] for m in meta] == [(0, 32), (32, 32), (64, 6)]
+    assert sum(len(m["kept_columns"]) for m in meta) == int(mask.sum())
+    assert meta[0]["aligned"] and meta[1]["aligned"]  # HSR: kept columns a multiple of the tile in full sub-GEMMs
+
+
 def test_depthwise_from_conv_refuses_non_depthwise():
     with pytest.raises(ValueError, match="depthwise"):
         PackedDepthwiseConv.from_conv(nn.Conv2d(4, 8, 3, groups=4))
