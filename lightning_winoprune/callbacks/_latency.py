@@ -137,13 +137,19 @@ class LatencyValidation(Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        out = self._output_dir(trainer)  # trainer.log_dir broadcasts: every rank must ask, not only rank zero
         if trainer.is_global_zero:
-            self.validate(trainer, pl_module)
+            self.validate(trainer, pl_module, out)
         trainer.strategy.barrier("latency_validation")
 
     @rank_zero_only
-    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> LatencyReport:
-        """Measure now, write and log the report (what ``on_fit_end`` runs)."""
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                 output_dir: str | Path | None = None) -> LatencyReport:
+        """Measure now, write and log the report (what ``on_fit_end`` runs).
+
+        ``output_dir`` defaults to the callback's; without one, ``trainer.log_dir`` is used, which under DDP must
+        be read on every rank (``on_fit_end`` does so and passes it here).
+        """
         x = self.example_input(trainer)
         rank_zero_info(f"LatencyValidation: timing the pruned layers at batch {x.shape[0]}, "
                        f"{x.shape[-2]}x{x.shape[-1]} ({self.repeats} rounds)")
@@ -152,7 +158,7 @@ class LatencyValidation(Callback):
             check_output=self.check_output, tolerance=self.tolerance, whole_model=self.whole_model,
             backend=self.backend, progress=self.verbose >= 1,
         )
-        out = self._output_dir(trainer)
+        out = Path(output_dir) if output_dir is not None else self._output_dir(trainer)
         report.to_json(out / "latency.json")
         if self.plot:
             report.plot(out / "latency.png")
@@ -185,8 +191,8 @@ class LatencyValidation(Callback):
     def _log_wandb(logger: WandbLogger, report: LatencyReport) -> None:
         import wandb
 
-        columns = ["layer", "kind", "shape", "kept", "torch_ms", "dense_winograd_ms", "pruned_ms",
-                   "fp_equivalent_ms", "csr_ms", "speedup", "max_error"]
+        columns: list[Any] = ["layer", "kind", "shape", "kept", "torch_ms", "dense_winograd_ms", "pruned_ms",
+                              "fp_equivalent_ms", "csr_ms", "speedup", "max_error"]
         rows = [[r.name, r.kind, r.shape, r.kept, r.torch_ms, r.dense_winograd_ms, r.pruned_ms, r.fp_equivalent_ms,
                  r.csr_ms, r.speedup, r.max_error] for r in report.layers]
         table = wandb.Table(columns=columns, data=rows)

@@ -24,7 +24,7 @@ from lightning_winoprune.callbacks._base import (
 )
 from lightning_winoprune.callbacks._logging import log_pruning_report
 from lightning_winoprune.importance._latency import LatencyTable, NativeLatencyTable, TorchLatencyTable
-from lightning_winoprune.kernels._backend import Backend
+from lightning_winoprune.kernels._backend import Backend, extension_status, native_available
 from lightning_winoprune.pruning._engine import MaskResult, Pattern, Rounding, Score
 from lightning_winoprune.pruning._methods import METHODS, POLICIES, method_pattern, winograd_mask
 from lightning_winoprune.winograd._convert import winogradize
@@ -134,6 +134,10 @@ class WinogradPruning(PruningCallback):
         check_positive_int("unit", unit)
         if isinstance(latency_table, str):
             check_choice("latency_table", latency_table, sorted(_LATENCY_TABLES))
+            if latency_table == "native" and not native_available():
+                raise MisconfigurationException(
+                    f"latency_table='native' needs the native extension ({extension_status()}); use 'torch'"
+                )
         elif latency_table is not None and not isinstance(latency_table, LatencyTable):
             raise MisconfigurationException(
                 f"latency_table={latency_table!r} is not valid; pass a LatencyTable or one of {sorted(_LATENCY_TABLES)}"

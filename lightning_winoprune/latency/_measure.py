@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import platform
 import statistics
 import time
@@ -146,9 +147,9 @@ def _depthwise_row(name: str, conv: nn.Conv2d, x: torch.Tensor, threads: int, re
                 f"(relative max error, tolerance {tol:.0e})"
             )
     medians = _round_robin({
-        "torch": lambda: F.conv2d(x, weight, bias, stride, pad, groups=ch),  # type: ignore[arg-type]
+        "torch": lambda: F.conv2d(x, weight, bias, stride, pad, groups=ch),
         "pruned": lambda: packed(x),
-        "fp": lambda: F.conv2d(x_fp, weight[:c_fp], None if bias is None else bias[:c_fp], stride, pad,  # type: ignore[arg-type]
+        "fp": lambda: F.conv2d(x_fp, weight[:c_fp], None if bias is None else bias[:c_fp], stride, pad,
                                groups=c_fp),
     }, repeats, warmup, lambda: None)
     kh = conv.kernel_size[0]
@@ -191,14 +192,18 @@ def _gpu_rows(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor], rep
     device = torch.device("cuda")
     rows = []
     for name, mod in layers.items():
-        if not isinstance(mod, WinogradConv2d):
+        if not isinstance(mod, WinogradConv2d) or name not in inputs:  # not on the forward path of this input
             continue
         x = inputs[name].to(device)
-        packed = PackedWinogradConv.from_layer(mod, backend="torch")
+        # weights on the GPU: the timed calls must not copy them from the host every time
+        packed = PackedWinogradConv(mod.weight.detach().float().to(device),
+                                    None if mod.mask is None else mod.mask.to(device), mod.m, mod.padding,
+                                    None if mod.bias is None else mod.bias.detach().float().to(device),
+                                    backend="torch")
         weight = torch.randn(mod.out_channels, mod.in_channels, 3, 3, device=device)
         medians = _round_robin({
-            "cudnn": lambda w=weight, x=x, p=mod.padding: F.conv2d(x, w, padding=p),
-            "compacted": lambda pk=packed, x=x: pk(x),
+            "cudnn": functools.partial(F.conv2d, x, weight, padding=mod.padding),
+            "compacted": functools.partial(packed, x),
         }, repeats, warmup, lambda: torch.cuda.synchronize(device))
         rows.append(GpuLatency(name, medians["cudnn"], medians["compacted"]))
     return rows
@@ -259,6 +264,7 @@ def measure_latency(
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
     if not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    backend = Backend.parse(backend, "backend")
     n_threads = threads or torch.get_num_threads()
     x = example_input.detach().to("cpu", torch.float32).contiguous()
     was_training = model.training
@@ -309,5 +315,6 @@ def measure_latency(
         "native_extension": native_available(),
         "cuda": torch.cuda.get_device_name(0) if use_gpu else None,
     }
+    isa = None if backend is Backend.TORCH else native_isa()  # None: no native kernel ran
     return LatencyReport(rows, model_row, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), n_threads,
-                         native_isa(), repeats, gpu_rows, env)
+                         isa, repeats, gpu_rows, env)

@@ -241,8 +241,8 @@ class LatencyReport:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         names = [r.name for r in self.layers] + (["whole model"] if self.model else [])
-        series = {
-            "pruned (ours)": [r.speedup for r in self.layers] + ([self.model.speedup] if self.model else []),
+        series: dict[str, list[float | None]] = {
+            "pruned (ours)": [*(r.speedup for r in self.layers), *([self.model.speedup] if self.model else [])],
             "dense Winograd (ours)": [r.dense_winograd_speedup for r in self.layers] + ([None] if self.model else []),
             "FP-equivalent conv": [r.fp_speedup for r in self.layers] + ([None] if self.model else []),
             "WWP CSR": [r.csr_speedup for r in self.layers] + ([None] if self.model else []),

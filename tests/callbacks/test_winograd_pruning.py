@@ -31,6 +31,8 @@ from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
 from lightning_winoprune import WinogradConv2d, WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.callbacks import PruningSchedule
 from lightning_winoprune.data import DigitsDataModule
+from lightning_winoprune.importance import NativeLatencyTable, TorchLatencyTable
+from lightning_winoprune.kernels import native_available
 from lightning_winoprune.recipes import ImageClassifier
 
 pytestmark = [
@@ -205,6 +207,8 @@ class AdamClassifier(ImageClassifier):
         ({"wsp_fraction": 1.5}, r"wsp_fraction(?s:.*)\b1\.5\b"),
         ({"latency_budget": 0}, r"latency_budget(?s:.*)\b0\b"),
         ({"latency_budget": 1.5}, r"latency_budget(?s:.*)\b1\.5\b"),
+        ({"latency_table": "bogus"}, r"latency_table='bogus' is not valid; valid values are \['native', 'torch'\]"),
+        ({"latency_table": 3}, r"latency_table=3 is not valid; pass a LatencyTable or one of \['native', 'torch'\]"),
         ({"budget_amounts": (0.0,)}, r"budget_amounts(?s:.*)\(0\.0,\)"),
         ({"budget_amounts": ()}, r"budget_amounts(?s:.*)\(\)"),
         ({"loss_fn": 3}, choices("loss_fn", "callable", r"\bint\b")),
@@ -453,6 +457,44 @@ def test_latency_budget_chooses_amounts_within_the_budget(datamodule):
         layer = module.get_submodule(name)
         assert abs(layer.sparsity - cb.layer_amounts[name]) < 0.05, name
         assert (cb.policies[name] == "dense") == (cb.layer_amounts[name] == 0.0), name
+
+
+@pytest.mark.parametrize(
+    "latency_table",
+    ["torch", pytest.param("native", marks=pytest.mark.skipif(not native_available(), reason="no native extension"))],
+)
+def test_latency_budget_with_a_named_latency_table(latency_table, datamodule, monkeypatch):
+    """``latency_table="torch"|"native"`` builds that table at the calibration batch's shapes and honours the budget."""
+    cls = {"torch": TorchLatencyTable, "native": NativeLatencyTable}[latency_table]
+    measured: dict[tuple[str, Any], float] = {}
+    tables: set[type] = set()
+    original = cls._measure
+
+    def spy(self: TorchLatencyTable, name: str, candidate: Any) -> float:
+        tables.add(type(self))
+        assert self.batch_size == 16  # the datamodule's batch
+        measured[(name, candidate)] = original(self, name, candidate)
+        return measured[(name, candidate)]
+
+    monkeypatch.setattr(cls, "_measure", spy)
+    module = make_module()
+    cb = WinogradPruning(method="bwsp", amount=0.7, latency_budget=0.6, budget_amounts=(0.5, 0.9),
+                         latency_table=latency_table, calibration_batches=1, verbose=0)
+    make_trainer([cb]).fit(module, datamodule)
+    names = cb.layer_names
+    assert tables == {cls} and {n for n, _ in measured} == set(names)
+    assert set(cb.policies.values()) <= {"dense", "bwsp"} and set(cb.layer_amounts.values()) <= {0.0, 0.5, 0.9}
+
+    def chosen(name: str) -> float:
+        policy, amount = cb.policies[name], cb.layer_amounts[name]
+        (value,) = [v for (n, c), v in measured.items() if n == name and c.policy == policy
+                    and (policy == "dense" or c.amount == amount)]
+        return value
+
+    dense = sum(v for (_, c), v in measured.items() if c.policy == "dense")
+    assert sum(chosen(n) for n in names) <= 0.6 * dense + 1e-12
+    for name in names:
+        assert abs(module.get_submodule(name).sparsity - cb.layer_amounts[name]) < 0.05, name
 
 
 # --------------------------------------------------------------------------------------------- 4. gradual schedule

@@ -76,3 +76,20 @@ def offline_wandb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
                        "WANDB_DISABLE_GIT": "true", "WANDB_INIT_TIMEOUT": "90"}.items():
         monkeypatch.setenv(var, value)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+def wandb_config_updates(run_dir: Path) -> dict[tuple[str, ...], Any]:
+    """Every config update of the ``.wandb`` log, keyed by its (nested) key path; e.g. custom charts land under
+    ``("_wandb", "visualize", <logged key>)``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (log,) = run_dir.glob("*.wandb")
+    updates: dict[tuple[str, ...], Any] = {}
+    for raw in wandb_records(log):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != "config":
+            continue
+        for item in record.config.update:
+            updates[tuple(item.nested_key) or (item.key,)] = json.loads(item.value_json)
+    return updates

@@ -1,4 +1,4 @@
-"""``TorchLatencyTable`` (shapes, timings, cache, threads, errors) and ``DictLatencyTable``."""
+"""``TorchLatencyTable`` (shapes, timings, cache, threads, errors), ``NativeLatencyTable`` and ``DictLatencyTable``."""
 
 from __future__ import annotations
 
@@ -8,11 +8,20 @@ import pytest
 import torch
 
 from lightning_winoprune import WinogradConv2d
-from lightning_winoprune.importance import DENSE, Candidate, DictLatencyTable, LatencyTable, TorchLatencyTable
-from lightning_winoprune.pruning import method_pattern, winograd_mask
+from lightning_winoprune.importance import (
+    DENSE,
+    Candidate,
+    DictLatencyTable,
+    LatencyTable,
+    NativeLatencyTable,
+    TorchLatencyTable,
+)
+from lightning_winoprune.kernels import PackedWinogradConv, _backend, native_available
+from lightning_winoprune.pruning import Score, method_pattern, winograd_mask
 
 BWSP = method_pattern("bwsp")
 WSP = method_pattern("wsp-r")
+needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
 
 
 def small_table(layers: dict[str, WinogradConv2d] | None = None, **kwargs: object) -> TorchLatencyTable:
@@ -133,3 +142,54 @@ def test_dict_table():
             DictLatencyTable({("a", DENSE): bad})
     with pytest.raises(TypeError, match="pairs"):
         DictLatencyTable({("a", "dense"): 1.0})  # type: ignore[dict-item]
+
+
+# ------------------------------------------------------------------------------------------- NativeLatencyTable
+@needs_ext
+def test_native_table_times_the_whole_pruned_layer(monkeypatch):
+    layer = WinogradConv2d(64, 64)
+    table = NativeLatencyTable({"conv": layer}, {"conv": (16, 16)}, batch_size=4, reps=9, warmup=1, num_threads=1)
+    assert isinstance(table, LatencyTable) and table.names == ["conv"]
+    calls: list[tuple[PackedWinogradConv, tuple[int, ...]]] = []
+    original = PackedWinogradConv.__call__
+
+    def spy(self: PackedWinogradConv, x: torch.Tensor) -> torch.Tensor:
+        calls.append((self, tuple(x.shape)))
+        return original(self, x)
+
+    monkeypatch.setattr(PackedWinogradConv, "__call__", spy)
+    threads, state = torch.get_num_threads(), torch.get_rng_state()
+    dense = table.latency("conv", DENSE)
+    bwsp90 = table.latency("conv", Candidate("bwsp", 0.9, BWSP))  # ~6 of 64 rows: transforms remain
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), state)
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (dense, bwsp90))
+    assert bwsp90 < 0.8 * dense, (bwsp90, dense)
+    # the whole layer on the native kernels: reps + warmup calls of one packed conv per candidate, on a full batch
+    assert len(calls) == 2 * 10 and {shape for _, shape in calls} == {(4, 64, 16, 16)}
+    packs = list(dict.fromkeys(p for p, _ in calls))
+    assert len(packs) == 2 and all(p.backend.value == "native" and p.threads == 1 for p in packs)
+    assert packs[0].kept_fraction == 1.0 and packs[1].kept_fraction == pytest.approx(
+        1 - winograd_mask(layer.weight.detach(), 0.9, BWSP)[1].sparsity)
+    # cached: nothing runs again
+    assert table.latency("conv", DENSE) == dense and len(calls) == 20
+    # importance-scored patterns are ranked by L2, unbalanced ones run too
+    imp = table.latency("conv", Candidate("bwsp", 0.5, BWSP.with_(score=Score.IMPORTANCE)))
+    wsp = table.latency("conv", Candidate("wsp", 0.5, WSP))
+    assert imp > 0 and wsp > 0 and len(calls) == 40
+
+
+def test_native_table_without_the_extension_fails_at_the_first_measurement(monkeypatch):
+    monkeypatch.setattr(_backend, "_probe", lambda: (None, "disabled by the test"))
+    table = NativeLatencyTable({"conv": WinogradConv2d(4, 4)}, {"conv": (4, 4)}, reps=1, warmup=0)
+    with pytest.raises(RuntimeError, match=r"backend='native' was requested(?s:.*)disabled by the test"):
+        table.latency("conv", DENSE)
+
+
+def test_native_table_argument_errors_are_the_torch_tables():
+    layer = WinogradConv2d(4, 4)
+    with pytest.raises(ValueError, match="reps"):
+        NativeLatencyTable({"x": layer}, {"x": (4, 4)}, reps=0)
+    with pytest.raises(TypeError, match="WinogradConv2d"):
+        NativeLatencyTable({"x": torch.nn.Conv2d(4, 4, 3)}, {"x": (4, 4)})
+    with pytest.raises(KeyError, match="known layers"):
+        NativeLatencyTable({"x": layer}, {"x": (4, 4)}).latency("zz", DENSE)
