@@ -185,6 +185,7 @@ def test_wandb_offline_run_gets_deprune_metrics_and_table(tmp_path, data, monkey
         trainer([cb], logger=WandbLogger(offline=True, save_dir=str(tmp_path), project="t")).fit(module, data)
     finally:
         wandb.finish()
+        wandb.teardown()  # finish() may return before the offline log is flushed; teardown waits for the service
     (run_dir,) = (Path(p) for p in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
     summary = wandb_summary(run_dir)
     assert summary["deprune/dw_sparsity"] == pytest.approx(cb.history[0]["dw_sparsity"])

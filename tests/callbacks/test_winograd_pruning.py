@@ -791,6 +791,7 @@ def test_wandb_offline_run_gets_sparsity_table_and_mask_images(tmp_path, datamod
         make_trainer([cb], logger=logger).fit(module, datamodule)
     finally:
         wandb.finish()
+        wandb.teardown()  # finish() may return before the offline log is flushed; teardown waits for the service
     (run_dir,) = (Path(p) for p in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
     summary = wandb_summary(run_dir)
     assert summary["winograd_pruning/sparsity"] == pytest.approx(cb.history[0]["sparsity"])
