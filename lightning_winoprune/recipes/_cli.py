@@ -1,0 +1,408 @@
+"""``winoprune``: LightningCLI for the recipes (``fit``, ``validate``, ``test``, ``predict``) plus ``recipes``.
+
+Examples::
+
+    winoprune fit --config recipes/resnet18_abwsp.yaml             # run a recipe
+    winoprune fit --config resnet18_abwsp --pruning.amount 0.5    # a bundled recipe by name, one value changed
+    winoprune recipes                                              # list the bundled recipes
+    winoprune recipes resnet18_abwsp                               # print one
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from typing_extensions import override
+
+from lightning_winoprune.callbacks import DEPrune, PruningCallback
+from lightning_winoprune.recipes._callbacks import FitSummary, prune_epochs, trainer_callbacks
+from lightning_winoprune.recipes._module import ImageClassifier
+from lightning_winoprune.recipes._recipes import list_recipes, recipe_path, recipe_title
+
+__all__ = ["RecipeConfigCallback", "WinopruneCLI", "configure_wandb_mode", "main", "run_cli"]
+
+_EPILOG = ("Also: `winoprune recipes` lists the bundled recipes, `winoprune recipes NAME` prints one. "
+           "`--config NAME` accepts a bundled recipe's name as well as a path.")
+
+
+# ---------------------------------------------------------------------------------------------------- W&B mode
+def _wandb_has_credentials() -> bool:
+    """Whether W&B would find an API key without asking: ``WANDB_API_KEY``, an identity token, or a netrc entry."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        auth = netrc.netrc(path).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def configure_wandb_mode() -> str:
+    """Make W&B offline unless the user chose a mode (``WANDB_MODE``) or is logged in; return the mode.
+
+    Runs before any ``WandbLogger`` starts a run, so a machine without network or W&B account never waits on a
+    login prompt or a connection: the run is written locally and can be uploaded later with ``wandb sync``.
+    """
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    if _wandb_has_credentials():
+        return "online"
+    os.environ["WANDB_MODE"] = "offline"
+    return "offline"
+
+
+# ---------------------------------------------------------------------------------------------------- config
+class RecipeConfigCallback(SaveConfigCallback):
+    """Save the run's full config: into the W&B run (its files and its config) when a ``WandbLogger`` is used.
+
+    With a ``WandbLogger`` the resolved config goes to the run's ``config`` (key ``config``, with the recipe name
+    under ``recipe``) and ``config.yaml`` into the run's files folder (uploaded with the run); otherwise it is
+    written to the trainer's ``log_dir`` as ``LightningCLI`` does.
+    """
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not wandb_loggers:
+            super().setup(trainer, pl_module, stage)
+            return
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            config = self.parser.dump(self.config, skip_none=False, format="yaml")
+            for logger in wandb_loggers:
+                run_files = Path(logger.experiment.dir)
+                (run_files / self.config_filename).write_text(config)
+                logger.log_hyperparams({"recipe": _recipe_name(self.config), "config": _yaml_load(config)})
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+def _yaml_load(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def _recipe_name(config: Any) -> str | None:
+    """The stem of the (last) ``--config`` file, e.g. ``resnet18_abwsp``."""
+    paths = config.get("config") if hasattr(config, "get") else None
+    if not paths:
+        return None
+    last = paths[-1] if isinstance(paths, list) else paths
+    return Path(str(getattr(last, "relative", last))).stem
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def _names_wandb(logger_config: Any) -> bool:
+    """Whether a parsed ``trainer.logger`` value is (or lists) a ``WandbLogger``."""
+    if isinstance(logger_config, (list, tuple)):
+        return any(_names_wandb(item) for item in logger_config)
+    if isinstance(logger_config, WandbLogger):
+        return True
+    class_path = logger_config.get("class_path") if hasattr(logger_config, "get") else None
+    return isinstance(class_path, str) and class_path.rsplit(".", 1)[-1] == "WandbLogger"
+
+
+def _wandb_save_dirs(logger_config: Any) -> list[str]:
+    """The ``save_dir`` of every ``WandbLogger`` config in a parsed ``trainer.logger`` value."""
+    items = logger_config if isinstance(logger_config, (list, tuple)) else [logger_config]
+    dirs = []
+    for item in items:
+        init_args: Any = item.get("init_args") if hasattr(item, "get") and _names_wandb(item) else None
+        save_dir: Any = init_args.get("save_dir") if hasattr(init_args, "get") else None
+        if isinstance(save_dir, str) and save_dir:
+            dirs.append(save_dir)
+    return dirs
+
+
+def _num_classes(data: LightningDataModule) -> int:
+    value = getattr(data, "num_classes", None)
+    if not isinstance(value, int):
+        raise ValueError(f"the datamodule {type(data).__name__} has no int attribute num_classes, which the model's "
+                         "num_classes is taken from; give it one")
+    return value
+
+
+def _in_chans(data: LightningDataModule) -> int:
+    value = getattr(data, "in_chans", 3)
+    return value if isinstance(value, int) else 3
+
+
+class WinopruneCLI(LightningCLI):
+    """LightningCLI for :class:`ImageClassifier` with a ``pruning`` callback group and an end-of-fit summary.
+
+    * ``--data`` is any LightningDataModule (the recipes use the embedded digits); the model's ``num_classes`` and
+      ``in_chans`` come from the instantiated datamodule (``in_chans`` defaults to 3 where it has none).
+    * ``--pruning`` is one :class:`~lightning_winoprune.callbacks.PruningCallback` (``WinogradPruning``,
+      ``DEPrune``, or a subclass), added to the trainer's callbacks; ``--pruning.amount 0.5`` changes one value.
+    * After ``fit`` the test set is evaluated (``--test_after_fit false`` skips it; the best checkpoint when one was
+      saved) and a summary is printed: dense and pruned accuracy, sparsity, checkpoint and W&B run, and the report of
+      every callback that has a ``report`` (e.g. the latency validation). It is kept in :attr:`fit_summary`.
+    """
+
+    fit_summary: dict[str, Any] | None = None
+
+    def __init__(self, args: list[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_callback", RecipeConfigCallback)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"description": "Prune timm CNNs with the lightning_winoprune recipes.",
+                                            "epilog": _EPILOG})
+        self.summary_callback = FitSummary()
+        super().__init__(ImageClassifier, LightningDataModule, subclass_mode_data=True, args=args, run=run, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(PruningCallback, "pruning", subclass_mode=True, required=False)
+        parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
+        parser.link_arguments("data", "model.in_chans", compute_fn=_in_chans, apply_on="instantiate")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="After fit: evaluate the test set (best checkpoint if any) for the summary.")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        trainer_config = self._get(self.config, "trainer")
+        logger_config = trainer_config.get("logger") if trainer_config is not None else None
+        if _names_wandb(logger_config):
+            configure_wandb_mode()
+            # wandb looks for a git repository in its folder and warns when the folder does not exist yet
+            for save_dir in _wandb_save_dirs(logger_config):
+                Path(save_dir).mkdir(parents=True, exist_ok=True)
+
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        extra = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        # the summary first: it measures the dense accuracy before a pruning callback prunes in the same hook
+        config["callbacks"] = [self.summary_callback, *(cb for cb in extra if cb is not None), *callbacks]
+        return self._instantiate_trainer(config, [])
+
+    def after_fit(self) -> None:
+        """Evaluate the test set and print the summary (rank zero)."""
+        trainer = self.trainer
+        test_acc, tested = None, None
+        datamodule = self.datamodule
+        can_test = datamodule is not None and is_overridden("test_dataloader", datamodule, LightningDataModule)
+        if self._get(self.config, "test_after_fit", True) and can_test and not trainer.interrupted:
+            ckpt = trainer.checkpoint_callback
+            best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
+            shrunk = any(isinstance(cb, DEPrune) and cb.physical_done for cb in trainer_callbacks(trainer))
+            use_best = bool(best) and Path(best).is_file() and not shrunk
+            results = trainer.test(self.model, datamodule=datamodule, ckpt_path=best if use_best else None,
+                                   verbose=False)
+            tested = "best checkpoint" if use_best else "final model"
+            value = results[0].get("test/acc") if results else None
+            test_acc = float(value) if value is not None else None
+        self.fit_summary = build_summary(trainer, self.summary_callback, test_acc, tested, _recipe_name(
+            self.config.get(str(self.subcommand), self.config)))
+        log_summary(trainer, self.fit_summary)
+        # the fit is over: close the W&B run, so its files are complete and its footer comes before the summary
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+                logger.experiment.finish()
+        if trainer.is_global_zero:
+            print_summary(trainer, self.fit_summary)
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+def _wandb_run(trainer: Trainer) -> Any:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            return logger.experiment
+    return None
+
+
+def build_summary(trainer: Trainer, fit: FitSummary, test_acc: float | None, tested: str | None,
+                  recipe: str | None) -> dict[str, Any]:
+    """The end-of-fit numbers as a JSON-friendly dict."""
+    epochs = prune_epochs(trainer)
+    sparsity: dict[str, float] = {}
+    for cb in trainer_callbacks(trainer):
+        if isinstance(cb, PruningCallback) and cb.history:
+            name = type(cb).__name__
+            sparsity.update({f"{name} {k}": float(v) for k, v in cb.history[-1].items() if k.endswith("sparsity")})
+    params = list(trainer.lightning_module.parameters())
+    total = sum(p.numel() for p in params)
+    zeros = sum(int((p == 0).sum()) for p in params)
+    ckpt = trainer.checkpoint_callback
+    run = _wandb_run(trainer)
+    best_score = getattr(ckpt, "best_model_score", None) if ckpt is not None else None
+    return {
+        "recipe": recipe,
+        "model": dict(trainer.lightning_module.hparams).get("model_name"),
+        "epochs": trainer.current_epoch,
+        "prune_epochs": list(epochs) if epochs else None,
+        "dense_val_acc": fit.dense_acc,
+        "dense_val_epoch": fit.dense_epoch,
+        "pruned_val_acc": fit.last_val_acc,
+        "best_pruned_val_acc": float(best_score) if isinstance(best_score, torch.Tensor) else None,
+        "test_acc": test_acc,
+        "tested": tested,
+        "sparsity": sparsity,
+        "zero_parameters": zeros / max(total, 1),
+        "fit_seconds": fit.fit_seconds,
+        "best_checkpoint": (getattr(ckpt, "best_model_path", "") or None) if ckpt is not None else None,
+        "last_checkpoint": (getattr(ckpt, "last_model_path", "") or None) if ckpt is not None else None,
+        "wandb_run_dir": str(Path(run.dir).parent) if run is not None else None,
+        "wandb_mode": (run.settings.mode if run is not None else None),
+        "reports": [_report_entry(cb) for cb in _reporting_callbacks(trainer)],
+    }
+
+
+def _reporting_callbacks(trainer: Trainer) -> list[Callback]:
+    return [cb for cb in trainer_callbacks(trainer) if getattr(cb, "report", None) is not None]
+
+
+def _report_entry(cb: Callback) -> dict[str, Any]:
+    path = getattr(cb.report, "json_path", None)  # type: ignore[attr-defined]
+    return {"callback": type(cb).__name__, "json_path": str(path) if path is not None else None}
+
+
+def log_summary(trainer: Trainer, summary: dict[str, Any]) -> None:
+    """Log the summary's numbers to every logger under ``summary/``."""
+    keys = ("dense_val_acc", "pruned_val_acc", "best_pruned_val_acc", "test_acc", "zero_parameters", "fit_seconds")
+    metrics = {f"summary/{k}": float(summary[k]) for k in keys if summary.get(k) is not None}
+    metrics.update({f"summary/sparsity/{k.replace(' ', '/')}": v for k, v in summary["sparsity"].items()})
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | None = None) -> None:
+    """Print every report a callback left in ``report``, then the summary table."""
+    console = console or Console()
+    for cb in _reporting_callbacks(trainer):
+        console.print(cb.report)  # type: ignore[attr-defined]
+    title = f"winoprune summary: {summary['recipe'] or summary['model']}"
+    table = Table(title=title)
+    table.add_column("", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    dense_when = (f"end of epoch {summary['dense_val_epoch']}" if summary["dense_val_epoch"] is not None
+                  else "measured at the prune point")
+    pruned = "pruned " if summary["prune_epochs"] is not None else ""
+    if summary["prune_epochs"] is not None:
+        first, last = summary["prune_epochs"]
+        table.add_row("pruning epochs", f"{first}" if first == last else f"{first}..{last}")
+        table.add_row(f"dense val accuracy ({dense_when})", _fmt(summary["dense_val_acc"]))
+    table.add_row(f"{pruned}val accuracy (last epoch)", _fmt(summary["pruned_val_acc"]))
+    if summary["best_pruned_val_acc"] is not None:
+        table.add_row(f"{pruned}val accuracy (best checkpoint)", _fmt(summary["best_pruned_val_acc"]))
+    if summary["tested"] is not None:
+        table.add_row(f"test accuracy ({summary['tested']})", _fmt(summary["test_acc"]))
+    for name, value in summary["sparsity"].items():
+        table.add_row(f"{name}", f"{value:.4f}")
+    table.add_row("zero parameters, whole model", f"{summary['zero_parameters']:.4f}")
+    table.add_row("fit time", f"{summary['fit_seconds']:.0f} s")
+    if summary["best_checkpoint"]:
+        table.add_row("best checkpoint", Text(summary["best_checkpoint"]))  # Text: no markup in paths
+    if summary["wandb_run_dir"]:
+        table.add_row(f"W&B run ({summary['wandb_mode']})", Text(summary["wandb_run_dir"]))
+    for entry in summary["reports"]:
+        if entry["json_path"]:
+            table.add_row(f"{entry['callback']} report", Text(entry["json_path"]))
+    console.print(table)
+    if summary["wandb_mode"] == "offline" and summary["wandb_run_dir"]:
+        console.print(f"upload the W&B run with: wandb sync {summary['wandb_run_dir']}", markup=False,
+                      soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------------------------- entry point
+def _resolve_config_names(args: list[str]) -> list[str]:
+    """Let ``--config NAME`` name a bundled recipe when ``NAME`` is not a file."""
+    out = list(args)
+    for i, arg in enumerate(args):
+        if arg in ("-c", "--config") and i + 1 < len(args):
+            at, value, prefix = i + 1, args[i + 1], ""
+        elif arg.startswith("--config="):
+            at, value, prefix = i, arg.removeprefix("--config="), "--config="
+        else:
+            continue
+        if not Path(value).exists() and value.removesuffix(".yaml") in list_recipes():
+            out[at] = prefix + str(recipe_path(value))
+    return out
+
+
+def _print_recipes(args: list[str], console: Console) -> int:
+    if args and args[0] in ("-h", "--help"):
+        console.print("usage: winoprune recipes [NAME]\n\nList the bundled recipes, or print the YAML of one.")
+        return 0
+    if args:
+        try:
+            text = recipe_path(args[0]).read_text()
+        except ValueError as err:
+            sys.stderr.write(f"error: {err}\n")
+            return 2
+        sys.stdout.write(text)  # plain, unwrapped: `winoprune recipes NAME > mine.yaml` gives a valid file
+        return 0
+    table = Table(title="bundled recipes: winoprune fit --config recipes/<name>.yaml")
+    table.add_column("name")
+    table.add_column("what it does")
+    for name in list_recipes():
+        table.add_row(name, recipe_title(recipe_path(name)))
+    console.print(table)
+    return 0
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console entry point ``winoprune``; ``args`` replaces ``sys.argv[1:]`` (see :func:`run_cli`)."""
+    run_cli(args)
+
+
+def run_cli(args: Sequence[str] | None = None) -> WinopruneCLI | None:
+    """Run ``winoprune`` with ``args`` (default ``sys.argv[1:]``) in this process.
+
+    Returns:
+        The CLI object (its ``trainer``, ``model``, ``datamodule`` and, after ``fit``, ``fit_summary``), or ``None``
+        for ``winoprune recipes``.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "recipes":
+        code = _print_recipes(argv[1:], Console())
+        if code:
+            raise SystemExit(code)
+        return None
+    before = _current_wandb_run()
+    ok, saved_argv = False, sys.argv
+    sys.argv = saved_argv[:1]  # the arguments are passed explicitly; LightningCLI warns when sys.argv has more
+    try:
+        cli = WinopruneCLI(args=_resolve_config_names(argv))
+        ok = True
+    finally:
+        sys.argv = saved_argv
+        # close the W&B run this command opened, so its files are complete when the command returns
+        run = _current_wandb_run()
+        if run is not None and run is not before:
+            run.finish(exit_code=0 if ok else 1)
+    return cli
+
+
+def _current_wandb_run() -> Any:
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+if __name__ == "__main__":
+    main()

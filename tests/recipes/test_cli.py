@@ -1,0 +1,261 @@
+"""The ``winoprune`` CLI: every recipe runs a smoke fit, overrides apply, W&B gets the run, the summary is right."""
+
+import glob
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.table import Table
+
+from lightning_winoprune import DEPrune, WinogradPruning
+from lightning_winoprune.recipes import PrunedCheckpoint, list_recipes
+from lightning_winoprune.recipes._cli import WinopruneCLI, _resolve_config_names, configure_wandb_mode, main, run_cli
+from lightning_winoprune.recipes._recipes import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("wandb_helpers", ROOT / "tests" / "callbacks" / "wandb_helpers.py")
+assert _spec is not None and _spec.loader is not None
+wandb_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(wandb_helpers)
+
+RECIPES = ["efficientnet_b0_deprune_bh", "mobilenetv2_100_deprune_bh", "mobilenetv3_large_100_deprune_bh",
+           "resnet18_abwsp", "resnet18_wspr", "resnet50_abwsp", "resnet50_wspr", "vgg16_wspc", "vgg16_wspr"]
+
+
+def smoke_args(tmp_path: Path, image_size: int = 16) -> list[str]:
+    """Two epochs of two batches: epoch 0 dense, pruning at the start of epoch 1; everything written to tmp_path."""
+    return ["--trainer.max_epochs", "2", "--pruning.start_epoch", "1", "--model.lr_milestones", "[1]",
+            "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches",
+            "1", "--data.image_size", str(image_size), "--data.batch_size", "8", "--pruning.calibration_batches", "1",
+            "--pruning.verbose", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+            "false", "--trainer.default_root_dir", str(tmp_path)]
+
+
+def test_the_bundled_recipes_are_the_documented_ones_and_reachable_from_the_repo_root():
+    assert list_recipes() == RECIPES
+    for name in RECIPES:
+        assert (ROOT / "recipes" / f"{name}.yaml").read_bytes() == (CONFIG_DIR / f"{name}.yaml").read_bytes()
+
+
+def test_console_script_is_registered():
+    (ep,) = importlib.metadata.entry_points(group="console_scripts", name="winoprune")
+    assert ep.value == "lightning_winoprune.recipes._cli:main"
+    assert ep.load() is main
+
+
+# ------------------------------------------------------------------------------------------ every recipe, smoke
+def check_smoke_run(cli, name: str) -> None:
+    """What every recipe's smoke fit must show: a dense epoch, one pruning step, a pruned best checkpoint, a summary."""
+    assert isinstance(cli, WinopruneCLI)
+    pruner = next(cb for cb in cli.trainer.callbacks if isinstance(cb, (WinogradPruning, DEPrune)))
+    assert isinstance(pruner, DEPrune if "deprune" in name else WinogradPruning)
+    assert [h["epoch"] for h in pruner.history] == [1]
+    summary = cli.fit_summary
+    assert summary is not None and summary["recipe"] == name
+    assert summary["prune_epochs"] == [1, 1]
+    assert summary["dense_val_epoch"] == 0 and 0 <= summary["dense_val_acc"] <= 1
+    assert 0 <= summary["test_acc"] <= 1 and summary["tested"] == "best checkpoint"
+    key = "DEPrune dw_sparsity" if "deprune" in name else "WinogradPruning sparsity"
+    assert summary["sparsity"][key] > 0.4
+    # the best checkpoint is a pruned one: the dense epoch 0 is never a candidate
+    ckpt = next(cb for cb in cli.trainer.callbacks if isinstance(cb, PrunedCheckpoint))
+    assert Path(summary["best_checkpoint"]).is_file() and "epoch=1" in summary["best_checkpoint"]
+    assert ckpt.best_model_path == summary["best_checkpoint"]
+    # num_classes and in_chans came from the datamodule
+    assert cli.model.hparams["num_classes"] == 10 and cli.model.hparams["in_chans"] == 1
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """``winoprune fit`` of a recipe in its smoke configuration without a logger, run once per module."""
+    runs: dict = {}
+
+    def run(name: str):
+        if name not in runs:
+            out = tmp_path_factory.mktemp(name)
+            size = 32 if name.startswith("vgg16") else 16  # five 2x2 max-pools need 32
+            path = ROOT / "recipes" / f"{name}.yaml"  # the README's form, through the repository's symlink
+            config = str(path) if path.is_file() else name
+            runs[name] = run_cli(["fit", "--config", config, "--trainer.logger", "false", *smoke_args(out, size)])
+        return runs[name]
+
+    return run
+
+
+# resnet18_abwsp's smoke run is the W&B test below
+@pytest.mark.parametrize("name", [n for n in RECIPES if n != "resnet18_abwsp"])
+def test_every_recipe_runs_a_smoke_fit(name, smoke_runs, quiet_single_thread):
+    check_smoke_run(smoke_runs(name), name)
+
+
+def test_overrides_change_the_recipe_and_links_follow_the_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "")  # unset: left alone, since this run has no WandbLogger
+    monkeypatch.setattr(sys, "argv", ["winoprune"])  # only the explicit arguments
+    cli = WinopruneCLI(args=["--config", str(CONFIG_DIR / "resnet18_abwsp.yaml"), "--pruning.method", "wsp-c",
+                             "--pruning.amount", "0.5", "--model.lr", "0.02", "--data.in_chans", "3",
+                             "--trainer.max_epochs", "3", "--trainer.logger", "false",
+                             "--trainer.default_root_dir", str(tmp_path)], run=False)
+    pruner = next(cb for cb in cli.trainer.callbacks if isinstance(cb, WinogradPruning))
+    assert (pruner.method, pruner.amount, pruner.schedule.start_epoch) == ("wsp-c", 0.5, 6)
+    assert cli.model.hparams["lr"] == 0.02 and cli.trainer.max_epochs == 3
+    assert cli.model.hparams["in_chans"] == 3 and cli.model.model.conv1.weight.shape[1] == 3
+    assert cli.trainer.logger is None and os.environ["WANDB_MODE"] == ""
+
+
+def test_config_accepts_a_bundled_recipe_name_and_rejects_bad_values(tmp_path):
+    assert _resolve_config_names(["fit", "--config", "vgg16_wspc", "-c=x"]) == [
+        "fit", "--config", str(CONFIG_DIR / "vgg16_wspc.yaml"), "-c=x"]
+    assert _resolve_config_names(["fit", "--config=resnet50_wspr.yaml"]) == [
+        "fit", f"--config={CONFIG_DIR / 'resnet50_wspr.yaml'}"]
+    with pytest.raises(SystemExit):  # a typo in an argument name
+        main(["fit", "--config", "resnet18_abwsp", "--pruning.amonut", "0.5"])
+    with pytest.raises(Exception, match="method='nope' is not valid"):
+        main(["fit", "--config", "resnet18_abwsp", "--pruning.method", "nope", "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_recipes_subcommand_lists_and_prints(capsys):
+    assert run_cli(["recipes"]) is None
+    out = capsys.readouterr().out
+    assert all(name in out for name in RECIPES)
+    main(["recipes", "vgg16_wspc"])
+    assert capsys.readouterr().out == (CONFIG_DIR / "vgg16_wspc.yaml").read_text()
+    with pytest.raises(SystemExit) as err:
+        main(["recipes", "alexnet_magic"])
+    assert err.value.code == 2
+    assert "resnet18_abwsp" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ summary
+class FakeReport:
+    """What LatencyValidation leaves in ``report``: a rich renderable with a ``json_path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.json_path = path
+
+    def __rich__(self) -> Table:
+        table = Table(title="fake latency report")
+        table.add_row("layer1", "1.23 ms")
+        return table
+
+
+class Reporter(Callback):
+    def __init__(self, path: Path) -> None:
+        self.path, self.report = path, None
+
+    def on_fit_end(self, trainer, pl_module):
+        self.report = FakeReport(self.path)
+
+
+def test_pretrained_style_run_measures_dense_accuracy_at_the_prune_point_and_prints_reports(tmp_path, capsys,
+                                                                                          monkeypatch,
+                                                                                          quiet_single_thread):
+    monkeypatch.setattr(sys, "argv", ["winoprune"])
+    args = ["fit", "--config", str(CONFIG_DIR / "mobilenetv2_100_deprune_bh.yaml"), "--trainer.logger", "false",
+            *smoke_args(tmp_path), "--pruning.start_epoch", "0", "--trainer.max_epochs", "1"]
+    cli = WinopruneCLI(args=args, trainer_defaults={"callbacks": [Reporter(tmp_path / "latency.json")]})
+    summary = cli.fit_summary
+    assert summary is not None and summary["prune_epochs"] == [0, 0]
+    assert summary["dense_val_epoch"] is None and 0 <= summary["dense_val_acc"] <= 1  # measured before pruning
+    assert summary["reports"] == [{"callback": "Reporter", "json_path": str(tmp_path / "latency.json")}]
+    out = capsys.readouterr().out
+    assert "fake latency report" in out and "1.23 ms" in out
+    assert "measured at the prune point" in out and "winoprune summary: mobilenetv2_100_deprune_bh" in out
+    assert out.index("fake latency report") < out.index("winoprune summary")
+
+
+def test_configure_wandb_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_IDENTITY_TOKEN_FILE", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert configure_wandb_mode() == "disabled"
+    monkeypatch.setenv("WANDB_MODE", "")
+    assert configure_wandb_mode() == "offline"
+    assert os.environ["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_MODE", "")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "x" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert configure_wandb_mode() == "online" and os.environ["WANDB_MODE"] == ""
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_API_KEY", "y" * 40)
+    assert configure_wandb_mode() == "online"
+
+
+# ------------------------------------------------------------------------------------------ W&B
+def wandb_config(run_dir: Path) -> dict:
+    """The run config replayed from the ``.wandb`` transaction log."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (log,) = run_dir.glob("*.wandb")
+    config: dict = {}
+    for raw in wandb_helpers.wandb_records(log):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != "config":
+            continue
+        for item in record.config.update:
+            keys = list(item.nested_key) or [item.key]
+            node = config
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = json.loads(item.value_json)
+    return config
+
+
+@wandb_helpers.wandb_timeout(180)
+def test_recipe_logs_an_offline_wandb_run_with_config_metrics_and_sparsity(tmp_path, monkeypatch,
+                                                                           quiet_single_thread):
+    wandb = pytest.importorskip("wandb")
+    wandb_helpers.offline_wandb_env(monkeypatch, tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "")  # not set by the user: the CLI must choose offline by itself
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    try:
+        cli = run_cli(["fit", "--config", "resnet18_abwsp", *smoke_args(tmp_path),
+                       "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.log_every_n_steps", "1"])
+    finally:
+        wandb.teardown()  # the CLI finished the run; teardown waits until the service has flushed the offline log
+    check_smoke_run(cli, "resnet18_abwsp")
+    (run_dir,) = (Path(p) for p in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
+    assert cli.fit_summary["wandb_run_dir"] == str(run_dir) and cli.fit_summary["wandb_mode"] == "offline"
+
+    config = wandb_config(run_dir)
+    assert config["recipe"] == "resnet18_abwsp"
+    recipe = config["config"]
+    assert recipe["pruning"]["class_path"] == "lightning_winoprune.WinogradPruning"
+    assert recipe["pruning"]["init_args"]["method"] == "abwsp" and recipe["pruning"]["init_args"]["start_epoch"] == 1
+    assert recipe["data"]["init_args"]["image_size"] == 16 and recipe["trainer"]["max_epochs"] == 2
+    assert config["model_name"] == "resnet18" and config["lr"] == 0.1  # the model's hparams
+    assert config["num_classes"] == 10 and config["image_size"] == 16  # linked from the data; the data's hparams
+    assert (run_dir / "files" / "config.yaml").read_text().count("abwsp") >= 1
+
+    summary = wandb_helpers.wandb_summary(run_dir)
+    for key in ("train/loss_step", "train/acc", "val/loss", "val/acc", "val/acc_top5", "test/acc",
+                "summary/dense_val_acc", "summary/test_acc", "winograd_pruning/sparsity"):
+        assert key in summary, key
+    pruner = next(cb for cb in cli.trainer.callbacks if isinstance(cb, WinogradPruning))
+    for name in pruner.layer_names:
+        assert summary[f"winograd_pruning/sparsity/{name}"] == pytest.approx(
+            cli.model.get_submodule(name).sparsity)
+    assert summary["winograd_pruning/layers"]["_type"] == "table-file"
+    assert summary["winograd_pruning/masks"]["_type"] == "images/separated"
+    assert summary["summary/test_acc"] == pytest.approx(cli.fit_summary["test_acc"])
+
+
+def test_checkpoint_of_a_recipe_run_tests_through_the_cli(smoke_runs, tmp_path, quiet_single_thread):
+    best = smoke_runs("mobilenetv2_100_deprune_bh").fit_summary["best_checkpoint"]
+    test = run_cli(["test", "--config", "mobilenetv2_100_deprune_bh", "--trainer.logger", "false",
+                    "--trainer.limit_test_batches", "1", "--data.image_size", "16", "--pruning.verbose", "0",
+                    "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", best])
+    assert test is not None and test.fit_summary is None
+    masks = {n: m.weight_mask for n, m in test.model.named_modules() if hasattr(m, "weight_mask")}
+    assert masks and any(not bool(m.all()) for m in masks.values())  # the pruned masks came back from the file
+    for name, mask in masks.items():
+        weight = test.model.get_submodule(name).weight
+        assert torch.equal(weight * ~mask, torch.zeros_like(weight))
