@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 from typing_extensions import override
 
-from lightning_winoprune.callbacks import DEPrune, PruningCallback
+from lightning_winoprune.callbacks import DEPrune, LatencyValidation, PruningCallback
 from lightning_winoprune.recipes._callbacks import FitSummary, prune_epochs, trainer_callbacks
 from lightning_winoprune.recipes._module import ImageClassifier
 from lightning_winoprune.recipes._recipes import list_recipes, recipe_path, recipe_title
@@ -154,6 +154,8 @@ class WinopruneCLI(LightningCLI):
       ``in_chans`` come from the instantiated datamodule (``in_chans`` defaults to 3 where it has none).
     * ``--pruning`` is one :class:`~lightning_winoprune.callbacks.PruningCallback` (``WinogradPruning``,
       ``DEPrune``, or a subclass), added to the trainer's callbacks; ``--pruning.amount 0.5`` changes one value.
+    * ``--latency`` is an optional :class:`~lightning_winoprune.LatencyValidation` run at the end of fit (the
+      recipes time batch 1 at 224x224: ``--latency.input_size 64`` changes it, ``--latency null`` drops it).
     * After ``fit`` the test set is evaluated (``--test_after_fit false`` skips it; the best checkpoint when one was
       saved) and a summary is printed: dense and pruned accuracy, sparsity, checkpoint and W&B run, and the report of
       every callback that has a ``report`` (e.g. the latency validation). It is kept in :attr:`fit_summary`.
@@ -172,6 +174,7 @@ class WinopruneCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PruningCallback, "pruning", subclass_mode=True, required=False)
+        parser.add_lightning_class_args(LatencyValidation, "latency", subclass_mode=True, required=False)
         parser.link_arguments("data", "model.num_classes", compute_fn=_num_classes, apply_on="instantiate")
         parser.link_arguments("data", "model.in_chans", compute_fn=_in_chans, apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,

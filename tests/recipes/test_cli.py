@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.table import Table
 
-from lightning_winoprune import DEPrune, WinogradPruning
+from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning
 from lightning_winoprune.recipes import PrunedCheckpoint, list_recipes
 from lightning_winoprune.recipes._cli import WinopruneCLI, _resolve_config_names, configure_wandb_mode, main, run_cli
 from lightning_winoprune.recipes._recipes import CONFIG_DIR
@@ -34,7 +34,8 @@ def smoke_args(tmp_path: Path, image_size: int = 16) -> list[str]:
             "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches",
             "1", "--data.image_size", str(image_size), "--data.batch_size", "8", "--pruning.calibration_batches", "1",
             "--pruning.verbose", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
-            "false", "--trainer.default_root_dir", str(tmp_path)]
+            "false", "--trainer.default_root_dir", str(tmp_path), "--latency.input_size", str(image_size),
+            "--latency.repeats", "1", "--latency.warmup", "0"]
 
 
 def test_the_bundled_recipes_are_the_documented_ones_and_reachable_from_the_repo_root():
@@ -69,6 +70,11 @@ def check_smoke_run(cli, name: str) -> None:
     assert ckpt.best_model_path == summary["best_checkpoint"]
     # num_classes and in_chans came from the datamodule
     assert cli.model.hparams["num_classes"] == 10 and cli.model.hparams["in_chans"] == 1
+    # the latency validation ran on the pruned layers, verified them, and its report reached the summary
+    latency = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LatencyValidation))
+    assert latency.report is not None and latency.report.layers
+    assert all(row.max_error < 1e-3 for row in latency.report.layers)
+    assert any(entry["json_path"] == str(latency.report.json_path) for entry in summary["reports"])
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +164,7 @@ def test_pretrained_style_run_measures_dense_accuracy_at_the_prune_point_and_pri
                                                                                           quiet_single_thread):
     monkeypatch.setattr(sys, "argv", ["winoprune"])
     args = ["fit", "--config", str(CONFIG_DIR / "mobilenetv2_100_deprune_bh.yaml"), "--trainer.logger", "false",
-            *smoke_args(tmp_path), "--pruning.start_epoch", "0", "--trainer.max_epochs", "1"]
+            *smoke_args(tmp_path), "--pruning.start_epoch", "0", "--trainer.max_epochs", "1", "--latency", "null"]
     cli = WinopruneCLI(args=args, trainer_defaults={"callbacks": [Reporter(tmp_path / "latency.json")]})
     summary = cli.fit_summary
     assert summary is not None and summary["prune_epochs"] == [0, 0]
@@ -246,6 +252,12 @@ def test_recipe_logs_an_offline_wandb_run_with_config_metrics_and_sparsity(tmp_p
     assert summary["winograd_pruning/layers"]["_type"] == "table-file"
     assert summary["winograd_pruning/masks"]["_type"] == "images/separated"
     assert summary["summary/test_acc"] == pytest.approx(cli.fit_summary["test_acc"])
+    # the latency report: speedups as metrics, the table, the bar chart and the plot
+    latency = next(cb for cb in cli.trainer.callbacks if isinstance(cb, LatencyValidation)).report
+    assert summary["latency/layer_speedup"] == pytest.approx(latency.layer_speedup)
+    assert summary["latency/model_speedup"] == pytest.approx(latency.model.speedup)
+    assert summary["latency/layers"]["_type"] == "table-file"
+    assert "latency/speedup_chart_table" in summary and summary["latency/plot"]["_type"] == "image-file"
 
 
 def test_checkpoint_of_a_recipe_run_tests_through_the_cli(smoke_runs, tmp_path, quiet_single_thread):
