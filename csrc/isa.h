@@ -28,6 +28,9 @@ struct WinogradPlanView {
   const index_t* panel_xi;           // (n_panels) Winograd position of every panel
   const index_t* panel_row_begin;    // (n_panels + 1) into panel_rows; a panel is mr, 2mr/3 or mr/3 rows high
   const index_t* panel_rows;         // output rows of every panel; K marks a padding row (written to a scratch row)
+  const std::uint8_t* panel_row_acc; // per panel row: 1 = add to the row (an earlier panel of the position stored it)
+  index_t n_items;                   // GEMM work items: ranges of panels that must run in order (they share rows)
+  const index_t* item_begin;         // (n_items + 1) into the panels
   const index_t* panel_col_begin;    // (n_panels + 1) into panel_cols
   const index_t* panel_a_begin;      // (n_panels + 1) into A
   const std::int32_t* panel_cols;    // kept input channels of every panel

@@ -25,7 +25,8 @@ struct WinogradPlan {
   bool csr = false;
   Isa isa = Isa::generic;
   std::vector<index_t> panel_begin, panel_xi, panel_row_begin, panel_rows, panel_col_begin, panel_a_begin, zero_begin,
-      zero_rows, row_ptr;
+      zero_rows, row_ptr, item_begin;
+  std::vector<std::uint8_t> panel_row_acc;
   std::vector<std::int32_t> panel_cols, csr_cols;
   std::vector<float> A, csr_vals, bias;
   index_t kept = 0;          // kept (unmasked) weights
@@ -33,7 +34,8 @@ struct WinogradPlan {
 
   WinogradPlanView view() const {
     return {p, m, K, C, mr, csr, panel_begin.data(), panel_xi.data(), panel_row_begin.data(), panel_rows.data(),
-            panel_col_begin.data(), panel_a_begin.data(), panel_cols.data(), A.data(), zero_begin.data(), zero_rows.data(), row_ptr.data(), csr_cols.data(),
+            panel_row_acc.data(), static_cast<index_t>(item_begin.empty() ? 0 : item_begin.size() - 1),
+            item_begin.data(), panel_col_begin.data(), panel_a_begin.data(), panel_cols.data(), A.data(), zero_begin.data(), zero_rows.data(), row_ptr.data(), csr_cols.data(),
             csr_vals.data(), bias.empty() ? nullptr : bias.data()};
   }
   index_t positions() const { return static_cast<index_t>(p) * p; }
@@ -47,6 +49,47 @@ struct WinogradPlan {
   }
 };
 
+// One candidate packing of position xi: its kept columns cut into blocks of S, each block's rows (those with a
+// kept weight in it) grouped by their pattern within the block and cut into panels.
+struct PanelDraft {
+  std::vector<index_t> rows;               // h rows (K = padding)
+  std::vector<std::int32_t> cols;
+};
+
+inline std::vector<PanelDraft> draft_panels(const bool* mk, index_t K, index_t C, index_t mr, index_t S) {
+  std::vector<PanelDraft> out;
+  std::vector<index_t> rows;
+  const index_t third = std::max<index_t>(mr / 3, 1);
+  for (index_t c0 = 0; c0 < C; c0 += S) {
+    const index_t c1 = std::min(C, c0 + S);
+    rows.clear();
+    for (index_t k = 0; k < K; ++k) {
+      bool any = false;
+      for (index_t c = c0; c < c1 && !any; ++c) any = mk[k * C + c];
+      if (any) rows.push_back(k);
+    }
+    // rows with the same kept-column pattern (within the block) end up in the same panels
+    std::stable_sort(rows.begin(), rows.end(), [&](index_t a, index_t b) {
+      return std::lexicographical_compare(mk + b * C + c0, mk + b * C + c1, mk + a * C + c0, mk + a * C + c1);
+    });
+    for (std::size_t r0 = 0; r0 < rows.size();) {
+      // full panels of mr rows; the last one only as high as needed: mr / 3 or 2 mr / 3 (less padding work)
+      const index_t left = static_cast<index_t>(rows.size() - r0);
+      const index_t h = left >= mr ? mr : std::min<index_t>(mr, (left + third - 1) / third * third);
+      PanelDraft d;
+      for (index_t r = 0; r < h; ++r) d.rows.push_back(r < left ? rows[r0 + r] : K);
+      for (index_t c = c0; c < c1; ++c) {
+        bool any = false;
+        for (index_t r = 0; r < std::min(h, left) && !any; ++r) any = mk[rows[r0 + r] * C + c];
+        if (any) d.cols.push_back(static_cast<std::int32_t>(c));
+      }
+      out.push_back(std::move(d));
+      r0 += static_cast<std::size_t>(std::min(h, left));
+    }
+  }
+  return out;
+}
+
 inline void pack_structured(WinogradPlan& pl, const float* U, const bool* mask) {
   const index_t P2 = pl.positions(), K = pl.K, C = pl.C, mr = pl.mr;
   pl.panel_begin.assign(1, 0);
@@ -54,50 +97,50 @@ inline void pack_structured(WinogradPlan& pl, const float* U, const bool* mask) 
   pl.panel_row_begin.assign(1, 0);
   pl.panel_a_begin.assign(1, 0);
   pl.zero_begin.assign(1, 0);
-  std::vector<index_t> rows;
-  std::vector<std::int32_t> cols;
+  pl.item_begin.assign(1, 0);
+  std::vector<bool> written;
   for (index_t xi = 0; xi < P2; ++xi) {
     const float* u = U + xi * K * C;
     const bool* mk = mask + xi * K * C;
-    rows.clear();
-    for (index_t k = 0; k < K; ++k) {
-      bool any = false;
-      for (index_t c = 0; c < C && !any; ++c) any = mk[k * C + c];
-      if (any) rows.push_back(k);
-      else pl.zero_rows.push_back(k);
-    }
-    pl.zero_begin.push_back(static_cast<index_t>(pl.zero_rows.size()));
-    // rows with the same kept-column pattern end up in the same panels
-    std::stable_sort(rows.begin(), rows.end(), [&](index_t a, index_t b) {
-      return std::lexicographical_compare(mk + b * C, mk + b * C + C, mk + a * C, mk + a * C + C);
-    });
-    const index_t third = std::max<index_t>(mr / 3, 1);
-    for (std::size_t r0 = 0; r0 < rows.size();) {
-      // full panels of mr rows; the last one only as high as needed: mr / 3 or 2 mr / 3 (less padding work)
-      const index_t left = static_cast<index_t>(rows.size() - r0);
-      const index_t h = left >= mr ? mr : std::min<index_t>(mr, (left + third - 1) / third * third);
-      cols.clear();
-      for (index_t c = 0; c < C; ++c) {
-        bool any = false;
-        for (index_t r = 0; r < h && r0 + r < rows.size() && !any; ++r) any = mk[rows[r0 + r] * C + c];
-        if (any) cols.push_back(static_cast<std::int32_t>(c));
+    // column blocks: whole rows (S = C) for row / column patterns, narrower when rows keep different segments
+    std::vector<PanelDraft> best;
+    index_t best_cost = -1, best_S = C;
+    for (index_t S : {C, index_t{64}, index_t{32}, index_t{16}, index_t{8}}) {
+      if (S > C || (S == C && best_cost >= 0) || (S < C && C % S != 0 && S != 8)) continue;
+      auto draft = draft_panels(mk, K, C, mr, S);
+      index_t cost = 0;  // multiply-adds plus a few columns' worth for each panel's epilogue
+      for (const auto& d : draft) cost += (static_cast<index_t>(d.cols.size()) + 3) * static_cast<index_t>(d.rows.size());
+      if (best_cost < 0 || cost < best_cost) {
+        best_cost = cost;
+        best = std::move(draft);
+        best_S = S;
       }
-      for (index_t r = 0; r < h; ++r) pl.panel_rows.push_back(r0 + r < rows.size() ? rows[r0 + r] : K);
-      for (std::int32_t c : cols) {
-        for (index_t r = 0; r < h; ++r) {
-          const bool real = r0 + r < rows.size();
-          const index_t k = real ? rows[r0 + r] : 0;
-          pl.A.push_back(real && mk[k * C + c] ? u[k * C + c] : 0.0f);
-        }
+    }
+    written.assign(static_cast<std::size_t>(K) + 1, false);
+    for (const auto& d : best) {
+      const index_t h = static_cast<index_t>(d.rows.size());
+      for (index_t k : d.rows) {
+        pl.panel_rows.push_back(k);
+        // the first panel to reach a row stores, later ones (other column blocks) accumulate
+        pl.panel_row_acc.push_back(k < K && written[k] ? 1 : 0);
+        written[k] = true;
+      }
+      for (std::int32_t c : d.cols) {
+        for (index_t k : d.rows) pl.A.push_back(k < K && mk[k * C + c] ? u[k * C + c] : 0.0f);
         pl.panel_cols.push_back(c);
       }
-      r0 += static_cast<std::size_t>(std::min(h, left));
       pl.panel_row_begin.push_back(static_cast<index_t>(pl.panel_rows.size()));
       pl.panel_a_begin.push_back(static_cast<index_t>(pl.A.size()));
-      pl.work += static_cast<index_t>(cols.size()) * h;
       pl.panel_col_begin.push_back(static_cast<index_t>(pl.panel_cols.size()));
+      pl.work += static_cast<index_t>(d.cols.size()) * h;
       pl.panel_xi.push_back(xi);
+      // whole-row panels are independent work items; panels that share rows run in order as one item
+      if (best_S == C) pl.item_begin.push_back(static_cast<index_t>(pl.panel_xi.size()));
     }
+    if (best_S != C && !best.empty()) pl.item_begin.push_back(static_cast<index_t>(pl.panel_xi.size()));
+    for (index_t k = 0; k < K; ++k)
+      if (!written[k]) pl.zero_rows.push_back(k);
+    pl.zero_begin.push_back(static_cast<index_t>(pl.zero_rows.size()));
     pl.panel_begin.push_back(static_cast<index_t>(pl.panel_xi.size()));
   }
 }
@@ -137,6 +180,8 @@ inline WinogradPlan pack_winograd(const float* U, const bool* mask, int m, index
   else pack_structured(pl, U, mask);
   // keep every vector non-empty so view() never hands out a null pointer for an array the kernel indexes
   if (pl.panel_row_begin.empty()) pl.panel_row_begin.push_back(0);
+  if (pl.item_begin.empty()) pl.item_begin.push_back(0);
+  if (pl.panel_row_acc.empty()) pl.panel_row_acc.push_back(0);
   if (pl.panel_a_begin.empty()) pl.panel_a_begin.push_back(0);
   for (auto* v : {&pl.panel_xi, &pl.panel_rows, &pl.zero_rows, &pl.row_ptr})
     if (v->empty()) v->push_back(0);

@@ -368,11 +368,17 @@ inline void panel_gemm_r(const WinogradPlanView& pl, index_t q, const float* Vx,
     }
   }
   const index_t* rows = pl.panel_rows + pl.panel_row_begin[q];
+  const std::uint8_t* add = pl.panel_row_acc + pl.panel_row_begin[q];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     float* out = Mx + rows[r] * Tb;
+    if (add[r]) {
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) store(out + v * VW, acc[r][v]);
+      for (int v = 0; v < NV; ++v) store(out + v * VW, load(out + v * VW) + acc[r][v]);
+    } else {
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) store(out + v * VW, acc[r][v]);
+    }
   }
 }
 
@@ -454,8 +460,10 @@ inline void gemm_item(const WinogradPlanView& pl, index_t w, const index_t* pane
     const index_t xi = w / pl.K, k = w % pl.K;
     csr_row<NV>(pl, w, V + xi * pl.C * Tb, M + (xi * (pl.K + 1) + k) * Tb, Tb);
   } else {
-    const index_t xi = panel_xi[w];
-    panel_gemm<NV>(pl, w, V + xi * pl.C * Tb, M + xi * (pl.K + 1) * Tb, Tb);
+    for (index_t q = pl.item_begin[w]; q < pl.item_begin[w + 1]; ++q) {
+      const index_t xi = panel_xi[q];
+      panel_gemm<NV>(pl, q, V + xi * pl.C * Tb, M + xi * (pl.K + 1) * Tb, Tb);
+    }
   }
 }
 
@@ -518,7 +526,7 @@ inline void winograd_forward(const WinogradPlanView& pl, const ConvGeometry& g, 
   const Layout L = layout(pl, g, threads);
   if (workspace_size < L.slots * (L.v_size + L.m_size)) throw std::invalid_argument("workspace too small");
   const index_t P2 = static_cast<index_t>(pl.p) * pl.p;
-  const index_t n_items = pl.csr ? P2 * pl.K : pl.panel_begin[P2];
+  const index_t n_items = pl.csr ? P2 * pl.K : pl.n_items;
 #define WINOPRUNE_FWD(P, NV) forward_impl<P, NV>(pl, g, L, x, y, workspace, pl.panel_xi, n_items, threads)
   if (pl.p == 4) {
     if (L.nv == 1) WINOPRUNE_FWD(4, 1); else WINOPRUNE_FWD(4, 2);
