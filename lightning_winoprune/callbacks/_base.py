@@ -233,11 +233,14 @@ def has_wandb(trainer: pl.Trainer) -> bool:
 
 
 @rank_zero_only
-def print_rich(obj: object) -> None:
-    """Print a rich renderable on rank zero."""
+def print_rich(obj: object, min_width: int = 0) -> None:
+    """Print a rich renderable on rank zero, at least ``min_width`` columns wide (rich uses 80 off a terminal)."""
     from rich.console import Console
 
-    Console().print(obj)
+    console = Console()
+    if console.width < min_width:
+        console = Console(width=min_width)
+    console.print(obj)
 
 
 @rank_zero_only

@@ -166,7 +166,7 @@ class LatencyValidation(Callback):
         self._last = {"json": str(report.json_path), "layer_speedup": report.layer_speedup,
                       "model_speedup": None if report.model is None else report.model.speedup}
         if self.verbose:
-            print_rich(report)
+            print_rich(report, min_width=150)
         self._log(trainer, report)
         return report
 

@@ -297,8 +297,10 @@ def _fmt(value: float | None) -> str:
 def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | None = None) -> None:
     """Print every report a callback left in ``report``, then the summary table."""
     console = console or Console()
+    # reports are wide tables: never squeeze them below 150 columns (rich uses 80 when output is not a terminal)
+    wide = Console(width=max(console.width, 150)) if console.width < 150 else console
     for cb in _reporting_callbacks(trainer):
-        console.print(cb.report)  # type: ignore[attr-defined]
+        wide.print(cb.report)  # type: ignore[attr-defined]
     title = f"winoprune summary: {summary['recipe'] or summary['model']}"
     table = Table(title=title)
     table.add_column("", no_wrap=True)
