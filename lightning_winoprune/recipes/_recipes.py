@@ -59,7 +59,7 @@ class Recipe:
         callbacks: The recipe's callbacks, instantiated: the pruning callback first (``WinogradPruning`` or
             ``DEPrune``), then the trainer's callbacks of the recipe (e.g. a
             :class:`~lightning_winoprune.recipes.PrunedCheckpoint` monitoring ``val/acc``: drop it if your module
-            logs no such metric).
+            logs no such metric), then the recipe's :class:`~lightning_winoprune.LatencyValidation`.
         trainer_kwargs: The recipe's ``Trainer`` arguments other than ``callbacks`` and ``logger`` (plain values).
         model: The ``ImageClassifier`` arguments of the recipe (``num_classes`` and ``in_chans`` come from the data).
         data: The datamodule's config (``class_path`` and ``init_args``).
@@ -113,6 +113,9 @@ def load(name: str | Path, **overrides: Any) -> Recipe:
     if isinstance(callbacks_cfg, dict):
         callbacks_cfg = [callbacks_cfg]
     logger_cfg = trainer_cfg.pop("logger", None)
+    latency_cfg = config.get("latency")
+    if latency_cfg is not None:  # the recipe's LatencyValidation runs after the pruning callback's work
+        callbacks_cfg = [*callbacks_cfg, latency_cfg]
     pruning, callbacks = _instantiate_callbacks(path, pruning_cfg, callbacks_cfg)
     return Recipe(
         name=path.stem,

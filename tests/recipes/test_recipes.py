@@ -4,7 +4,7 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_winoprune.recipes as recipes
-from lightning_winoprune import DEPrune, WinogradPruning
+from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning
 from lightning_winoprune.recipes import PrunedCheckpoint, Recipe, list_recipes, load
 from lightning_winoprune.recipes._recipes import CONFIG_DIR
 
@@ -16,8 +16,9 @@ def test_load_gives_the_instantiated_callbacks_and_plain_settings():
     pruner = recipe.pruning
     assert isinstance(pruner, WinogradPruning) and recipe.callbacks[0] is pruner
     assert (pruner.method, pruner.amount, pruner.m, pruner.schedule.start_epoch) == ("abwsp", 0.7, 2, 6)
-    (ckpt,) = recipe.callbacks[1:]
+    ckpt, latency = recipe.callbacks[1:]
     assert isinstance(ckpt, PrunedCheckpoint) and isinstance(ckpt, ModelCheckpoint)
+    assert isinstance(latency, LatencyValidation) and (latency.batch_size, latency.input_size) == (1, 224)
     assert ckpt.monitor == "val/acc" and ckpt.mode == "max"
     assert recipe.trainer_kwargs["max_epochs"] == 10 and "callbacks" not in recipe.trainer_kwargs
     assert "logger" not in recipe.trainer_kwargs
