@@ -52,6 +52,14 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def _check_out(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor) or out.device.type != "cpu" or out.dtype != torch.float32:
+        raise TypeError(f"out must be a CPU float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
+    if out.shape != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(shape)}, got {tuple(out.shape)}")
+    return out
+
+
 class _Buffers:
     """Output and workspace tensors reused while the input shape stays the same."""
 
@@ -177,8 +185,12 @@ class PackedWinogradConv:
             raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the 3x3 kernel")
         return ho, wo
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve ``x`` ``(N, C, H, W)``. The native path returns a buffer reused by the next same-shape call."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve ``x`` ``(N, C, H, W)``.
+
+        The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
+        buffer that the next call with the same input shape reuses.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -195,9 +207,10 @@ class PackedWinogradConv:
             b.workspace = torch.empty(max(int(size), 1))
             b.key = (n, h, w)
         assert b.out is not None and b.workspace is not None
-        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], b.out.numpy(), b.workspace.numpy(),
+        target = b.out if out is None else _check_out(out, b.out.shape)
+        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], target.numpy(), b.workspace.numpy(),
                            self.threads)
-        return b.out
+        return target
 
     def _compacted(self) -> dict[str, Any]:
         """Index form of the mask for the torch path: kept rows (or columns) per position when they are whole."""
@@ -363,8 +376,12 @@ class PackedDepthwiseConv:
             raise ValueError(f"input {height}x{width} is smaller than the {kh}x{kw} kernel")
         return ho, wo
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve ``x`` ``(N, C, H, W)``. The native path returns a buffer reused by the next same-shape call."""
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve ``x`` ``(N, C, H, W)``.
+
+        The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
+        buffer that the next call with the same input shape reuses.
+        """
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.channels:
@@ -380,8 +397,9 @@ class PackedDepthwiseConv:
         if buf.key != (n, h, w_):
             buf.out, buf.key = torch.empty(n, self.channels, ho, wo), (n, h, w_)
         assert buf.out is not None
-        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], buf.out.numpy(), self.threads)
-        return buf.out
+        target = buf.out if out is None else _check_out(out, buf.out.shape)
+        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], target.numpy(), self.threads)
+        return target
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO,
@@ -409,7 +427,7 @@ class PackedDepthwiseConv:
 class NativeConv(nn.Module):
     """An inference-only module around a packed conv, to swap into a model (``torch.no_grad`` use only).
 
-    The output is copied out of the packed conv's reusable buffer, so it is safe to keep.
+    Every call returns a new tensor (the kernel writes straight into it), so outputs are safe to keep.
     """
 
     def __init__(self, packed: PackedWinogradConv | PackedDepthwiseConv) -> None:
@@ -418,7 +436,17 @@ class NativeConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the packed conv."""
-        return self.packed(x).clone()
+        if x.device.type != "cpu" or x.dtype != torch.float32 or getattr(self.packed, "_plan", None) is None:
+            return self.packed(x)  # the torch path allocates a fresh tensor anyway
+        n, _, h, w = x.shape
+        out = torch.empty(n, self.out_channels, *self.packed.output_size(h, w))
+        return self.packed(x, out=out)
+
+    @property
+    def out_channels(self) -> int:
+        """Output channels of the packed conv."""
+        p = self.packed
+        return p.out_channels if isinstance(p, PackedWinogradConv) else p.channels
 
     def extra_repr(self) -> str:
         return repr(self.packed)

@@ -234,6 +234,24 @@ def test_depthwise_dr_metadata_follows_the_mask():
     assert meta[0]["aligned"] and meta[1]["aligned"]  # HSR: kept columns a multiple of the tile in full sub-GEMMs
 
 
+@needs_ext
+def test_out_argument_and_native_conv_outputs_are_fresh():
+    layer = layer_with_mask(6, 10, 2, 1, "rows", True, torch.Generator().manual_seed(7))
+    packed = PackedWinogradConv.from_layer(layer, backend="native")
+    x = torch.randn(2, 6, 9, 9)
+    out = torch.empty(2, 10, 9, 9)
+    assert packed(x, out=out) is out
+    close(out, reference(layer, x), 2)
+    with pytest.raises(ValueError, match=r"out must be a contiguous tensor of shape \(2, 10, 9, 9\)"):
+        packed(x, out=torch.empty(2, 10, 9, 8))
+    with pytest.raises(TypeError, match="out must be a CPU float32 tensor"):
+        packed(x, out=torch.empty(2, 10, 9, 9, dtype=torch.float64))
+    module = NativeConv(packed)
+    first, second = module(x), module(x)
+    assert first is not second and first.data_ptr() != second.data_ptr()
+    torch.testing.assert_close(first, second)
+
+
 def test_depthwise_from_conv_refuses_non_depthwise():
     with pytest.raises(ValueError, match="depthwise"):
         PackedDepthwiseConv.from_conv(nn.Conv2d(4, 8, 3, groups=4))
