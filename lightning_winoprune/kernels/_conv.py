@@ -52,6 +52,13 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
+def _check_input(x: object, channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
+
+
 def _check_out(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.device.type != "cpu" or out.dtype != torch.float32:
         raise TypeError(f"out must be a CPU float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
@@ -191,10 +198,7 @@ class PackedWinogradConv:
         The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
         buffer that the next call with the same input shape reuses.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        _check_input(x, self.in_channels)
         if self._plan is None or x.device.type != "cpu" or x.dtype != torch.float32:
             return self._torch_forward(x)
         x = x.contiguous()
@@ -382,10 +386,7 @@ class PackedDepthwiseConv:
         The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
         buffer that the next call with the same input shape reuses.
         """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.channels:
-            raise ValueError(f"x must be (N, {self.channels}, H, W), got shape {tuple(x.shape)}")
+        _check_input(x, self.channels)
         if self._plan is None or x.device.type != "cpu" or x.dtype != torch.float32:
             w = self.weight.to(device=x.device, dtype=x.dtype)
             b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)

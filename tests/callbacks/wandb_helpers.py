@@ -38,27 +38,43 @@ def wandb_records(path: Path) -> list[bytes]:
     return records
 
 
+def wandb_updates(run_dir: Path, kind: str) -> list[tuple[tuple[str, ...], Any]]:
+    """Every ``kind`` (``"summary"`` or ``"config"``) update of the run's ``.wandb`` log: (nested key path, value)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (log,) = run_dir.glob("*.wandb")
+    updates = []
+    for raw in wandb_records(log):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != kind:
+            continue
+        for item in getattr(record, kind).update:
+            updates.append((tuple(item.nested_key) or (item.key,), json.loads(item.value_json)))
+    return updates
+
+
+def _nested(updates: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for keys, value in updates:
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return out
+
+
 def wandb_summary(run_dir: Path) -> dict[str, Any]:
     """The run summary: from ``wandb-summary.json`` if offline mode wrote one, else replayed from the ``.wandb`` log."""
     summary_file = run_dir / "files" / "wandb-summary.json"
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
-    from wandb.proto import wandb_internal_pb2 as pb
+    return _nested(wandb_updates(run_dir, "summary"))
 
-    (log,) = run_dir.glob("*.wandb")
-    summary: dict[str, Any] = {}
-    for raw in wandb_records(log):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "summary":
-            continue
-        for item in record.summary.update:
-            keys = list(item.nested_key) or [item.key]
-            node = summary
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = json.loads(item.value_json)
-    return summary
+
+def wandb_config(run_dir: Path) -> dict[str, Any]:
+    """The run config replayed from the ``.wandb`` log, nested."""
+    return _nested(wandb_updates(run_dir, "config"))
 
 
 def wandb_timeout(seconds: int):
@@ -81,15 +97,4 @@ def offline_wandb_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def wandb_config_updates(run_dir: Path) -> dict[tuple[str, ...], Any]:
     """Every config update of the ``.wandb`` log, keyed by its (nested) key path; e.g. custom charts land under
     ``("_wandb", "visualize", <logged key>)``."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (log,) = run_dir.glob("*.wandb")
-    updates: dict[tuple[str, ...], Any] = {}
-    for raw in wandb_records(log):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "config":
-            continue
-        for item in record.config.update:
-            updates[tuple(item.nested_key) or (item.key,)] = json.loads(item.value_json)
-    return updates
+    return dict(wandb_updates(run_dir, "config"))

@@ -3,7 +3,6 @@
 import glob
 import importlib.metadata
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -195,26 +194,6 @@ def test_configure_wandb_mode(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ W&B
-def wandb_config(run_dir: Path) -> dict:
-    """The run config replayed from the ``.wandb`` transaction log."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    (log,) = run_dir.glob("*.wandb")
-    config: dict = {}
-    for raw in wandb_helpers.wandb_records(log):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") != "config":
-            continue
-        for item in record.config.update:
-            keys = list(item.nested_key) or [item.key]
-            node = config
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            node[keys[-1]] = json.loads(item.value_json)
-    return config
-
-
 @wandb_helpers.wandb_timeout(180)
 def test_recipe_logs_an_offline_wandb_run_with_config_metrics_and_sparsity(tmp_path, monkeypatch,
                                                                            quiet_single_thread):
@@ -231,7 +210,7 @@ def test_recipe_logs_an_offline_wandb_run_with_config_metrics_and_sparsity(tmp_p
     (run_dir,) = (Path(p) for p in glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
     assert cli.fit_summary["wandb_run_dir"] == str(run_dir) and cli.fit_summary["wandb_mode"] == "offline"
 
-    config = wandb_config(run_dir)
+    config = wandb_helpers.wandb_config(run_dir)
     assert config["recipe"] == "resnet18_abwsp"
     recipe = config["config"]
     assert recipe["pruning"]["class_path"] == "lightning_winoprune.WinogradPruning"
