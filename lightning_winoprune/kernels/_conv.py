@@ -52,13 +52,6 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _check_input(x: object, channels: int) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dim() != 4 or x.shape[1] != channels:
-        raise ValueError(f"x must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
-
-
 def _check_out(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.device.type != "cpu" or out.dtype != torch.float32:
         raise TypeError(f"out must be a CPU float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
@@ -76,7 +69,53 @@ class _Buffers:
         self.workspace: torch.Tensor | None = None
 
 
-class PackedWinogradConv:
+class _PackedConv:
+    """What both packed convs share: input checks, the native/torch switch and the reused output and workspace."""
+
+    _plan: Any
+    _buffers: _Buffers
+    in_channels: int
+    out_channels: int
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _workspace_size(self, n: int, h: int, w: int, ho: int, wo: int) -> int:
+        return 0
+
+    def _native_forward(self, x: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve ``x`` ``(N, C, H, W)``.
+
+        The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
+        buffer that the next call with the same input shape reuses.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if self._plan is None or x.device.type != "cpu" or x.dtype != torch.float32:
+            return self._torch_forward(x)
+        x = x.contiguous()
+        n, _, h, w = x.shape
+        ho, wo = self.output_size(h, w)
+        b = self._buffers
+        if b.key != (n, h, w):
+            b.out = torch.empty(n, self.out_channels, ho, wo)
+            b.workspace = torch.empty(max(self._workspace_size(n, h, w, ho, wo), 1))
+            b.key = (n, h, w)
+        assert b.out is not None and b.workspace is not None
+        target = b.out if out is None else _check_out(out, b.out.shape)
+        self._native_forward(x, target, b.workspace)
+        return target
+
+
+class PackedWinogradConv(_PackedConv):
     """A 3x3 stride-1 conv in the Winograd domain, with its mask packed for fast inference.
 
     Args:
@@ -192,29 +231,11 @@ class PackedWinogradConv:
             raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the 3x3 kernel")
         return ho, wo
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Convolve ``x`` ``(N, C, H, W)``.
+    def _workspace_size(self, n: int, h: int, w: int, ho: int, wo: int) -> int:
+        return int(self._plan.workspace_size(n, h, w, self.padding[0], self.padding[1], ho, wo, self.threads))
 
-        The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
-        buffer that the next call with the same input shape reuses.
-        """
-        _check_input(x, self.in_channels)
-        if self._plan is None or x.device.type != "cpu" or x.dtype != torch.float32:
-            return self._torch_forward(x)
-        x = x.contiguous()
-        n, _, h, w = x.shape
-        ho, wo = self.output_size(h, w)
-        b = self._buffers
-        if b.key != (n, h, w):
-            b.out = torch.empty(n, self.out_channels, ho, wo)
-            size = self._plan.workspace_size(n, h, w, self.padding[0], self.padding[1], ho, wo, self.threads)
-            b.workspace = torch.empty(max(int(size), 1))
-            b.key = (n, h, w)
-        assert b.out is not None and b.workspace is not None
-        target = b.out if out is None else _check_out(out, b.out.shape)
-        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], target.numpy(), b.workspace.numpy(),
-                           self.threads)
-        return target
+    def _native_forward(self, x: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor) -> None:
+        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], out.numpy(), workspace.numpy(), self.threads)
 
     def _compacted(self) -> dict[str, Any]:
         """Index form of the mask for the torch path: kept rows (or columns) per position when they are whole."""
@@ -287,7 +308,7 @@ class PackedWinogradConv:
                    threads)
 
 
-class PackedDepthwiseConv:
+class PackedDepthwiseConv(_PackedConv):
     """A depthwise conv with a DEPrune keep-mask, packed as the kept taps of each channel.
 
     Args:
@@ -329,7 +350,7 @@ class PackedDepthwiseConv:
             raise ValueError(f"stride must be >= 1, got {stride!r}")
         self.padding = _pair(padding, "padding")
         self.threads = _check_threads(threads)
-        self.channels = int(weight.shape[0])
+        self.channels = self.in_channels = self.out_channels = int(weight.shape[0])
         self.mask = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.detach()
         self.weight = (weight.detach() * self.mask).contiguous()
         if bias is not None and tuple(bias.shape) != (self.channels,):
@@ -380,27 +401,13 @@ class PackedDepthwiseConv:
             raise ValueError(f"input {height}x{width} is smaller than the {kh}x{kw} kernel")
         return ho, wo
 
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Convolve ``x`` ``(N, C, H, W)``.
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(device=x.device, dtype=x.dtype)
+        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+        return F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels)
 
-        The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
-        buffer that the next call with the same input shape reuses.
-        """
-        _check_input(x, self.channels)
-        if self._plan is None or x.device.type != "cpu" or x.dtype != torch.float32:
-            w = self.weight.to(device=x.device, dtype=x.dtype)
-            b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-            return F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels)
-        x = x.contiguous()
-        n, _, h, w_ = x.shape
-        ho, wo = self.output_size(h, w_)
-        buf = self._buffers
-        if buf.key != (n, h, w_):
-            buf.out, buf.key = torch.empty(n, self.channels, ho, wo), (n, h, w_)
-        assert buf.out is not None
-        target = buf.out if out is None else _check_out(out, buf.out.shape)
-        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], target.numpy(), self.threads)
-        return target
+    def _native_forward(self, x: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor) -> None:
+        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], out.numpy(), self.threads)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO,
@@ -440,14 +447,8 @@ class NativeConv(nn.Module):
         if x.device.type != "cpu" or x.dtype != torch.float32 or getattr(self.packed, "_plan", None) is None:
             return self.packed(x)  # the torch path allocates a fresh tensor anyway
         n, _, h, w = x.shape
-        out = torch.empty(n, self.out_channels, *self.packed.output_size(h, w))
+        out = torch.empty(n, self.packed.out_channels, *self.packed.output_size(h, w))
         return self.packed(x, out=out)
-
-    @property
-    def out_channels(self) -> int:
-        """Output channels of the packed conv."""
-        p = self.packed
-        return p.out_channels if isinstance(p, PackedWinogradConv) else p.channels
 
     def extra_repr(self) -> str:
         return repr(self.packed)
