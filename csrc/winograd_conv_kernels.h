@@ -45,12 +45,22 @@ struct Mats<6> {
       {1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0}, {0, 1, -1, 0.125f, -8, 1}};
 };
 
-// s (+)= c * v with the zero and +-1 coefficients folded away at compile time (after unrolling c is a constant).
-inline void fma_const(wp_vf& s, bool& first, float c, wp_vf v) {
-  if (c == 0.0f) return;
-  const wp_vf term = c == 1.0f ? v : (c == -1.0f ? -v : c * v);
-  s = first ? term : s + term;
-  first = false;
+// (init +) sum_k c[k] * x(k) for a row c of a transform matrix: after unrolling c[k] is a constant, so zero
+// coefficients vanish and +-1 need no multiply. Without init the first kept term starts the sum (no add of zero).
+// Every stage of the input and output transforms is this, row by row.
+template <int N, typename X>
+inline wp_vf combine(const float (&c)[N], X x, const wp_vf* init = nullptr) {
+  wp_vf s = init ? *init : wp_vf{};
+  bool first = init == nullptr;
+#pragma GCC unroll 8
+  for (int k = 0; k < N; ++k) {
+    if (c[k] == 0.0f) continue;
+    const wp_vf v = x(k);
+    const wp_vf term = c[k] == 1.0f ? v : (c[k] == -1.0f ? -v : c[k] * v);
+    s = first ? term : s + term;
+    first = false;
+  }
+  return s;
 }
 
 struct TileInfo {
@@ -255,23 +265,12 @@ void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, i
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
-        for (int v = 0; v < P; ++v) {
-          wp_vf s{};
-          bool first = true;
-#pragma GCC unroll 8
-          for (int u = 0; u < P; ++u) fma_const(s, first, Mats<P>::BT[i][u], dv[u][v]);
-          tmp[i][v] = s;
-        }
+        for (int v = 0; v < P; ++v) tmp[i][v] = combine(Mats<P>::BT[i], [&](int u) { return dv[u][v]; });
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < P; ++j) {
-          wp_vf s{};
-          bool first = true;
-#pragma GCC unroll 8
-          for (int v = 0; v < P; ++v) fma_const(s, first, Mats<P>::BT[j][v], tmp[i][v]);
-          store(V + ((i * P + j) * C + c) * Tb + l0, s);
-        }
+        for (int j = 0; j < P; ++j)
+          store(V + ((i * P + j) * C + c) * Tb + l0, combine(Mats<P>::BT[j], [&](int v) { return tmp[i][v]; }));
     }
   }
 }
@@ -295,27 +294,13 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
 #pragma GCC unroll 8
       for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
-        for (int j = 0; j < P; ++j) {
-          wp_vf s{};
-          bool first = true;
-#pragma GCC unroll 8
-          for (int i = 0; i < P; ++i) fma_const(s, first, Mats<P>::AT[a][i], mv[i][j]);
-          tmp[a][j] = s;
-        }
+        for (int j = 0; j < P; ++j) tmp[a][j] = combine(Mats<P>::AT[a], [&](int i) { return mv[i][j]; });
       wp_vf ov[m][m];
+      const wp_vf bias_v = splat(b);
 #pragma GCC unroll 8
       for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
-        for (int c = 0; c < m; ++c) {
-          wp_vf s = splat(b);
-#pragma GCC unroll 8
-          for (int j = 0; j < P; ++j) {
-            const float coef = Mats<P>::AT[c][j];
-            if (coef == 0.0f) continue;
-            s += coef == 1.0f ? tmp[a][j] : (coef == -1.0f ? -tmp[a][j] : coef * tmp[a][j]);
-          }
-          ov[a][c] = s;
-        }
+        for (int c = 0; c < m; ++c) ov[a][c] = combine(Mats<P>::AT[c], [&](int j) { return tmp[a][j]; }, &bias_v);
       if (ti.out_run[l0 / VW]) {
         store_run<m>(ov, yk + ti.ybase[l0], g.Wo);
         continue;
