@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
@@ -136,7 +138,7 @@ class PruningCallback(Callback):
         """Zero the pruned entries of every masked weight (after a restore); subclasses may do more."""
         with torch.no_grad():
             for weight, mask in self.masked_parameters(pl_module):
-                weight.mul_(mask)
+                weight.masked_fill_(mask == 0, 0)  # not a multiply: NaN * 0 is NaN, pruned entries become exactly 0
 
     def release(self, pl_module: nn.Module) -> None:
         """Called when the callback stops (teardown or exception): undo what only holds while it runs."""
@@ -147,6 +149,38 @@ class PruningCallback(Callback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`extra_state` saved."""
+
+    def mask_config(self) -> dict[str, Any]:
+        """The arguments that define the masks (plain values), saved in the state and compared on resume.
+
+        A subclass extends the schedule's entries with its own (method, amounts, block shape, score, ...). Arguments
+        that only change how the callback reports or computes (``verbose``, ``log_masks``, ``route``) are not part
+        of it, so they may change on resume.
+        """
+        s = self.schedule
+        return {"schedule": s.kind, "start_epoch": s.start_epoch, "end_epoch": s.end_epoch,
+                "frequency": s.frequency, "include": list(self.include), "exclude": list(self.exclude)}
+
+    #: Entries of :meth:`mask_config` that fix the model's structure (which layers, what shapes): a change always
+    #: fails, even before the first pruning step.
+    structural_config: tuple[str, ...] = ("include", "exclude")
+
+    def legacy_mask_config(self, state: dict[str, Any], key: str | None) -> dict[str, Any]:
+        """What a state saved before :meth:`mask_config` existed tells of it: the state-key's arguments.
+
+        Args:
+            state: The saved state (without a ``"config"`` entry).
+            key: The checkpoint's key of that state, e.g. ``"WinogradPruning{'method': 'abwsp', 'amount': 0.7}"``.
+        """
+        config: dict[str, Any] = {}
+        if key is not None and "{" in key:
+            try:
+                parsed = ast.literal_eval(key[key.index("{"):])
+            except (ValueError, SyntaxError):
+                parsed = None
+            if isinstance(parsed, dict):
+                config.update(parsed)
+        return config
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
     @override
@@ -182,14 +216,109 @@ class PruningCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"version": 1, "layer_names": list(self.layer_names), "last_pruned_epoch": self.last_pruned_epoch,
-                "history": list(self.history), **self.extra_state()}
+                "history": list(self.history), **self.extra_state(), "config": self.mask_config()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_resume_config(state_dict, self._loading_key)
         self.layer_names = list(state_dict.get("layer_names", self.layer_names))
         self.last_pruned_epoch = int(state_dict.get("last_pruned_epoch", -1))
         self.history = list(state_dict.get("history", []))
         self.load_extra_state(state_dict)
+
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Lightning restores a callback's state only under its exact state_key, which names some of the arguments
+        # (e.g. the amount): with another amount, the state would be silently skipped and pruning would start over.
+        # Find the state this callback continues and let load_state_dict compare the configurations.
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            self._loading_key = self.state_key
+            return
+        mine = type(self).__name__
+        claimed = {getattr(cb, "state_key", None) for cb in trainer.callbacks}  # type: ignore[attr-defined]
+        candidates = [k for k in states if isinstance(k, str) and _class_of_key(k) == mine and k not in claimed]
+        if len(candidates) > 1:
+            raise MisconfigurationException(
+                f"the checkpoint holds the state of {len(candidates)} {mine} callbacks ({candidates}) and none of them "
+                f"has this callback's arguments ({self.state_key}): resume with the arguments the checkpoint was "
+                "trained with, or start a new run from the pruned model with "
+                "lightning_winoprune.load_pruned_checkpoint(model, path) and fit without ckpt_path"
+            )
+        if candidates:
+            self._loading_key = candidates[0]
+            try:
+                self.load_state_dict(states[candidates[0]])
+            finally:
+                self._loading_key = None
+
+    _loading_key: str | None = None
+
+    def check_resume_config(self, state: dict[str, Any], key: str | None = None) -> None:
+        """Refuse a saved state whose mask-defining arguments differ from this callback's.
+
+        A structural argument (see :attr:`structural_config`) must always match. The others must match once the
+        saved run has pruned: a pruning step still ahead would recompute the masks with the new arguments (another
+        amount un-prunes weights) and a finished schedule would silently ignore them. Before the first pruning step
+        they may change freely.
+
+        Raises:
+            MisconfigurationException: Naming every differing argument with both values, and the way out.
+        """
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            saved = self.legacy_mask_config(state, key)
+        current = self.mask_config()
+        diffs = [k for k in current if k in saved and not _same(saved[k], current[k])]
+        pruned = int(state.get("last_pruned_epoch", -1)) >= 0 or bool(state.get("history"))
+        blocking = [k for k in diffs if pruned or k in self.structural_config]
+        if not blocking:
+            return
+        name = type(self).__name__
+        changes = ", ".join(f"{k}={saved[k]!r} (this callback: {k}={current[k]!r})" for k in blocking)
+        when = (f"it pruned up to epoch {state.get('last_pruned_epoch', -1)} with {changes}" if pruned
+                else f"it was set up with {changes}")
+        raise MisconfigurationException(
+            f"{name} cannot resume this checkpoint: {when}. Resuming with other arguments would change the masks "
+            "(a pruning step still ahead would recompute them, another amount un-prunes weights) or be silently "
+            f"ignored. Resume with the checkpoint's values ({', '.join(f'{k}={saved[k]!r}' for k in blocking)}), or "
+            "start a new run from the pruned model: lightning_winoprune.load_pruned_checkpoint(model, path), then "
+            "fit without ckpt_path."
+        )
+
+    def check_schedule(self, trainer: pl.Trainer) -> None:
+        """Refuse a schedule that cannot complete within ``trainer.max_epochs`` (warn when there is none).
+
+        Raises:
+            MisconfigurationException: If a pruning step falls on or after ``max_epochs``.
+        """
+        steps = self.schedule.steps()
+        last_epoch, name = steps[-1][0], type(self).__name__
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 0:
+            rank_zero_warn(
+                f"{name}: the trainer has no max_epochs ({max_epochs!r}), so the pruning schedule cannot be checked: "
+                f"it prunes at epochs {[e for e, _ in steps]} and reaches amount {self.schedule.amount} at the start "
+                f"of epoch {last_epoch}; make sure the fit runs at least {last_epoch + 1} epochs"
+            )
+            return
+        if last_epoch < max_epochs:
+            return
+        reached = [t for e, t in steps if e < max_epochs]
+        if not reached:
+            what = (f"start_epoch={self.schedule.start_epoch} is not before max_epochs={max_epochs}: nothing would be "
+                    "pruned")
+        else:
+            what = (f"the gradual ramp ends at end_epoch={self.schedule.end_epoch}, after the last epoch "
+                    f"{max_epochs - 1} (max_epochs={max_epochs}): pruning would stop at {reached[-1]:.3f} instead of "
+                    f"{self.schedule.amount}")
+        raise MisconfigurationException(
+            f"{name}'s schedule cannot complete: {what}. Every pruning epoch must be below max_epochs (epochs count "
+            f"from 0): raise max_epochs to at least {last_epoch + 1} or prune earlier (start_epoch"
+            f"{', end_epoch' if self.schedule.kind == 'gradual' else ''})."
+        )
 
     # ------------------------------------------------------------------------------------------ helpers
     def selected(self, name: str) -> bool:
@@ -223,6 +352,21 @@ class PruningCallback(Callback):
         if not batches:
             raise MisconfigurationException(f"{type(self).__name__}'s calibration found an empty train dataloader")
         return batches
+
+
+def _class_of_key(key: str) -> str:
+    """``"WinogradPruning"`` for a state key ``"WinogradPruning{...}"``."""
+    return key.split("{", 1)[0]
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as saved values: numbers by value, tuples as lists."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return float(a) == float(b)
+    return a == b
 
 
 def has_wandb(trainer: pl.Trainer) -> bool:

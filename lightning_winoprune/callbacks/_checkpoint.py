@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_winoprune.callbacks._deprune import register_mask_buffer, replay_shrink
+from lightning_winoprune.callbacks._deprune import MASK_BUFFER, register_mask_buffer, replay_shrink
 from lightning_winoprune.winograd._convert import winogradize
+from lightning_winoprune.winograd._layer import WinogradConv2d, conv_ineligibility
 
 __all__ = ["load_pruned_checkpoint"]
 
@@ -27,19 +28,26 @@ def load_pruned_checkpoint(
         model = MyLightningModule(...)            # or the bare network, with prefix="model."
         load_pruned_checkpoint(model, "last.ckpt").eval()
 
+    Before anything on ``model`` changes, its architecture is checked against the checkpoint (the state-dict keys,
+    and their shapes once converted); on a mismatch ``model`` is left as it was. Pruned weights are absent: entries
+    a mask prunes are stored as exact zeros after loading, whatever the checkpoint held there.
+
     Args:
         model: The LightningModule the checkpoint was trained with, or its inner network (see ``prefix``).
         checkpoint: A path, or an already loaded checkpoint dict.
         prefix: Prefix of the inner network's attribute in the LightningModule (e.g. ``"model."``); names and
             state-dict keys starting with it are loaded into ``model`` without it.
-        strict: Passed to ``load_state_dict``.
+        strict: Passed to ``load_state_dict``; with ``False`` missing and unexpected keys are allowed (shapes must
+            still match).
 
     Returns:
         ``model``, converted and loaded.
 
     Raises:
-        ValueError: If the checkpoint holds no pruning-callback state (``WinogradPruning`` or ``DEPrune``), or a
-            physically shrunk one whose layers are not under ``prefix``.
+        ValueError: If the checkpoint holds no pruning-callback state (``WinogradPruning`` or ``DEPrune``), if it
+            does not fit ``model`` (the message names the first mismatching key and, when another ``prefix`` would
+            make the keys match, suggests it), or if a physically shrunk one has layers that are not under
+            ``prefix``.
         MisconfigurationException: If the checkpoint was physically shrunk and ``torch-pruning`` is not installed.
     """
     ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
@@ -50,10 +58,21 @@ def load_pruned_checkpoint(
     if not wino and not deprune:
         raise ValueError("the checkpoint holds no WinogradPruning or DEPrune state: was it written with the callback "
                          "attached?")
+    state_dict: dict[str, Any] = ckpt.get("state_dict", {})
+    physical = any(state.get("physical_done") for state in deprune)
+    problem = _mismatch(model, state_dict, wino, deprune, prefix, strict, check_shapes=not physical)
+    if problem is not None:
+        hint = _better_prefix(model, state_dict, wino, deprune, prefix, strict, physical)
+        raise ValueError(
+            f"the checkpoint does not fit this model (nothing was changed): {problem}"
+            + (f"; with prefix={hint!r} it does: load_pruned_checkpoint(model, path, prefix={hint!r})" if hint
+               is not None else "; is it the model the checkpoint was trained with (same constructor arguments)?")
+        )
     for state in wino:
         names = [n[len(prefix):] for n in state["layer_names"] if n.startswith(prefix)]
         if names:
             winogradize(model, m=state["m"], skip_first=False, include=[_literal(n) for n in names])
+    masked: list[nn.Conv2d] = []
     for state in deprune:
         if state.get("physical_done"):
             _replay_physical(model, state, prefix)
@@ -62,9 +81,89 @@ def load_pruned_checkpoint(
                 conv = model.get_submodule(name[len(prefix):])
                 assert isinstance(conv, nn.Conv2d)
                 register_mask_buffer(conv)
-    weights = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+                masked.append(conv)
+    weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     model.load_state_dict(weights, strict=strict)
+    with torch.no_grad():  # pruned weights are absent: a NaN or inf stored there must not reach the output
+        for mod in model.modules():
+            if isinstance(mod, WinogradConv2d):
+                mod.zero_pruned_()
+        for conv in masked:
+            mask = getattr(conv, MASK_BUFFER)
+            if mask.shape == conv.weight.shape:
+                conv.weight.masked_fill_(~mask, 0)
     return model
+
+
+def _mismatch(model: nn.Module, state_dict: dict[str, Any], wino: list[dict[str, Any]],
+              deprune: list[dict[str, Any]], prefix: str, strict: bool, check_shapes: bool = True) -> str | None:
+    """The first reason the checkpoint cannot load into ``model`` under ``prefix`` (``None`` if it can), read-only."""
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional: set[str] = set()
+    for state in wino:
+        p = int(state["m"]) + 2
+        for full in state["layer_names"]:
+            if not full.startswith(prefix):
+                continue
+            name = full[len(prefix):]
+            mod = _submodule(model, name)
+            if mod is None:
+                return f"the checkpoint's Winograd layer {full!r} is not a module of the model"
+            if not isinstance(mod, WinogradConv2d):
+                reason = conv_ineligibility(mod)
+                if reason is not None:
+                    return f"the checkpoint's Winograd layer {full!r} cannot be converted in the model: {reason}"
+                assert isinstance(mod, nn.Conv2d)
+                shapes[f"{name}.weight"] = (mod.out_channels, mod.in_channels, p, p)
+            optional.add(f"{name}.mask")
+            shapes[f"{name}.mask"] = shapes[f"{name}.weight"]
+    for state in deprune:
+        for full in state["layer_names"]:
+            if not full.startswith(prefix):
+                continue
+            name = full[len(prefix):]
+            mod = _submodule(model, name)
+            if not isinstance(mod, nn.Conv2d):
+                return f"the checkpoint's DEPrune layer {full!r} is not a Conv2d of the model"
+            shapes[f"{name}.{MASK_BUFFER}"] = tuple(mod.weight.shape)
+    saved = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if strict:
+        unexpected = [k for k in saved if k not in shapes]
+        if unexpected:
+            return f"the checkpoint's key {prefix + unexpected[0]!r} has no counterpart in the model " \
+                   f"({len(unexpected)} such keys)"
+        missing = [k for k in shapes if k not in saved and k not in optional]
+        if missing:
+            return f"the model's key {missing[0]!r} is not in the checkpoint under prefix={prefix!r} " \
+                   f"({len(missing)} such keys)"
+    elif not any(k in shapes for k in saved):
+        return f"no key of the checkpoint under prefix={prefix!r} is a key of the model"
+    if check_shapes:
+        for key, value in saved.items():
+            want = shapes.get(key)
+            if want is not None and isinstance(value, torch.Tensor) and tuple(value.shape) != want:
+                return f"{prefix + key!r} has shape {tuple(value.shape)} in the checkpoint, {want} in the model"
+    return None
+
+
+def _better_prefix(model: nn.Module, state_dict: dict[str, Any], wino: list[dict[str, Any]],
+                   deprune: list[dict[str, Any]], prefix: str, strict: bool, physical: bool) -> str | None:
+    """Another prefix under which the checkpoint fits ``model``: one of its keys' leading dotted parts, or ``""``."""
+    candidates = {""}
+    for key in state_dict:
+        parts = key.split(".")
+        candidates.update(".".join(parts[:i]) + "." for i in range(1, min(len(parts), 3)))
+    for cand in sorted(candidates - {prefix}, key=len):
+        if _mismatch(model, state_dict, wino, deprune, cand, strict, check_shapes=not physical) is None:
+            return cand
+    return None
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def _replay_physical(model: nn.Module, state: dict[str, Any], prefix: str) -> None:

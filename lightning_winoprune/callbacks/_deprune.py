@@ -173,8 +173,25 @@ class DEPrune(PruningCallback):
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, dw_amount=self.dw_amount, pw_amount=self.pw_amount)
 
+    structural_config = ("include", "exclude", "pw_select")
+
+    @override
+    def mask_config(self) -> dict[str, Any]:
+        return {"method": self.method, "dw_amount": self.dw_amount, "pw_amount": self.pw_amount,
+                **super().mask_config(), "tile": self.tile, "rounding": self.rounding, "pw_select": self.pw_select,
+                "pw_fraction": self.pw_fraction}
+
+    @override
+    def legacy_mask_config(self, state: dict[str, Any], key: str | None) -> dict[str, Any]:
+        config = super().legacy_mask_config(state, key)
+        if "method" in state:
+            config["method"] = state["method"]
+        return config
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.check_schedule(trainer)
         kinds = {}
         for name, mod in pl_module.named_modules():
             if not self.selected(name):
@@ -228,6 +245,7 @@ class DEPrune(PruningCallback):
                 "inference or export and a fit cannot resume from it (its optimizer state is stale). Start a new fit "
                 "without ckpt_path to fine-tune the shrunk model."
             )
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
     # ------------------------------------------------------------------------------------------ base hooks
     @override
@@ -347,7 +365,7 @@ class DEPrune(PruningCallback):
         getattr(conv, MASK_BUFFER).copy_(mask)
         self._float_masks.pop(name, None)
         with torch.no_grad():
-            conv.weight.mul_(mask.to(conv.weight.dtype))
+            conv.weight.masked_fill_(~mask, 0)  # not a multiply: a NaN in a pruned weight becomes 0 too
         self.zero_optimizer_state(trainer, conv.weight, mask)
 
     def _decide(self, trainer: pl.Trainer, pl_module: pl.LightningModule, convs: dict[str, nn.Module]) -> None:

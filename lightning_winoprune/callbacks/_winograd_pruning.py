@@ -157,6 +157,22 @@ class WinogradPruning(PruningCallback):
         self.policies: dict[str, str] = {}
         self.layer_amounts: dict[str, float] = {}
         self.layer_importance: dict[str, float] = {}
+        self._load_hook: torch.utils.hooks.RemovableHandle | None = None
+
+    structural_config = ("m", "skip_first", "include", "exclude")
+
+    @override
+    def mask_config(self) -> dict[str, Any]:
+        return {"method": self.method, "amount": self.amount, "m": self.m, **super().mask_config(),
+                "skip_first": self.skip_first, "unit": self.unit, "align": self.align, "rounding": self.rounding,
+                "score": self.score, "importance": self.importance, "wsp_fraction": self.wsp_fraction,
+                "latency_budget": self.latency_budget, "budget_amounts": list(self.budget_amounts)}
+
+    @override
+    def legacy_mask_config(self, state: dict[str, Any], key: str | None) -> dict[str, Any]:
+        config = super().legacy_mask_config(state, key)
+        config.update({k: state[k] for k in ("m", "method") if k in state})
+        return config
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
     @property
@@ -166,6 +182,8 @@ class WinogradPruning(PruningCallback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.check_schedule(trainer)
         report = winogradize(pl_module, m=self.m, skip_first=self.skip_first, include=self.include or None,
                              exclude=self.exclude or None, route=self.route, backend=self.backend)
         names = [n for n, mod in pl_module.named_modules() if isinstance(mod, WinogradConv2d) and self.selected(n)]
@@ -175,8 +193,36 @@ class WinogradPruning(PruningCallback):
                 f"(conversion report:\n{report})"
             )
         self.layer_names = names
+        if self._load_hook is not None:
+            self._load_hook.remove()
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(self._refuse_other_tile_sizes)
         if self.verbose and report.converted:
             print_rich(report)
+
+    def _refuse_other_tile_sizes(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                                 *args: Any) -> None:
+        """``load_state_dict`` pre-hook: a short error naming both tile sizes instead of a size-mismatch dump."""
+        for name in self.layer_names:
+            key, layer = f"{prefix}{name}.weight", module.get_submodule(name)
+            saved = state_dict.get(key)
+            if not isinstance(layer, WinogradConv2d) or not isinstance(saved, torch.Tensor) or saved.dim() != 4:
+                continue
+            size = saved.shape[-1]
+            if size == layer.p:
+                continue
+            way_out = ("start a new run from the pruned checkpoint: lightning_winoprune.load_pruned_checkpoint(model, "
+                       "path) converts with the checkpoint's m; then fit without ckpt_path")
+            if size - 2 in SUPPORTED_M:
+                raise MisconfigurationException(
+                    f"the checkpoint was pruned with m={size - 2} ({key} is a {size}x{size} Winograd tile), but this "
+                    f"WinogradPruning has m={self.m} ({layer.p}x{layer.p}): resume with m={size - 2}, or {way_out}"
+                )
+            raise MisconfigurationException(
+                f"the checkpoint's {key} has shape {tuple(saved.shape)}, not a Winograd-domain weight: this "
+                f"WinogradPruning (m={self.m}, skip_first={self.skip_first}) converts {name}, the run that wrote the "
+                "checkpoint did not (other skip_first/include/exclude, or no WinogradPruning); resume with the same "
+                f"arguments, or {way_out}"
+            )
 
     @override
     def extra_state(self) -> dict[str, Any]:
@@ -185,10 +231,6 @@ class WinogradPruning(PruningCallback):
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        if state.get("m", self.m) != self.m:
-            raise MisconfigurationException(
-                f"checkpoint was pruned with m={state['m']}, but this WinogradPruning has m={self.m}"
-            )
         self.policies = dict(state.get("policies", {}))
         self.layer_amounts = dict(state.get("layer_amounts", {}))
         self.layer_importance = dict(state.get("layer_importance", {}))
@@ -213,6 +255,9 @@ class WinogradPruning(PruningCallback):
         # outside this callback nobody masks gradients: layers go back to masking in every forward pass
         for layer in self._layers(pl_module).values():
             layer.mask_in_forward = True
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     # ------------------------------------------------------------------------------------------ pruning
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> dict[str, MaskResult]:

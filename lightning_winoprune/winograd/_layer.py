@@ -13,6 +13,7 @@ from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
+    capturing,
     filter_transform,
     input_transform,
     input_transform_adjoint,
@@ -20,7 +21,7 @@ from lightning_winoprune.winograd._tiles import (
     output_transform_adjoint,
     tile_geometry,
 )
-from lightning_winoprune.winograd._transforms import check_m, get_transforms
+from lightning_winoprune.winograd._transforms import check_m, get_transforms, untraced
 
 __all__ = ["Route", "WinogradConv2d", "conv_ineligibility", "winograd_layout"]
 
@@ -95,12 +96,13 @@ class _BGEMMConv(torch.autograd.Function):
 def _phase_coefficients(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``R[i, j, a, b, u, v] = AT[a, i] AT[b, j] BT[i, u] BT[j, v]``, shape ``(p, p, m, m, p, p)``: U -> kernels E."""
     t = get_transforms(m, torch.float64)
-    r = torch.einsum("ai,bj,iu,jv->ijabuv", t.AT, t.AT, t.BT, t.BT)
-    return r.to(dtype=dtype, device=device)
+    with untraced():  # a constant of a traced graph, whether the cache was cold or warm
+        r = torch.einsum("ai,bj,iu,jv->ijabuv", t.AT, t.AT, t.BT, t.BT)
+        return r.to(dtype=dtype, device=device)
 
 
 def _phase_kernels(u: torch.Tensor, m: int) -> torch.Tensor:
-    """Exact phase-conv kernels ``E`` of shape ``(K * m * m, C, p, p)`` (design page §1)."""
+    """Exact phase-conv kernels ``E`` of shape ``(K * m * m, C, p, p)`` (see ``docs/winograd.md``, the phase route)."""
     k, c, p, _ = u.shape
     r = _phase_coefficients(m, u.dtype, u.device).reshape(p * p, m * m * p * p)
     e = (_bgemm_view(u).reshape(p * p, k * c).T @ r).view(k, c, m, m, p, p)
@@ -112,8 +114,13 @@ class WinogradConv2d(nn.Module):
 
     The trainable ``weight`` is the Winograd-domain tensor ``U`` of shape ``(out_channels, in_channels, p, p)``,
     ``p = m + 2``; each ``U[:, :, i, j]`` is the ``K x C`` matrix of one BGEMM position. An optional boolean
-    ``mask`` buffer of the same shape zeroes pruned entries: the forward pass uses ``weight * mask``, so pruned
-    entries contribute exactly zero and receive zero gradient.
+    ``mask`` buffer of the same shape prunes entries: the forward pass uses ``torch.where(mask, weight, 0)``, so
+    pruned entries are absent (they contribute exactly zero, even if a NaN or inf is stored there) and receive zero
+    gradient.
+
+    A batch of size 0 gives an empty output, as ``F.conv2d`` does. While ``torch.jit.trace``, ``torch.compile`` or
+    ``torch.export`` captures the layer, the ``bgemm`` route runs as plain torch ops (the native transforms cannot
+    be traced), so the captured graph computes the same function.
 
     Build one from an existing convolution with :meth:`from_conv`, which makes the two exactly equivalent.
 
@@ -251,11 +258,10 @@ class WinogradConv2d(nn.Module):
         """Set the stored weight entries the mask prunes to exactly zero (in place; a no-op without a mask).
 
         The forward pass already ignores them; zeroing the storage too makes exported weights and optimizer
-        updates (whose gradient there is zero) keep them at zero.
+        updates (whose gradient there is zero) keep them at zero. A NaN or inf stored there becomes zero as well.
         """
-        value = self.mask_value()
-        if value is not None:
-            self.weight.mul_(value)
+        if self.mask is not None:
+            self.weight.masked_fill_(~self.mask, 0)
 
     def mask_value(self) -> torch.Tensor | None:
         """The mask as a tensor of the weight's dtype (1 keeps, 0 prunes), or ``None`` without a mask."""
@@ -269,9 +275,10 @@ class WinogradConv2d(nn.Module):
         return 0.0 if self.mask is None else 1.0 - self.mask.count_nonzero().item() / self.mask.numel()
 
     def effective_weight(self) -> torch.Tensor:
-        """``weight * mask`` when a mask is set, else ``weight``."""
-        value = self.mask_value()
-        return self.weight if value is None or not self.mask_in_forward else self.weight * value
+        """``torch.where(mask, weight, 0)`` when a mask is set (pruned entries are absent, whatever they store)."""
+        if self.mask is None or not self.mask_in_forward:
+            return self.weight
+        return torch.where(self.mask, self.weight, 0.0)
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
@@ -315,15 +322,25 @@ class WinogradConv2d(nn.Module):
         h, w = x.shape[-2:]
         geom = tile_geometry(h, w, self.padding, self.m)
         route = self.resolve_route(h, w)
+        if route is Route.UNROLLED and geom.tiles != (1, 1):
+            raise ValueError(
+                f"route='unrolled' needs the output to fit in one {self.m}x{self.m} tile, got {geom.out_size}"
+            )
+        if x.shape[0] == 0:  # an empty batch, like F.conv2d (pixel_shuffle's backward refuses one)
+            return self._bgemm_torch(x, u, geom)
         if route is Route.BGEMM:
+            if capturing():  # a tracer / compiler must see every op: no custom autograd function, no native calls
+                return self._bgemm_torch(x, u, geom)
             return _BGEMMConv.apply(x, u, self.bias, self.m, geom, self.backend)
         if route is Route.UNROLLED:
-            if geom.tiles != (1, 1):
-                raise ValueError(
-                    f"route='unrolled' needs the output to fit in one {self.m}x{self.m} tile, got {geom.out_size}"
-                )
             return self._unrolled(x, u, geom)
         return self._phase(x, u, geom)
+
+    def _bgemm_torch(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+        """The ``bgemm`` route as plain differentiable torch ops (no custom autograd function, no native calls)."""
+        v = input_transform(x, self.m, geom, Backend.TORCH)
+        mm = torch.bmm(_bgemm_view(u), v)
+        return output_transform(mm, self.m, geom, x.shape[0], self.bias, Backend.TORCH)
 
     def _unrolled(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
         n, c, h, w = x.shape

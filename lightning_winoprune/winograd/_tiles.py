@@ -1,7 +1,8 @@
 """Winograd transform ops with a native (``_C``) and a torch implementation.
 
-Shapes follow the BGEMM view of ``shared/design/algorithms.md`` §1, with ``p = m + 2``, ``P2 = p * p`` and
-``T = N * th * tw`` tiles ordered ``(n, ty, tx)``:
+Shapes follow the BGEMM view of the Winograd convolution (see ``docs/winograd.md``): for each of the ``p * p``
+Winograd positions ``xi`` one GEMM ``M[xi] (K x T) = U[xi] (K x C) @ V[xi] (C x T)``, with ``p = m + 2``,
+``P2 = p * p`` and ``T = N * th * tw`` tiles ordered ``(n, ty, tx)``:
 
 * :func:`filter_transform`: ``g (..., 3, 3) -> U (..., p, p)``
 * :func:`input_transform`: ``x (N, C, H, W) -> V (P2, C, T)``
@@ -10,6 +11,10 @@ Shapes follow the BGEMM view of ``shared/design/algorithms.md`` §1, with ``p = 
 * :func:`output_transform_adjoint`: ``dy (N, K, Ho, Wo) -> dM (P2, K, T)``
 
 The adjoints are the exact transposes of the forward maps; the Winograd layer's backward pass is built from them.
+
+While ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` records the ops (:func:`capturing`), every op takes
+its torch implementation: the native kernels write through numpy views that a tracer cannot see, so a traced native
+call would replay stale buffers. Both implementations compute the same exact map.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from lightning_winoprune.winograd._transforms import get_transforms
 
 __all__ = [
     "TileGeometry",
+    "capturing",
     "filter_transform",
     "input_transform",
     "input_transform_adjoint",
@@ -69,6 +75,19 @@ def tile_geometry(height: int, width: int, padding: tuple[int, int], m: int) -> 
     return TileGeometry((ph, pw, ho, wo, -(-ho // m), -(-wo // m)))
 
 
+def capturing() -> bool:
+    """Whether ops are being recorded by ``torch.jit.trace``, ``torch.compile`` or ``torch.export``."""
+    return bool(torch.jit.is_tracing() or torch.compiler.is_compiling())
+
+
+def _resolve(backend: Backend | str, *tensors: torch.Tensor) -> Backend:
+    """:func:`resolve_backend`, but the torch implementation while ops are being captured (see :func:`capturing`)."""
+    backend = Backend.parse(backend)
+    if capturing():
+        return Backend.TORCH
+    return resolve_backend(backend, *tensors)
+
+
 def _check_tensor(t: object, name: str, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -103,7 +122,7 @@ def filter_transform(g: torch.Tensor, m: int, backend: Backend | str = Backend.A
     if g.dim() < 2 or tuple(g.shape[-2:]) != (3, 3):
         raise ValueError(f"g must have shape (..., 3, 3), got {tuple(g.shape)}")
     t64 = get_transforms(m, torch.float64)
-    if resolve_backend(backend, g) is Backend.NATIVE:
+    if _resolve(backend, g) is Backend.NATIVE:
         out = torch.empty((*g.shape[:-2], t64.p, t64.p), dtype=torch.float32)
         native_module().filter_transform(_np(g), t64.G.numpy(), out.numpy())
         return out
@@ -120,7 +139,7 @@ def input_transform(
     n, c, h, w = x.shape
     ph, pw = geom.pad
     th, tw = geom.tiles
-    if resolve_backend(backend, x) is Backend.NATIVE:
+    if _resolve(backend, x) is Backend.NATIVE:
         out = torch.empty((t.p * t.p, c, n * th * tw), dtype=torch.float32)
         native_module().input_transform(_np(x), _np(t.BT), ph, pw, th, tw, out.numpy())
         return out
@@ -142,7 +161,7 @@ def input_transform_adjoint(
     th, tw = geom.tiles
     if tuple(dv.shape) != (t.p * t.p, c, n * th * tw):
         raise ValueError(f"dV must have shape {(t.p * t.p, c, n * th * tw)}, got {tuple(dv.shape)}")
-    if resolve_backend(backend, dv) is Backend.NATIVE:
+    if _resolve(backend, dv) is Backend.NATIVE:
         out = torch.empty(input_shape, dtype=torch.float32)
         native_module().input_transform_adjoint(_np(dv), _np(t.BT), ph, pw, th, tw, out.numpy())
         return out
@@ -165,7 +184,7 @@ def output_transform(
         raise ValueError(f"M must have shape {(t.p * t.p, k, batch * th * tw)}, got {tuple(mm.shape)}")
     if bias is not None and tuple(bias.shape) != (k,):
         raise ValueError(f"bias must have shape {(k,)}, got {tuple(bias.shape)}")
-    if resolve_backend(backend, mm, *(() if bias is None else (bias,))) is Backend.NATIVE:
+    if _resolve(backend, mm, *(() if bias is None else (bias,))) is Backend.NATIVE:
         out = torch.empty((batch, k, ho, wo), dtype=torch.float32)
         native_module().output_transform(
             _np(mm), _np(t.AT), None if bias is None else _np(bias), th, tw, out.numpy()
@@ -186,7 +205,7 @@ def output_transform_adjoint(
     th, tw = geom.tiles
     if (ho, wo) != geom.out_size:
         raise ValueError(f"dy must have spatial size {geom.out_size}, got {(ho, wo)}")
-    if resolve_backend(backend, dy) is Backend.NATIVE:
+    if _resolve(backend, dy) is Backend.NATIVE:
         out = torch.empty((t.p * t.p, k, n * th * tw), dtype=torch.float32)
         native_module().output_transform_adjoint(_np(dy), _np(t.AT), th, tw, out.numpy())
         return out

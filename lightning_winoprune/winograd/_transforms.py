@@ -5,7 +5,7 @@ interpolation points, then cast once to float64/float32 tensors and cached. The 
 float32 error lowest among the small-integer / power-of-two sets (Lavin & Gray 2016; Barabasz et al. 2020):
 ``0, ±1`` for F(2,3), ``0, ±1, ±2`` ... plus the point at infinity.
 
-Conventions (see ``shared/design/algorithms.md`` §1), with ``p = m + 2``:
+Conventions (stated in ``docs/winograd.md``), with ``p = m + 2``:
 
 * ``G``   is ``(p, 3)``:  ``U = G g G^T``   filter transform,
 * ``BT``  is ``(p, p)``:  ``V = B^T d B``   input-tile transform,
@@ -14,7 +14,9 @@ Conventions (see ``shared/design/algorithms.md`` §1), with ``p = m + 2``:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -143,7 +145,23 @@ def _cached(m: int, dtype: torch.dtype) -> WinogradTransforms:
         # Fractions -> float64 first (exact for these points), then to the requested dtype.
         return torch.tensor([[float(x) for x in row] for row in mat], dtype=torch.float64).to(dtype)
 
-    return WinogradTransforms(m=m, AT=cast(at), G=cast(g), BT=cast(bt))
+    with untraced():  # filled during a torch.jit.trace, the cache is a constant there, as it is when already warm
+        return WinogradTransforms(m=m, AT=cast(at), G=cast(g), BT=cast(bt))
+
+
+@contextlib.contextmanager
+def untraced() -> Iterator[None]:
+    """Suspend ``torch.jit.trace``'s recording (for filling caches whose tensors the trace must see as constants)."""
+    state = torch._C._get_tracing_state()
+    if state is None:
+        yield
+        return
+    set_state = getattr(torch._C, "_set_tracing_state")  # noqa: B009 (private, untyped in torch's stubs)
+    set_state(None)
+    try:
+        yield
+    finally:
+        set_state(state)
 
 
 def get_transforms(

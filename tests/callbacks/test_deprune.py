@@ -104,7 +104,8 @@ def test_resume_and_load_for_inference(tmp_path, data):
           "end_epoch": 1, "calibration_batches": 1, "verbose": 0}
     module = mobilenet()
     cb = DEPrune(**kw)
-    trainer([cb, ModelCheckpoint(dirpath=tmp_path, save_last=True)], enable_checkpointing=True).fit(module, data)
+    trainer([cb, ModelCheckpoint(dirpath=tmp_path, save_last=True)], enable_checkpointing=True, max_epochs=2,
+            max_steps=2).fit(module, data)  # stopped after epoch 0, as an interrupted run would be
     saved = {n: module.get_submodule(n).weight_mask.clone() for n in cb.layer_names}
     ckpt = tmp_path / "last.ckpt"
 
@@ -124,6 +125,30 @@ def test_resume_and_load_for_inference(tmp_path, data):
     x = torch.randn(2, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(fresh(x), module(x))
+
+
+def test_resume_with_other_amounts_is_refused(tmp_path, data):
+    kw = {"method": "dcp-bh", "dw_amount": 0.5, "pw_amount": 0.3, "schedule": "gradual", "start_epoch": 0,
+          "end_epoch": 1, "calibration_batches": 1, "verbose": 0}
+    trainer([DEPrune(**kw), ModelCheckpoint(dirpath=tmp_path, save_last=True)], enable_checkpointing=True,
+            max_epochs=2, max_steps=2).fit(mobilenet(), data)
+    for changed, bad, good in (({"dw_amount": 0.2}, "dw_amount=0.2", "dw_amount=0.5"),
+                               ({"tile": 16}, "tile=16", "tile=32"),
+                               ({"rounding": "up"}, "rounding='up'", "rounding='auto'")):
+        cb2 = DEPrune(**{**kw, **changed})
+        with pytest.raises(MisconfigurationException) as err:
+            trainer([cb2], max_epochs=2).fit(mobilenet(), data, ckpt_path=tmp_path / "last.ckpt")
+        msg = str(err.value)
+        assert bad in msg and good in msg and "load_pruned_checkpoint" in msg, msg
+        assert not cb2.history
+    cb3 = DEPrune(**{**kw, "verbose": 2})  # harmless
+    trainer([cb3], max_epochs=2).fit(mobilenet(), data, ckpt_path=tmp_path / "last.ckpt")
+    assert [h["epoch"] for h in cb3.history] == [0, 1]
+
+
+def test_schedule_that_cannot_complete_is_refused(data):
+    with pytest.raises(MisconfigurationException, match=r"start_epoch=1 is not before max_epochs=1"):
+        trainer([DEPrune(start_epoch=1, verbose=0)], max_epochs=1).fit(mobilenet(), data)
 
 
 class Mixed(L.LightningModule):
@@ -199,3 +224,24 @@ def test_wandb_offline_run_gets_deprune_metrics_and_table(tmp_path, data, monkey
     col = content["columns"].index("DW-Pat. / PW")
     patterns = {row[0]: row[col] for row in content["data"]}
     assert {patterns[n] for n in dw} == {"u", "o"}  # the paper's DW-Pat. column, chosen per layer
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_pruned_depthwise_weight_is_absent(poison):
+    # before: DEPrune zeroed pruned weights with weight * mask, and NaN * 0 = NaN reached every output of the channel
+    from lightning_winoprune.callbacks._deprune import register_mask_buffer
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    conv = net[0]
+    register_mask_buffer(conv)
+    mask = torch.rand_like(conv.weight) > 0.5
+    conv.weight_mask.copy_(mask)
+    kept = torch.where(mask, conv.weight.detach(), 0.0)
+    with torch.no_grad():
+        conv.weight[~mask] = poison
+    cb = DEPrune(verbose=0)
+    cb.layer_names, cb.kinds = ["0"], {"0": "dw"}
+    cb.enforce(net)  # what on_fit_start does after a restore
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.equal(net(x), torch.nn.functional.conv2d(x, kept, conv.bias, padding=1, groups=8))

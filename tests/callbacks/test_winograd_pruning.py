@@ -632,7 +632,8 @@ def test_checkpoint_resume_restores_masks_and_schedule(tmp_path, datamodule):
     module = make_module()
     cb = WinogradPruning(**GRADUAL)
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    make_trainer([cb, ckpt_cb], enable_checkpointing=True).fit(module, datamodule)
+    # the run stops after epoch 0 (max_steps), as an interrupted one would; its schedule fits in max_epochs
+    make_trainer([cb, ckpt_cb], enable_checkpointing=True, max_epochs=3, max_steps=2).fit(module, datamodule)
     last = tmp_path / "last.ckpt"
     assert last.is_file() and [h["epoch"] for h in cb.history] == [0]
     saved = {n: module.get_submodule(n).mask.clone() for n in cb.layer_names}
@@ -688,14 +689,15 @@ def test_mid_epoch_resume_does_not_prune_the_epoch_again(tmp_path, datamodule):
     module = make_module()
     cb = WinogradPruning(**GRADUAL)
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
-    make_trainer([cb, ckpt_cb], limit_val_batches=0, enable_checkpointing=True).fit(module, datamodule)
+    make_trainer([cb, ckpt_cb], limit_val_batches=0, enable_checkpointing=True, max_epochs=3, max_steps=2).fit(
+        module, datamodule)
     mid = tmp_path / "step=1.ckpt"
     assert mid.is_file()
     saved = torch.load(mid, map_location="cpu", weights_only=False)["state_dict"]
     module2 = make_module()
     cb2 = WinogradPruning(**GRADUAL)
     probe = Probe()
-    make_trainer([cb2, probe], limit_val_batches=0).fit(module2, datamodule, ckpt_path=mid)
+    make_trainer([cb2, probe], limit_val_batches=0, max_epochs=3, max_steps=2).fit(module2, datamodule, ckpt_path=mid)
     resumed = probe.masks(("train_start", 0))
     assert set(resumed) == set(cb.layer_names)
     assert all(torch.equal(m, saved[f"{n}.mask"]) for n, m in resumed.items())
@@ -718,6 +720,100 @@ def test_callback_state_dict_round_trip(datamodule):
     assert (fresh.policies, fresh.last_pruned_epoch, fresh.layer_names) == (cb.policies, 0, cb.layer_names)
     with pytest.raises(MisconfigurationException, match=r"(?s)(?=.*m=2)(?=.*m=4)"):
         WinogradPruning(method="abwsp", amount=0.5, m=4).load_state_dict(copy.deepcopy(state))
+
+
+def _interrupted_gradual_run(tmp_path: Path, datamodule: DigitsDataModule) -> tuple[Path, WinogradPruning]:
+    """GRADUAL stopped after its first step (epoch 0 of 3): a pruning step is still ahead; returns last.ckpt."""
+    cb = WinogradPruning(**GRADUAL)
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer([cb, ckpt_cb], enable_checkpointing=True, limit_val_batches=0, max_epochs=3, max_steps=2).fit(
+        make_module(), datamodule)
+    return tmp_path / "last.ckpt", cb
+
+
+def test_resume_with_another_amount_is_refused_instead_of_unpruning(tmp_path, datamodule):
+    # before: the state key names the amount, so the state was not found, the schedule restarted and every mask was
+    # recomputed at the lower target (sparsity 0.604 -> 0.305, pruned weights grew back)
+    last, _ = _interrupted_gradual_run(tmp_path, datamodule)
+    for changed, bad, good in (({"amount": 0.3}, "amount=0.3", "amount=0.6"),
+                               ({"method": "wsp-r"}, "method='wsp-r'", "method='bwsp'"),
+                               ({"end_epoch": 3}, "end_epoch=3", "end_epoch=2"),
+                               ({"score": "l1"}, "score='l1'", "score='l2'"),
+                               ({"align": 2}, "align=2", "align=None")):
+        module2 = make_module()
+        cb2 = WinogradPruning(**{**GRADUAL, **changed})
+        with pytest.raises(MisconfigurationException) as err:
+            make_trainer([cb2], limit_val_batches=0, max_epochs=4).fit(module2, datamodule, ckpt_path=last)
+        msg = str(err.value)
+        assert bad in msg and good in msg and "load_pruned_checkpoint" in msg, msg
+        assert len(msg.splitlines()) < 10, msg
+        assert not cb2.history  # nothing was pruned
+
+
+def test_resume_with_harmless_changes_continues(tmp_path, datamodule):
+    last, _ = _interrupted_gradual_run(tmp_path, datamodule)
+    cb2 = WinogradPruning(**{**GRADUAL, "verbose": 2, "log_masks": False, "calibration_batches": 2,
+                             "route": "bgemm"})
+    make_trainer([cb2], limit_val_batches=0, max_epochs=3).fit(make_module(), datamodule, ckpt_path=last)
+    assert [h["epoch"] for h in cb2.history] == [0, 1, 2] and cb2.history[-1]["target"] == pytest.approx(0.6)
+
+
+def test_resume_before_the_first_pruning_step_takes_the_new_arguments(tmp_path, datamodule):
+    kwargs = {"method": "bwsp", "amount": 0.6, "start_epoch": 1, "verbose": 0}
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    make_trainer([WinogradPruning(**kwargs), ckpt_cb], enable_checkpointing=True, limit_val_batches=0, max_epochs=2,
+                 max_steps=2).fit(make_module(), datamodule)
+    cb2 = WinogradPruning(**{**kwargs, "amount": 0.3})
+    module2 = make_module()
+    make_trainer([cb2], limit_val_batches=0, max_epochs=2).fit(module2, datamodule, ckpt_path=tmp_path / "last.ckpt")
+    assert [h["epoch"] for h in cb2.history] == [1] and cb2.history[0]["sparsity"] == pytest.approx(0.3, abs=0.05)
+
+
+def test_resume_of_a_checkpoint_without_saved_config_still_compares_the_key(tmp_path, datamodule):
+    last, _ = _interrupted_gradual_run(tmp_path, datamodule)
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    for state in ckpt["callbacks"].values():
+        state.pop("config", None)  # as written before the configuration was saved
+    torch.save(ckpt, last)
+    with pytest.raises(MisconfigurationException, match=r"(?s)(?=.*amount=0\.6)(?=.*amount=0\.3)"):
+        make_trainer([WinogradPruning(**{**GRADUAL, "amount": 0.3})], limit_val_batches=0, max_epochs=3).fit(
+            make_module(), datamodule, ckpt_path=last)
+
+
+def test_resume_with_another_tile_size_names_both(tmp_path, datamodule):
+    # before: a 25-line load_state_dict size-mismatch error that never mentions m
+    last, _ = _interrupted_gradual_run(tmp_path, datamodule)
+    with pytest.raises(MisconfigurationException) as err:
+        make_trainer([WinogradPruning(**{**GRADUAL, "m": 4})], limit_val_batches=0, max_epochs=3).fit(
+            make_module(), datamodule, ckpt_path=last)
+    msg = str(err.value)
+    assert "m=2" in msg and "m=4" in msg and "load_pruned_checkpoint" in msg, msg
+    assert len(msg.splitlines()) < 10 and len(msg) < 600, msg
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "max_epochs", "match"),
+    [
+        ({"start_epoch": 3}, 3, r"start_epoch=3 is not before max_epochs=3: nothing would be pruned"),
+        ({"start_epoch": 5}, 2, r"start_epoch=5 is not before max_epochs=2"),
+        ({"schedule": "gradual", "start_epoch": 0, "end_epoch": 4}, 3,
+         r"(?s)end_epoch=4.*max_epochs=3.*stop at 0\.\d+ instead of 0\.7.*at least 5"),
+    ],
+)
+def test_schedule_that_cannot_complete_is_refused_in_setup(kwargs, max_epochs, match, datamodule):
+    # before: the model was converted (slower training) and never pruned, or stopped at a third of the amount
+    module = make_module()
+    with pytest.raises(MisconfigurationException, match=match):
+        make_trainer([WinogradPruning(verbose=0, method="bwsp", **kwargs)], max_epochs=max_epochs).fit(module,
+                                                                                                      datamodule)
+    assert not winograd_layers(module)  # refused before the conversion
+
+
+def test_schedule_without_max_epochs_warns(datamodule):
+    cb = WinogradPruning(method="bwsp", amount=0.5, start_epoch=0, verbose=0)
+    with pytest.warns(UserWarning, match=r"no max_epochs.*at least 1 epochs"):
+        make_trainer([cb], max_epochs=-1, max_steps=2, limit_val_batches=0).fit(make_module(), datamodule)
+    assert [h["epoch"] for h in cb.history] == [0]
 
 
 # ------------------------------------------------------------------------------------ 7. load_pruned_checkpoint
@@ -759,6 +855,63 @@ def test_load_pruned_checkpoint_rebuilds_the_model(tmp_path, datamodule):
 
 
 # ----------------------------------------------------------------------------------------------------- 8. logging
+def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    after = model.state_dict()
+    return not winograd_layers(model) and after.keys() == before.keys() and all(
+        torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_load_pruned_checkpoint_into_the_wrong_model_is_short_and_changes_nothing(tmp_path, datamodule):
+    # before: up to 17,481 characters of load_state_dict errors, no word of prefix, 12 layers already converted
+    module = make_module()
+    trainer = make_trainer([WinogradPruning(method="abwsp", amount=0.5, calibration_batches=1, verbose=0)],
+                           limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path)
+
+    net = timm.create_model("resnet18", num_classes=10, in_chans=1, **TINY)  # the inner network without prefix
+    before = copy.deepcopy(net.state_dict())
+    with pytest.raises(ValueError) as err:
+        load_pruned_checkpoint(net, path)
+    msg = str(err.value)
+    assert "prefix='model.'" in msg and "'model." in msg and len(msg) < 400 and len(msg.splitlines()) == 1, msg
+    assert _unchanged(net, before)
+    assert load_pruned_checkpoint(net, path, prefix="model.") is net and winograd_layers(net)  # the suggestion works
+
+    wrong = ImageClassifier("resnet18", num_classes=5, in_chans=1, model_kwargs=dict(TINY))  # another head
+    before = copy.deepcopy(wrong.state_dict())
+    with pytest.raises(ValueError, match=r"'model\.fc\.weight' has shape \(10, 128\) in the checkpoint, \(5, 128\)"):
+        load_pruned_checkpoint(wrong, path)
+    assert _unchanged(wrong, before)
+
+    other = ImageClassifier("resnet34", num_classes=10, in_chans=1, model_kwargs=dict(TINY))  # another architecture
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match=r"model's key 'model\.layer1\.2\.conv1\.weight' is not in the checkpoint") \
+            as err:
+        load_pruned_checkpoint(other, path)
+    assert "prefix=" not in str(err.value).split(";")[-1] and len(str(err.value)) < 400
+    assert _unchanged(other, before)
+
+
+def test_load_pruned_checkpoint_drops_nan_stored_in_pruned_weights(tmp_path, datamodule):
+    module = make_module()
+    cb = WinogradPruning(method="wsp-c", amount=0.5, verbose=0)
+    trainer = make_trainer([cb], limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    path = tmp_path / "final.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for name in cb.layer_names:
+        ckpt["state_dict"][f"{name}.weight"][~ckpt["state_dict"][f"{name}.mask"]] = float("nan")
+    fresh = load_pruned_checkpoint(make_module(), ckpt).eval()
+    module.eval()
+    x = datamodule.split("val").tensors[0][:4]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), module(x))
+    assert all(torch.isfinite(fresh.get_submodule(n).weight).all() for n in cb.layer_names)
+
+
 def test_csv_logger_gets_overall_and_per_layer_sparsity(tmp_path, datamodule):
     module = make_module()
     cb = WinogradPruning(method="bwsp", amount=0.5, verbose=0)

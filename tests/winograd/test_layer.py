@@ -431,3 +431,84 @@ def test_winograd_layout_helper() -> None:
     lt = winograd_layout(t)
     assert torch.equal(lt, t) and lt.shape == t.shape
     assert lt.permute(2, 3, 0, 1).is_contiguous() and not lt.is_contiguous()
+
+
+BACKENDS = ["auto", "torch", *(["native"] if native_available() else [])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("m", [2, 4])
+def test_empty_batch_is_an_empty_output_with_gradients_like_conv2d(route: str, m: int, backend: str) -> None:
+    # before: the phase route's backward raised (pixel_shuffle refuses a batch of 0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv, m=m, route=route, backend=backend)
+    layer.set_mask(torch.rand_like(layer.weight) > 0.5)
+    hw = (2, 2) if route == "unrolled" else (9, 7)
+    x = torch.randn(0, 3, *hw, requires_grad=True)
+    y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape and y.dtype == ref.dtype and y.numel() == 0
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert layer.weight.grad is not None and torch.count_nonzero(layer.weight.grad) == 0
+    with torch.no_grad():
+        assert layer(x).shape == ref.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_nan_or_inf_in_a_pruned_weight_never_reaches_the_output(route: str, poison: float, backend: str) -> None:
+    # before: weight * mask propagated NaN * 0 = NaN to every output of the layer
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv, m=2, route=route, backend=backend)
+    mask = torch.ones_like(layer.weight, dtype=torch.bool)
+    mask[:, 1] = False  # input channel 1 pruned at every position: the kept weights are conv's without channel 1
+    mask[2] = False  # and filter 2
+    layer.set_mask(mask)
+    with torch.no_grad():
+        layer.weight[~mask] = poison
+    kept = conv.weight.detach().clone()
+    kept[:, 1] = 0
+    kept[2] = 0
+    hw = (2, 2) if route == "unrolled" else (7, 6)
+    x = torch.randn(2, 3, *hw, requires_grad=True)
+    y = layer(x)
+    ref = F.conv2d(x, kept, conv.bias, padding=1)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) <= TOL[2]
+    dy = torch.randn_like(ref)
+    dx, du = torch.autograd.grad(y, (x, layer.weight), dy)
+    assert torch.isfinite(dx).all() and rel_err(dx, torch.autograd.grad(ref, x, dy)[0]) <= TOL[2]
+    assert torch.count_nonzero(du[~mask]) == 0
+    layer.zero_pruned_()  # the storage too: the pruned entries become exactly zero
+    assert torch.count_nonzero(layer.weight.detach()[~mask]) == 0 and torch.isfinite(layer.weight).all()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("route", ["auto", "bgemm", "phase"])
+def test_torch_jit_trace_computes_what_eager_does_on_new_inputs(route: str, backend: str) -> None:
+    # before: tracing a native model under no_grad failed or replayed stale native buffers (NaN, garbage)
+    torch.manual_seed(0)
+    layers = [WinogradConv2d(3, 8, m=2, route=route, backend=backend), WinogradConv2d(8, 4, m=4, route=route,
+                                                                                      backend=backend)]
+    layers[1].set_mask(torch.rand_like(layers[1].weight) > 0.3)
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1]).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, torch.randn(2, 3, 12, 12), check_trace=True)
+        for _ in range(2):
+            x = torch.randn(2, 3, 12, 12)
+            assert rel_err(traced(x), model(x)) <= TOL[4]
+
+
+@pytest.mark.filterwarnings("ignore:.*lru_cache.*")
+def test_torch_compile_sees_plain_torch_ops() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv, m=2, route="bgemm")
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(compiled(x), conv(x)) <= TOL[2]
