@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from lightning_winoprune.kernels import PackedDepthwiseConv, PackedWinogradConv, native_available, native_isa
+from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv
+from lightning_winoprune.kernels import native_available, native_isa
 from lightning_winoprune.pruning._depthwise import depthwise_mask
 from lightning_winoprune.pruning._methods import method_pattern, winograd_mask
 

@@ -5,8 +5,11 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "common.h"
 #include "filter_transform.h"
@@ -48,7 +51,12 @@ py::list supported_isas() {
 // Type checks happen before pybind's own conversion so that the message names the argument.
 template <typename T>
 carray<T> as_array(const py::handle& obj, const char* name, bool writable = false) {
-  const char* want = std::is_same<T, float>::value ? "float32" : (std::is_same<T, bool>::value ? "bool" : "float64");
+  const char* want = std::is_same<T, float>::value           ? "float32"
+                     : std::is_same<T, bool>::value          ? "bool"
+                     : std::is_same<T, std::int64_t>::value  ? "int64"
+                     : std::is_same<T, std::int32_t>::value  ? "int32"
+                     : std::is_same<T, std::uint8_t>::value  ? "uint8"
+                                                             : "float64";
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array of " + want + ", got " +
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
@@ -372,6 +380,274 @@ PyDepthwisePlan pack_depthwise(const py::handle& w_obj, const py::handle& mask_o
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// Plans as plain arrays: what the torch custom ops (lightning_winoprune.deploy) keep in module buffers, so a deployed
+// model can be deep-copied, saved, compiled and exported. A plan's arrays go out once (plan_arrays) and come back on
+// every call (winograd_run / depthwise_run), where they are validated before any kernel reads them: a damaged or
+// hand-made state_dict raises ValueError instead of reading out of bounds.
+//
+// Winograd meta (int64): a header of kWinoHeader entries, then the index segments in the order of kWinoSegments.
+//   header: [0] format version, [1] p, [2] m, [3] mr, [4] K, [5] C, [6] csr, [7] isa, [8] n_items, [9] kept,
+//           [10] work, [11] panel_cols length (the rest of cols is csr_cols), [12] A length (the rest of vals is
+//           csr_vals), [16 .. 16 + n_segments] segment offsets into meta.
+// cols (int32): panel_cols then csr_cols; vals (float32): A then csr_vals; acc (uint8): panel_row_acc.
+constexpr index_t kWinoFormat = 1, kWinoHeader = 32, kWinoSegments = 10, kSegOff = 16;
+// Depthwise meta (int64): [0] format version, [1] C, [2] kh, [3] kw, [4] stride_h, [5] stride_w, [6] kept taps,
+// then tap_begin (C + 1). taps (int32): dy of every tap then dx; weights (float32).
+constexpr index_t kDwFormat = 1, kDwHeader = 8;
+
+thread_local std::vector<float> tls_workspace;  // per calling thread: concurrent calls never share scratch memory
+
+template <typename T>
+py::array_t<T> to_numpy(const std::vector<T>& v) {
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+py::tuple winograd_arrays(const PyWinogradPlan& self) {
+  const auto& pl = self.plan;
+  const std::vector<const std::vector<index_t>*> segs = {&pl.panel_begin, &pl.panel_xi, &pl.panel_row_begin,
+                                                         &pl.panel_rows, &pl.item_begin, &pl.panel_col_begin,
+                                                         &pl.panel_a_begin, &pl.zero_begin, &pl.zero_rows,
+                                                         &pl.row_ptr};
+  std::vector<index_t> meta(kWinoHeader, 0);
+  meta[0] = kWinoFormat;
+  meta[1] = pl.p;
+  meta[2] = pl.m;
+  meta[3] = pl.mr;
+  meta[4] = pl.K;
+  meta[5] = pl.C;
+  meta[6] = pl.csr ? 1 : 0;
+  meta[7] = static_cast<index_t>(pl.isa);
+  meta[8] = static_cast<index_t>(pl.item_begin.empty() ? 0 : pl.item_begin.size() - 1);
+  meta[9] = pl.kept;
+  meta[10] = pl.work;
+  meta[11] = static_cast<index_t>(pl.panel_cols.size());
+  meta[12] = static_cast<index_t>(pl.A.size());
+  for (index_t s = 0; s < kWinoSegments; ++s) {
+    meta[kSegOff + s] = static_cast<index_t>(meta.size());
+    meta.insert(meta.end(), segs[s]->begin(), segs[s]->end());
+  }
+  meta[kSegOff + kWinoSegments] = static_cast<index_t>(meta.size());
+  std::vector<std::int32_t> cols(pl.panel_cols);
+  cols.insert(cols.end(), pl.csr_cols.begin(), pl.csr_cols.end());
+  std::vector<float> vals(pl.A);
+  vals.insert(vals.end(), pl.csr_vals.begin(), pl.csr_vals.end());
+  return py::make_tuple(to_numpy(meta), to_numpy(cols), to_numpy(vals), to_numpy(pl.panel_row_acc));
+}
+
+py::tuple depthwise_arrays(const PyDepthwisePlan& self) {
+  const auto& pl = self.plan;
+  std::vector<index_t> meta(kDwHeader, 0);
+  meta[0] = kDwFormat;
+  meta[1] = pl.C;
+  meta[2] = pl.kh;
+  meta[3] = pl.kw;
+  meta[4] = pl.stride_h;
+  meta[5] = pl.stride_w;
+  meta[6] = pl.kept();
+  meta.insert(meta.end(), pl.tap_begin.begin(), pl.tap_begin.end());
+  std::vector<std::int32_t> taps(pl.tap_dy);
+  taps.insert(taps.end(), pl.tap_dx.begin(), pl.tap_dx.end());
+  return py::make_tuple(to_numpy(meta), to_numpy(taps), to_numpy(pl.tap_w));
+}
+
+[[noreturn]] void bad_plan(const std::string& what) {
+  throw py::value_error("invalid packed plan: " + what + " (re-create it with lightning_winoprune.deploy)");
+}
+
+// A segment of meta: [begin, end) with a length check.
+struct Seg {
+  const index_t* p;
+  index_t n;
+  index_t operator[](index_t i) const { return p[i]; }
+};
+
+void check_monotone(const Seg& s, index_t first, index_t last_max, const char* name) {
+  if (s.n < 1 || s[0] != first) bad_plan(std::string(name) + " must start at " + std::to_string(first));
+  for (index_t i = 1; i < s.n; ++i)
+    if (s[i] < s[i - 1]) bad_plan(std::string(name) + " must be non-decreasing");
+  if (s[s.n - 1] > last_max) bad_plan(std::string(name) + " points past its array");
+}
+
+void check_range(const Seg& s, index_t count, index_t lo, index_t hi, const char* name) {
+  if (count > s.n) bad_plan(std::string(name) + " is too short");
+  for (index_t i = 0; i < count; ++i)
+    if (s[i] < lo || s[i] >= hi) bad_plan(std::string(name) + " holds an index out of range");
+}
+
+// Validates the arrays and returns a view of them for a kernel of panel height mr_run.
+winoprune::WinogradPlanView winograd_view(const carray<index_t>& meta, const carray<std::int32_t>& cols,
+                                          const carray<float>& vals, const carray<std::uint8_t>& acc,
+                                          const float* bias, index_t n_bias, int act, int mr_run) {
+  const index_t nm = meta.size();
+  const index_t* h = meta.data();
+  if (nm < kWinoHeader + kWinoSegments || h[0] != kWinoFormat) bad_plan("meta has an unknown format");
+  const int p = static_cast<int>(h[1]), m = static_cast<int>(h[2]), mr = static_cast<int>(h[3]);
+  const index_t K = h[4], C = h[5];
+  const bool csr = h[6] != 0;
+  if (!((p == 4 && m == 2) || (p == 6 && m == 4))) bad_plan("p, m must be (4, 2) or (6, 4)");
+  if (K < 1 || C < 1 || C > INT32_MAX || mr < 1 || mr > 64 || h[6] < 0 || h[6] > 1) bad_plan("bad K, C, mr or csr");
+  if (act < 0 || act >= winoprune::n_activations) throw py::value_error("act must be in [0, 5), got " + std::to_string(act));
+  if (bias && n_bias != K) throw py::value_error("bias must have shape (" + std::to_string(K) + ",)");
+  const index_t P2 = static_cast<index_t>(p) * p;
+  Seg seg[kWinoSegments];
+  for (index_t s = 0; s < kWinoSegments; ++s) {
+    const index_t b = h[kSegOff + s], e = h[kSegOff + s + 1];
+    if (b < kWinoHeader || e < b || e > nm) bad_plan("meta's segment offsets are out of range");
+    seg[s] = {h + b, e - b};
+  }
+  if (h[kSegOff + kWinoSegments] != nm) bad_plan("meta's last offset must be its length");
+  const Seg &panel_begin = seg[0], &panel_xi = seg[1], &panel_row_begin = seg[2], &panel_rows = seg[3],
+            &item_begin = seg[4], &panel_col_begin = seg[5], &panel_a_begin = seg[6], &zero_begin = seg[7],
+            &zero_rows = seg[8], &row_ptr = seg[9];
+  const index_t n_pcols = h[11], n_a = h[12];
+  if (n_pcols < 0 || n_pcols > cols.size() || n_a < 0 || n_a > vals.size()) bad_plan("cols / vals are too short");
+  const std::int32_t* cp = cols.data();
+  const float* vp = vals.data();
+  if (csr) {
+    if (row_ptr.n != P2 * K + 1) bad_plan("row_ptr must have p*p*K + 1 entries");
+    const index_t n_csr = std::min(cols.size() - n_pcols, vals.size() - n_a);
+    check_monotone(row_ptr, 0, n_csr, "row_ptr");
+    for (index_t i = 0; i < row_ptr[row_ptr.n - 1]; ++i)
+      if (cp[n_pcols + i] < 0 || cp[n_pcols + i] >= C) bad_plan("csr column out of range");
+  } else {
+    if (mr != mr_run) bad_plan("it was packed for panel height " + std::to_string(mr) + ", this CPU's kernels use " +
+                               std::to_string(mr_run));
+    if (panel_begin.n != P2 + 1 || zero_begin.n != P2 + 1) bad_plan("panel_begin / zero_begin need p*p + 1 entries");
+    const index_t n_panels = panel_begin[P2];
+    check_monotone(panel_begin, 0, INT64_MAX, "panel_begin");
+    check_range(panel_xi, n_panels, 0, P2, "panel_xi");
+    for (index_t xi = 0; xi < P2; ++xi)
+      for (index_t q = panel_begin[xi]; q < panel_begin[xi + 1]; ++q)
+        if (panel_xi[q] != xi) bad_plan("panel_xi disagrees with panel_begin");
+    if (panel_row_begin.n < n_panels + 1 || panel_col_begin.n < n_panels + 1 || panel_a_begin.n < n_panels + 1)
+      bad_plan("panel offsets are too short");
+    check_monotone(panel_row_begin, 0, std::min<index_t>(panel_rows.n, acc.size()), "panel_row_begin");
+    check_monotone(panel_col_begin, 0, n_pcols, "panel_col_begin");
+    check_monotone(panel_a_begin, 0, n_a, "panel_a_begin");
+    const int third = std::max(mr / 3, 1);
+    for (index_t q = 0; q < n_panels; ++q) {
+      const index_t rh = panel_row_begin[q + 1] - panel_row_begin[q];
+      if (rh != mr && rh != 2 * third && rh != third) bad_plan("a panel has an unsupported height");
+      if (panel_a_begin[q + 1] - panel_a_begin[q] != rh * (panel_col_begin[q + 1] - panel_col_begin[q]))
+        bad_plan("a panel's weights do not match its rows and columns");
+    }
+    const index_t n_rows = panel_row_begin[n_panels];
+    check_range(panel_rows, n_rows, 0, K + 1, "panel_rows");
+    for (index_t i = 0; i < panel_col_begin[n_panels]; ++i)
+      if (cp[i] < 0 || cp[i] >= C) bad_plan("panel column out of range");
+    if (h[8] < 0 || item_begin.n != h[8] + 1) bad_plan("item_begin must have n_items + 1 entries");
+    check_monotone(item_begin, 0, n_panels, "item_begin");
+    check_monotone(zero_begin, 0, zero_rows.n, "zero_begin");
+    check_range(zero_rows, zero_begin[P2], 0, K, "zero_rows");
+  }
+  return {p, m, K, C, mr, csr, panel_begin.p, panel_xi.p, panel_row_begin.p, panel_rows.p, acc.data(), h[8],
+          item_begin.p, panel_col_begin.p, panel_a_begin.p, cp, vp, zero_begin.p, zero_rows.p, row_ptr.p,
+          cp + n_pcols, vp + n_a, bias, act};
+}
+
+// The kernels of the widest supported ISA whose panel height is mr (any ISA for CSR plans).
+const winoprune::KernelTable& table_for_mr(int mr, bool csr) {
+  const auto best = winoprune::detect_isa();
+  if (csr || winoprune::kernel_table(best).mr == mr) return winoprune::kernel_table(best);
+  for (auto isa : {winoprune::Isa::avx512, winoprune::Isa::avx2, winoprune::Isa::generic})
+    if (static_cast<int>(isa) <= static_cast<int>(best) && winoprune::isa_supported(isa) &&
+        winoprune::kernel_table(isa).mr == mr)
+      return winoprune::kernel_table(isa);
+  return winoprune::kernel_table(best);  // winograd_view then names the mismatch
+}
+
+const float* optional_bias(const py::object& bias_obj, carray<float>& keep, index_t& n) {
+  n = 0;
+  if (bias_obj.is_none()) return nullptr;
+  keep = as_array<float>(bias_obj, "bias");
+  expect_ndim(keep, 1, "bias");
+  n = keep.shape(0);
+  return keep.data();
+}
+
+void winograd_run(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& cols_obj,
+                  const py::handle& vals_obj, const py::handle& acc_obj, const py::object& bias_obj, int act,
+                  index_t pad_top, index_t pad_left, const py::handle& out_obj, int threads) {
+  auto x = as_array<float>(x_obj, "x");
+  auto out = as_array<float>(out_obj, "out", true);
+  auto meta = as_array<index_t>(meta_obj, "meta");
+  auto cols = as_array<std::int32_t>(cols_obj, "cols");
+  auto vals = as_array<float>(vals_obj, "vals");
+  auto acc = as_array<std::uint8_t>(acc_obj, "acc");
+  carray<float> b;
+  index_t n_bias = 0;
+  const float* bias = optional_bias(bias_obj, b, n_bias);
+  if (meta.size() < kWinoHeader) bad_plan("meta is too short");
+  const auto& table = table_for_mr(static_cast<int>(meta.data()[3]), meta.data()[6] != 0);
+  const auto view = winograd_view(meta, cols, vals, acc, bias, n_bias, act, table.mr);
+  expect_ndim(x, 4, "x");
+  expect_ndim(out, 4, "out");
+  if (x.shape(1) != view.C)
+    throw py::value_error("x must have " + std::to_string(view.C) + " channels, got shape " + shape_str(x));
+  expect_shape(out, {x.shape(0), view.K, out.shape(2), out.shape(3)}, "out");
+  if (x.shape(0) == 0) return;  // an empty batch: nothing to compute, like F.conv2d
+  if (x.shape(2) < 1 || x.shape(3) < 1) throw py::value_error("x must have a non-empty spatial size");
+  check_conv_geometry(x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2), out.shape(3), 3, 3, 1, 1);
+  const winoprune::ConvGeometry g{x.shape(0), x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2), out.shape(3)};
+  const int nt = resolve_threads(threads);
+  const index_t need = table.winograd_workspace(view, g, nt);
+  if (static_cast<index_t>(tls_workspace.size()) < need) tls_workspace.resize(static_cast<std::size_t>(need));
+  float* wp = tls_workspace.data();
+  const float* xp = x.data();
+  float* yp = out.mutable_data();
+  py::gil_scoped_release release;
+  table.winograd_forward(view, g, xp, yp, wp, need, nt);
+}
+
+void depthwise_run(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& taps_obj,
+                   const py::handle& w_obj, const py::object& bias_obj, int act, index_t pad_top, index_t pad_left,
+                   const py::handle& out_obj, int threads) {
+  auto x = as_array<float>(x_obj, "x");
+  auto out = as_array<float>(out_obj, "out", true);
+  auto meta = as_array<index_t>(meta_obj, "meta");
+  auto taps = as_array<std::int32_t>(taps_obj, "taps");
+  auto w = as_array<float>(w_obj, "weights");
+  carray<float> b;
+  index_t n_bias = 0;
+  const float* bias = optional_bias(bias_obj, b, n_bias);
+  const index_t* h = meta.data();
+  if (meta.size() < kDwHeader || h[0] != kDwFormat) bad_plan("meta has an unknown format");
+  const index_t C = h[1], kh = h[2], kw = h[3], sh = h[4], sw = h[5], n_taps = h[6];
+  if (C < 1 || kh < 1 || kw < 1 || kh > 64 || kw > 64 || sh < 1 || sw < 1 || n_taps < 0) bad_plan("bad C, kernel or stride");
+  if (meta.size() != kDwHeader + C + 1) bad_plan("meta must hold C + 1 tap offsets");
+  const Seg tap_begin{h + kDwHeader, C + 1};
+  check_monotone(tap_begin, 0, n_taps, "tap_begin");
+  const index_t n_alloc = std::max<index_t>(n_taps, 1);
+  if (taps.size() != 2 * n_alloc || w.size() < n_taps) bad_plan("taps / weights do not match the tap count");
+  const std::int32_t* dy = taps.data();
+  const std::int32_t* dx = dy + n_alloc;
+  for (index_t t = 0; t < n_taps; ++t)
+    if (dy[t] < 0 || dy[t] >= kh || dx[t] < 0 || dx[t] >= kw) bad_plan("a tap lies outside the kernel");
+  if (act < 0 || act >= winoprune::n_activations) throw py::value_error("act must be in [0, 5), got " + std::to_string(act));
+  if (bias && n_bias != C) throw py::value_error("bias must have shape (" + std::to_string(C) + ",)");
+  expect_ndim(x, 4, "x");
+  expect_ndim(out, 4, "out");
+  if (x.shape(1) != C) throw py::value_error("x must have " + std::to_string(C) + " channels, got shape " + shape_str(x));
+  expect_shape(out, {x.shape(0), C, out.shape(2), out.shape(3)}, "out");
+  if (x.shape(0) == 0) return;
+  if (x.shape(2) < 1 || x.shape(3) < 1) throw py::value_error("x must have a non-empty spatial size");
+  check_conv_geometry(x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2), out.shape(3), kh, kw, sh, sw);
+  const winoprune::DepthwisePlanView view{C, static_cast<int>(kh), static_cast<int>(kw), static_cast<int>(sh),
+                                          static_cast<int>(sw), tap_begin.p, dy, dx, w.data(), bias, act};
+  const winoprune::DepthwiseGeometry g{x.shape(0), x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2),
+                                       out.shape(3)};
+  const int nt = resolve_threads(threads);
+  const auto& table = winoprune::kernel_table(winoprune::detect_isa());
+  const float* xp = x.data();
+  float* yp = out.mutable_data();
+  py::gil_scoped_release release;
+  table.depthwise_forward(view, g, xp, yp, nt);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, mod) {
@@ -418,6 +694,18 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("pack_depthwise", &pack_depthwise, py::arg("weight"), py::arg("mask"), py::arg("stride_h") = 1,
           py::arg("stride_w") = 1, py::arg("bias") = py::none(),
           "Pack a depthwise weight (C, kh, kw) float32 and its bool mask as kept taps per channel.");
+  mod.def("winograd_plan_arrays", &winograd_arrays, py::arg("plan"),
+          "A WinogradPlan as (meta int64, cols int32, vals float32, acc uint8) arrays for winograd_run.");
+  mod.def("depthwise_plan_arrays", &depthwise_arrays, py::arg("plan"),
+          "A DepthwisePlan as (meta int64, taps int32, weights float32) arrays for depthwise_run.");
+  mod.def("winograd_run", &winograd_run, py::arg("x"), py::arg("meta"), py::arg("cols"), py::arg("vals"),
+          py::arg("acc"), py::arg("bias"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
+          py::arg("threads") = -1,
+          "Winograd conv of x into out from a plan's arrays (validated), with a fused activation; thread-safe.");
+  mod.def("depthwise_run", &depthwise_run, py::arg("x"), py::arg("meta"), py::arg("taps"), py::arg("weights"),
+          py::arg("bias"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
+          py::arg("threads") = -1,
+          "Pruned depthwise conv of x into out from a plan's arrays (validated), with a fused activation.");
   mod.def("max_threads", &winoprune::max_threads, "Threads the kernels use (OpenMP max threads, 1 without OpenMP).");
 #if defined(_OPENMP)
   mod.attr("openmp") = true;

@@ -20,6 +20,26 @@ struct Scratch {
   std::vector<float> in, acc;
 };
 
+// The fused activation over n outputs (the switch sits outside the loops, so each loop vectorises).
+inline void activate(float* __restrict y, index_t n, int act) {
+  switch (act) {
+    case act_relu:
+      for (index_t i = 0; i < n; ++i) y[i] = y[i] > 0.0f ? y[i] : 0.0f;
+      break;
+    case act_relu6:
+      for (index_t i = 0; i < n; ++i) y[i] = std::min(std::max(y[i], 0.0f), 6.0f);
+      break;
+    case act_hardswish:
+      for (index_t i = 0; i < n; ++i) y[i] = y[i] * std::min(std::max(y[i] + 3.0f, 0.0f), 6.0f) * (1.0f / 6.0f);
+      break;
+    case act_silu:
+      for (index_t i = 0; i < n; ++i) y[i] = y[i] / (1.0f + std::exp(-y[i]));
+      break;
+    default:
+      break;
+  }
+}
+
 inline Scratch& scratch() {
   static thread_local Scratch s;
   return s;
@@ -48,6 +68,7 @@ inline void plane(const DepthwisePlanView& pl, const DepthwiseGeometry& g, index
       for (index_t i = 0; i < n_acc; ++i) acc[i] += w * src[i];
     }
     for (index_t oh = 0; oh < g.Ho; ++oh) std::copy(acc + oh * Wp, acc + oh * Wp + g.Wo, yp + oh * g.Wo);
+    activate(yp, g.Ho * g.Wo, pl.act);
     return;
   }
   // general stride: split the padded columns by phase (column index mod sw), so tap dx reads phase dx % sw from
@@ -107,6 +128,7 @@ inline void plane(const DepthwisePlanView& pl, const DepthwiseGeometry& g, index
       for (index_t ow = 0; ow < g.Wo; ++ow) yr[ow] += w * src[ow];
     }
   }
+  activate(yp, g.Ho * g.Wo, pl.act);
 }
 
 }  // namespace depthwise_detail

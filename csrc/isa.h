@@ -17,6 +17,10 @@ namespace winoprune {
 
 enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
 
+// The activation fused into a kernel's output stage (after the bias): the codes the Python side passes.
+enum Activation : int { act_none = 0, act_relu = 1, act_relu6 = 2, act_silu = 3, act_hardswish = 4 };
+constexpr int n_activations = 5;
+
 // A layer plan packed for one ISA (panel height MR and vector width depend on it). Raw views, owned elsewhere.
 struct WinogradPlanView {
   int p, m;                          // tile size p = m + 2
@@ -43,6 +47,7 @@ struct WinogradPlanView {
   const std::int32_t* csr_cols;
   const float* csr_vals;
   const float* bias;                 // (K) or nullptr
+  int act;                           // Activation applied after the bias
 };
 
 struct ConvGeometry {
@@ -60,6 +65,7 @@ struct DepthwisePlanView {
   const std::int32_t* tap_dx;        // kernel column of each kept tap
   const float* tap_w;                // its weight
   const float* bias;                 // (C) or nullptr
+  int act;                           // Activation applied after the bias
 };
 
 struct DepthwiseGeometry {

@@ -2,6 +2,7 @@
 //   -DWINOPRUNE_ISA_NS=isa_generic|isa_avx2|isa_avx512 -DVW=<floats per vector> -DMR=<panel height>
 // and the matching -m flags; everything it defines lives in winoprune::<WINOPRUNE_ISA_NS> (see isa.h).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <vector>

@@ -29,6 +29,7 @@ struct WinogradPlan {
   std::vector<std::uint8_t> panel_row_acc;
   std::vector<std::int32_t> panel_cols, csr_cols;
   std::vector<float> A, csr_vals, bias;
+  int act = act_none;        // fused activation (Activation)
   index_t kept = 0;          // kept (unmasked) weights
   index_t work = 0;          // multiply-adds per tile column actually run (panel padding included)
 
@@ -36,7 +37,7 @@ struct WinogradPlan {
     return {p, m, K, C, mr, csr, panel_begin.data(), panel_xi.data(), panel_row_begin.data(), panel_rows.data(),
             panel_row_acc.data(), static_cast<index_t>(item_begin.empty() ? 0 : item_begin.size() - 1),
             item_begin.data(), panel_col_begin.data(), panel_a_begin.data(), panel_cols.data(), A.data(), zero_begin.data(), zero_rows.data(), row_ptr.data(), csr_cols.data(),
-            csr_vals.data(), bias.empty() ? nullptr : bias.data()};
+            csr_vals.data(), bias.empty() ? nullptr : bias.data(), act};
   }
   index_t positions() const { return static_cast<index_t>(p) * p; }
   index_t n_panels() const { return panel_begin.empty() ? 0 : panel_begin.back(); }
@@ -202,10 +203,11 @@ struct DepthwisePlan {
   std::vector<index_t> tap_begin;
   std::vector<std::int32_t> tap_dy, tap_dx;
   std::vector<float> tap_w, bias;
+  int act = act_none;
 
   DepthwisePlanView view() const {
     return {C, kh, kw, stride_h, stride_w, tap_begin.data(), tap_dy.data(), tap_dx.data(), tap_w.data(),
-            bias.empty() ? nullptr : bias.data()};
+            bias.empty() ? nullptr : bias.data(), act};
   }
   index_t kept() const { return tap_begin.empty() ? 0 : tap_begin.back(); }
 };

@@ -63,6 +63,31 @@ inline wp_vf combine(const float (&c)[N], X x, const wp_vf* init = nullptr) {
   return s;
 }
 
+// The fused activation on one vector (act is constant per call, so the branch predicts perfectly).
+inline wp_vf activate(wp_vf v, int act) {
+  const wp_vf zero{};
+  switch (act) {
+    case act_relu:
+      return v > zero ? v : zero;
+    case act_relu6: {
+      const wp_vf six = splat(6.0f), r = v > zero ? v : zero;
+      return r < six ? r : six;
+    }
+    case act_hardswish: {
+      const wp_vf six = splat(6.0f), t = v + splat(3.0f);
+      const wp_vf c = t > zero ? (t < six ? t : six) : zero;
+      return v * c * splat(1.0f / 6.0f);
+    }
+    case act_silu: {
+      wp_vf r;
+      for (int l = 0; l < VW; ++l) r[l] = v[l] / (1.0f + std::exp(-v[l]));
+      return r;
+    }
+    default:
+      return v;
+  }
+}
+
 struct TileInfo {
   index_t nt;                 // valid tiles in the block (<= Tb); lanes beyond read zeros and are not stored
   bool gather_ok;             // every offset below fits in int32 (the gather path's index type)
@@ -278,7 +303,7 @@ void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, i
 // y for output channels [k0, k1) of one block; M rows are (K + 1) long per position.
 template <int P>
 void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, index_t k1, const float* bias,
-                  const TileInfo& ti, index_t Tb, float* y) {
+                  int act, const TileInfo& ti, index_t Tb, float* y) {
   constexpr int m = P - 2;
   const index_t plane = g.Ho * g.Wo;
   alignas(64) float out[m][m][VW];
@@ -301,6 +326,12 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
       for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
         for (int c = 0; c < m; ++c) ov[a][c] = combine(Mats<P>::AT[c], [&](int j) { return tmp[a][j]; }, &bias_v);
+      if (act != act_none) {
+#pragma GCC unroll 8
+        for (int a = 0; a < m; ++a)
+#pragma GCC unroll 8
+          for (int c = 0; c < m; ++c) ov[a][c] = activate(ov[a][c], act);
+      }
       if (ti.out_run[l0 / VW]) {
         store_run<m>(ov, yk + ti.ybase[l0], g.Wo);
         continue;
@@ -473,7 +504,7 @@ void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layou
         tile_info<P>(g, C, K, L.th, L.tw, b * Tb, Tb, L.T, ti);
         input_block<P>(x, g, C, 0, C, ti, Tb, V);
         for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
-        output_block<P>(M, g, K, 0, K, pl.bias, ti, Tb, y);
+        output_block<P>(M, g, K, 0, K, pl.bias, pl.act, ti, Tb, y);
       }
     }
     return;
@@ -491,7 +522,7 @@ void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layou
 #pragma omp for schedule(dynamic, 4)
       for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
 #pragma omp for schedule(static)
-      for (index_t k = 0; k < K; ++k) output_block<P>(M, g, K, k, k + 1, pl.bias, ti, Tb, y);
+      for (index_t k = 0; k < K; ++k) output_block<P>(M, g, K, k, k + 1, pl.bias, pl.act, ti, Tb, y);
     }
   }
 }

@@ -3,8 +3,9 @@
 The public API is deliberately small; building blocks live in the subpackages:
 
 * :mod:`lightning_winoprune.winograd`: Winograd transforms, :class:`WinogradConv2d`, :func:`winogradize`.
-* :mod:`lightning_winoprune.kernels`: the compiled ``_C`` kernels behind a backend switch with a torch fallback.
+* :mod:`lightning_winoprune.kernels`: the compiled ``_C`` extension behind a backend switch with a torch fallback.
 * :mod:`lightning_winoprune.pruning`: the one masking engine; a pattern is data.
+* :mod:`lightning_winoprune.deploy`: :func:`deploy`, the inference layers and the ``winoprune::`` torch custom ops.
 * :mod:`lightning_winoprune.latency`: :func:`measure_latency` and its :class:`LatencyReport`.
 * :mod:`lightning_winoprune.importance`: layer-importance estimators, latency tables and budgets.
 * :mod:`lightning_winoprune.callbacks`: :class:`WinogradPruning`, :class:`DEPrune`, :class:`LatencyValidation` and
@@ -14,6 +15,7 @@ The public API is deliberately small; building blocks live in the subpackages:
 """
 
 from lightning_winoprune.callbacks import DEPrune, LatencyValidation, WinogradPruning, load_pruned_checkpoint
+from lightning_winoprune.deploy import DeployReport, deploy
 from lightning_winoprune.kernels import Backend, extension_status, native_available
 from lightning_winoprune.latency import LatencyReport, measure_latency
 from lightning_winoprune.winograd import Route, WinogradConv2d, WinogradizeReport, winogradize
@@ -23,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "DEPrune",
+    "DeployReport",
     "LatencyReport",
     "LatencyValidation",
     "Route",
@@ -30,6 +33,7 @@ __all__ = [
     "WinogradPruning",
     "WinogradizeReport",
     "__version__",
+    "deploy",
     "extension_status",
     "load_pruned_checkpoint",
     "measure_latency",

@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lightning_winoprune.deploy import PackedWinogradConv
 from lightning_winoprune.importance._sensitivity import Candidate
 from lightning_winoprune.pruning._engine import Block, Score
 from lightning_winoprune.pruning._methods import winograd_mask
@@ -290,7 +291,7 @@ class NativeLatencyTable(TorchLatencyTable):
     """Latencies of the whole pruned layer on the native CPU kernels: what the model will really run.
 
     Each candidate's representative mask (as for :class:`TorchLatencyTable`) is packed into a
-    :class:`~lightning_winoprune.kernels.PackedWinogradConv` and the full layer (input transform, the compacted
+    :class:`~lightning_winoprune.deploy.PackedWinogradConv` and the full layer (input transform, the compacted
     GEMMs, output transform) is timed on a random ``(batch_size, C, H, W)`` input, so transforms and panel
     padding count too. Same arguments and caching as :class:`TorchLatencyTable`; ``num_threads`` is also the
     kernels' thread count.
@@ -301,8 +302,6 @@ class NativeLatencyTable(TorchLatencyTable):
     """
 
     def _measure(self, name: str, candidate: Candidate) -> float:
-        from lightning_winoprune.kernels import PackedWinogradConv
-
         layer = self._layer(name)
         weight = layer.weight.detach().float().cpu()
         mask = None

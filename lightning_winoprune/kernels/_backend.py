@@ -16,7 +16,7 @@ import torch
 
 from lightning_winoprune._enum import ParsableEnum
 
-__all__ = ["DISABLE_ENV_VAR", "Backend", "extension_status", "native_available", "resolve_backend"]
+__all__ = ["DISABLE_ENV_VAR", "Backend", "extension_status", "native_available", "native_isa", "resolve_backend"]
 
 DISABLE_ENV_VAR = "WINOPRUNE_DISABLE_EXT"
 
@@ -67,6 +67,11 @@ def native_available() -> bool:
 def extension_status() -> str:
     """One line saying whether the extension is loaded, from where, or why not."""
     return _probe()[1]
+
+
+def native_isa() -> str | None:
+    """The instruction set the native kernels dispatch to (``"avx512"``, ``"avx2"``, ``"generic"``), or ``None``."""
+    return str(native_module().isa()) if native_available() else None
 
 
 def native_module() -> ModuleType:

@@ -16,15 +16,8 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
-from lightning_winoprune.kernels import (
-    Backend,
-    NativeConv,
-    PackedDepthwiseConv,
-    PackedWinogradConv,
-    SparseForm,
-    native_available,
-    native_isa,
-)
+from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, SparseForm, deploy
+from lightning_winoprune.kernels import Backend, native_available, native_isa
 from lightning_winoprune.latency._report import GpuLatency, LatencyReport, LayerLatency, ModelLatency
 from lightning_winoprune.winograd._layer import WinogradConv2d
 
@@ -139,7 +132,8 @@ def _depthwise_row(name: str, conv: nn.Conv2d, x: torch.Tensor, threads: int, re
     x_fp = x[:, :c_fp].contiguous()
     err = 0.0
     if check:
-        ref = F.conv2d(x, packed.weight, bias, stride, pad, groups=ch)
+        masked = torch.where(packed.mask, weight, torch.zeros((), dtype=weight.dtype))
+        ref = F.conv2d(x, masked, bias, stride, pad, groups=ch)
         err = _rel_error(packed(x), ref)
         if err > tol:
             raise LatencyMismatchError(
@@ -172,19 +166,6 @@ def _dense_copy(model: nn.Module, layers: dict[str, nn.Module]) -> nn.Module:
             _set_module(dense, name, nn.Conv2d(mod.in_channels, mod.out_channels, 3, padding=mod.padding,
                                                bias=mod.bias is not None))
     return dense
-
-
-def _native_copy(model: nn.Module, layers: dict[str, nn.Module], threads: int, backend: Backend | str) -> nn.Module:
-    native = copy.deepcopy(model)
-    for name, mod in layers.items():
-        packed: PackedWinogradConv | PackedDepthwiseConv
-        if isinstance(mod, WinogradConv2d):
-            packed = PackedWinogradConv.from_layer(mod, backend=backend, threads=threads)
-        else:
-            assert isinstance(mod, nn.Conv2d)
-            packed = PackedDepthwiseConv.from_conv(mod, backend=backend, threads=threads)
-        _set_module(native, name, NativeConv(packed))
-    return native
 
 
 def _gpu_rows(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor], repeats: int,
@@ -221,6 +202,8 @@ def measure_latency(
     gpu: bool | None = None,
     backend: Backend | str = Backend.AUTO,
     progress: bool = True,
+    deployed: nn.Module | None = None,
+    tune: bool = True,
 ) -> LatencyReport:
     """Time every pruned layer and the whole model against PyTorch's dense conv, side by side in this process.
 
@@ -228,8 +211,10 @@ def measure_latency(
     DEPrune ``weight_mask``, on the input that layer sees for ``example_input``, it times PyTorch's dense conv, our
     dense Winograd, our pruned kernel, the FP-equivalent smaller dense conv and the WWP CSR path, interleaved in
     rounds, and reports medians. Before timing it checks the pruned kernel's output against the PyTorch reference.
-    The whole-model row times the dense PyTorch model, the model as trained and the model with the native kernels
-    swapped in. With CUDA available (and ``gpu`` not ``False``) it also times the compacted batched GEMM via torch
+    The whole-model row times the dense PyTorch model on torch eager, the same dense model through
+    :func:`~lightning_winoprune.deploy` (BN folded, fastest dense route per conv: the best dense deployment), the
+    model as trained, and the deployed pruned model: exactly what :func:`~lightning_winoprune.deploy` returns and a
+    user ships. With CUDA available (and ``gpu`` not ``False``) it also times the compacted batched GEMM via torch
     against cuDNN per Winograd layer.
 
     Pin threads for stable numbers (``OMP_PROC_BIND=close OMP_PLACES=cores`` before starting Python).
@@ -246,6 +231,9 @@ def measure_latency(
         gpu: Time the GPU path too (``None``: when CUDA is available).
         backend: Kernel backend for our kernels (``"auto"`` falls back to torch without the extension).
         progress: Show a progress bar.
+        deployed: The model as :func:`~lightning_winoprune.deploy` returned it for this ``model`` and input (deployed
+            here when ``None``).
+        tune: Let :func:`~lightning_winoprune.deploy` choose routes by measurement (for both whole-model rows).
 
     Returns:
         The :class:`LatencyReport`.
@@ -293,17 +281,22 @@ def measure_latency(
                 if whole_model:
                     bar.update(task, description="timing the whole model")
                     dense = _dense_copy(work, layers).eval()
-                    native = _native_copy(work, layers, n_threads, backend).eval()
+                    opts: dict[str, Any] = {"threads": n_threads, "backend": backend, "tune": tune, "verbose": False,
+                                            "time_model": False}
+                    native = deployed if deployed is not None else deploy(work, x, **opts)
+                    dense_deployed = deploy(dense, x, **opts)
                     ref = work(x)
                     err = _rel_error(native(x), ref) if check_output else 0.0
                     if check_output and err > tolerance * 10:
                         raise LatencyMismatchError(
-                            f"the model with native kernels differs from the model as trained by {err:.2e} "
+                            f"the deployed model differs from the model as trained by {err:.2e} "
                             f"(relative max error of the output, tolerance {tolerance * 10:.0e})"
                         )
-                    medians = _round_robin({"dense": lambda: dense(x), "trained": lambda: work(x),
-                                            "native": lambda: native(x)}, max(3, repeats // 2), warmup, lambda: None)
-                    model_row = ModelLatency(medians["dense"], medians["trained"], medians["native"], err)
+                    medians = _round_robin({"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x),
+                                            "trained": lambda: work(x), "native": lambda: native(x)},
+                                           max(3, repeats // 2), warmup, lambda: None)
+                    model_row = ModelLatency(medians["dense"], medians["trained"], medians["native"], err,
+                                             medians["dense_deployed"])
                     bar.advance(task)
             gpu_rows = _gpu_rows(layers, inputs, repeats, warmup) if use_gpu else []
     finally:

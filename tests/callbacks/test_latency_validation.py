@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from wandb_helpers import offline_wandb_env, wandb_config_updates, wandb_summary, wandb_timeout
 
 from lightning_winoprune import DEPrune, LatencyValidation, WinogradConv2d, WinogradPruning, measure_latency
-from lightning_winoprune.kernels import PackedWinogradConv, native_available, native_isa
+from lightning_winoprune.deploy import PackedWinogradConv
+from lightning_winoprune.kernels import native_available, native_isa
 from lightning_winoprune.latency import LatencyMismatchError, LatencyReport
 from lightning_winoprune.recipes import ImageClassifier
 

@@ -16,7 +16,8 @@ from lightning_winoprune.importance import (
     NativeLatencyTable,
     TorchLatencyTable,
 )
-from lightning_winoprune.kernels import PackedWinogradConv, _backend, native_available
+from lightning_winoprune.deploy import PackedWinogradConv
+from lightning_winoprune.kernels import _backend, native_available
 from lightning_winoprune.pruning import Score, method_pattern, winograd_mask
 
 BWSP = method_pattern("bwsp")

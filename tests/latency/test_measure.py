@@ -19,14 +19,8 @@ from rich.console import Console
 from torch import nn
 
 from lightning_winoprune import WinogradConv2d, measure_latency, winogradize
-from lightning_winoprune.kernels import (
-    NativeConv,
-    PackedDepthwiseConv,
-    PackedWinogradConv,
-    _backend,
-    native_available,
-    native_isa,
-)
+from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, deploy
+from lightning_winoprune.kernels import _backend, native_available, native_isa
 from lightning_winoprune.latency import (
     LatencyMismatchError,
     LatencyReport,
@@ -158,8 +152,12 @@ def test_one_winograd_row_per_pruned_layer_with_positive_medians(resnet, resnet_
 def test_whole_model_row(resnet_report):
     mdl = resnet_report.model
     assert isinstance(mdl, ModelLatency)
-    assert positive_finite(mdl.torch_dense_ms, mdl.torch_pruned_ms, mdl.native_ms)
-    assert mdl.speedup == pytest.approx(mdl.torch_dense_ms / mdl.native_ms)
+    assert mdl.dense_deployed_ms is not None
+    assert positive_finite(mdl.torch_dense_ms, mdl.torch_pruned_ms, mdl.native_ms, mdl.dense_deployed_ms)
+    # the headline compares with the best dense deployment, not torch eager alone
+    assert mdl.best_dense_ms == min(mdl.torch_dense_ms, mdl.dense_deployed_ms)
+    assert mdl.speedup == pytest.approx(mdl.best_dense_ms / mdl.native_ms)
+    assert mdl.eager_speedup == pytest.approx(mdl.torch_dense_ms / mdl.native_ms)
     assert 0 <= mdl.max_error < 1e-4
 
 
@@ -264,7 +262,8 @@ def test_to_json_writes_the_documented_keys(resnet_report, tmp_path):
     for row, r in zip(data["layers"], resnet_report.layers, strict=True):
         assert set(row) == ROW_KEYS
         assert row["speedup"] == pytest.approx(r.speedup) and row["pruned_ms"] == pytest.approx(r.pruned_ms)
-    assert set(data["model"]) == {"torch_dense_ms", "torch_pruned_ms", "native_ms", "max_error", "speedup"}
+    assert set(data["model"]) == {"torch_dense_ms", "torch_pruned_ms", "native_ms", "max_error", "speedup",
+                                  "dense_deployed_ms", "best_dense_ms", "eager_speedup"}
     assert data["model"]["speedup"] == pytest.approx(resnet_report.model.speedup)
     assert isinstance(data["gpu"], list) and "torch" in data["environment"]
 
@@ -357,9 +356,15 @@ def test_wrong_depthwise_kernel_output_is_refused(mobilenet, monkeypatch):
 
 @needs_ext
 def test_wrong_whole_model_output_is_refused(resnet, monkeypatch):
-    monkeypatch.setattr(NativeConv, "forward", lambda self, x: self.packed(x) * 2)
-    with pytest.raises(LatencyMismatchError, match="the model with native kernels differs"):
-        measure_latency(resnet, torch.randn(1, 1, 16, 16), **FAST)
+    x = torch.randn(1, 1, 16, 16)
+    wrong = nn.Sequential(deploy(resnet.eval(), x, tune=False, verbose=False, time_model=False), _Double())
+    with pytest.raises(LatencyMismatchError, match="the deployed model differs from the model as trained"):
+        measure_latency(resnet, x, deployed=wrong, **FAST)
+
+
+class _Double(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2
 
 
 def test_report_path_attributes_are_paths(tmp_path):

@@ -1,4 +1,5 @@
-"""The native inference kernels against plain PyTorch: dense / structured / CSR Winograd and pruned depthwise."""
+"""The deployed layers (native kernels via the ``winoprune::`` ops) against plain PyTorch: dense / structured / CSR
+Winograd and pruned depthwise, fused activations, bad input, thread safety."""
 
 from __future__ import annotations
 
@@ -10,14 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from lightning_winoprune.kernels import (
-    NativeConv,
-    PackedDepthwiseConv,
-    PackedWinogradConv,
-    SparseForm,
-    native_available,
-    native_isa,
-)
+from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, SparseForm
+from lightning_winoprune.kernels import native_available, native_isa
 from lightning_winoprune.winograd import WinogradConv2d
 
 needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
@@ -220,7 +215,7 @@ def test_depthwise_from_conv_uses_weight_mask():
     packed = PackedDepthwiseConv.from_conv(conv, backend="native")
     assert packed.kept_fraction == pytest.approx(float(conv.weight_mask.float().mean()))
     ref = F.conv2d(x, conv.weight * conv.weight_mask, conv.bias, 2, 1, groups=16)
-    torch.testing.assert_close(NativeConv(packed)(x), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed(x), ref.detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_depthwise_dr_metadata_follows_the_mask():
@@ -235,21 +230,14 @@ def test_depthwise_dr_metadata_follows_the_mask():
 
 
 @needs_ext
-def test_out_argument_and_native_conv_outputs_are_fresh():
+def test_outputs_are_fresh_tensors():
     layer = layer_with_mask(6, 10, 2, 1, "rows", True, torch.Generator().manual_seed(7))
     packed = PackedWinogradConv.from_layer(layer, backend="native")
     x = torch.randn(2, 6, 9, 9)
-    out = torch.empty(2, 10, 9, 9)
-    assert packed(x, out=out) is out
-    close(out, reference(layer, x), 2)
-    with pytest.raises(ValueError, match=r"out must be a contiguous tensor of shape \(2, 10, 9, 9\)"):
-        packed(x, out=torch.empty(2, 10, 9, 8))
-    with pytest.raises(TypeError, match="out must be a CPU float32 tensor"):
-        packed(x, out=torch.empty(2, 10, 9, 9, dtype=torch.float64))
-    module = NativeConv(packed)
-    first, second = module(x), module(x)
+    first, second = packed(x), packed(x)
     assert first is not second and first.data_ptr() != second.data_ptr()
     torch.testing.assert_close(first, second)
+    close(first, reference(layer, x), 2)
 
 
 def test_depthwise_from_conv_refuses_non_depthwise():
@@ -344,3 +332,141 @@ def test_extension_rejects_bad_buffers():
 def test_native_isa_is_reported():
     assert native_isa() in ("generic", "avx2", "avx512")
     assert native_isa() in ISAS
+
+
+# ------------------------------------------------------------------------------------------- fused activations
+ACTS = {"none": lambda y: y, "relu": F.relu, "relu6": F.relu6, "silu": F.silu, "hardswish": F.hardswish}
+
+
+@needs_ext
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_fused_activation_matches_torch(act, m):
+    layer = layer_with_mask(5, 7, m, 1, "rows_unbalanced", True, torch.Generator().manual_seed(3))
+    x = torch.randn(2, 5, 11, 6)
+    packed = PackedWinogradConv.from_layer(layer, backend="native", act=act)
+    close(packed(x), ACTS[act](reference(layer, x)), m)
+    torch_path = PackedWinogradConv.from_layer(layer, backend="torch", act=act)
+    close(torch_path(x), ACTS[act](reference(layer, x)), m)
+
+
+@needs_ext
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_depthwise_fused_activation_matches_torch(act, stride):
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(6, 1, 3, 3, generator=gen), torch.randn(6, generator=gen)
+    mask = torch.rand(6, 1, 3, 3, generator=gen) < 0.5
+    x = torch.randn(2, 6, 10, 9, generator=gen)
+    ref = ACTS[act](F.conv2d(x, w * mask, b, stride, 1, groups=6))
+    for backend in ("native", "torch"):
+        out = PackedDepthwiseConv(w, mask, stride, 1, b, backend=backend, act=act)(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_activation_names_the_valid_ones():
+    with pytest.raises(ValueError, match="act.*gelu.*relu6"):
+        PackedWinogradConv(torch.randn(4, 3, 4, 4), act="gelu")
+
+
+# ------------------------------------------------------------------------------------------------ edge semantics
+@needs_ext
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_empty_batch_returns_an_empty_tensor_like_conv2d(backend):
+    layer = layer_with_mask(4, 6, 2, 1, "rows", True, torch.Generator().manual_seed(0))
+    x = torch.randn(0, 4, 8, 8)
+    out = PackedWinogradConv.from_layer(layer, backend=backend)(x)
+    assert out.shape == F.conv2d(x, torch.randn(6, 4, 3, 3), padding=1).shape
+    dw = PackedDepthwiseConv(torch.randn(4, 1, 3, 3), backend=backend, stride=2)(x)
+    assert dw.shape == F.conv2d(x, torch.randn(4, 1, 3, 3), stride=2, padding=1, groups=4).shape
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_nan_in_pruned_weights_never_reaches_the_output(backend):
+    """The project's rule: pruned weights are absent, whatever value is stored under the mask."""
+    gen = torch.Generator().manual_seed(5)
+    u = torch.randn(6, 4, 4, 4, generator=gen)
+    mask = torch.rand(6, 4, 4, 4, generator=gen) < 0.5
+    x = torch.randn(1, 4, 7, 7, generator=gen)
+    clean = PackedWinogradConv(torch.where(mask, u, 0.0), mask, backend=backend)(x)
+    dirty = PackedWinogradConv(torch.where(mask, u, float("nan")), mask, backend=backend)(x)
+    assert torch.isfinite(dirty).all()
+    torch.testing.assert_close(dirty, clean)
+    w = torch.randn(4, 1, 3, 3, generator=gen)
+    dmask = torch.rand(4, 1, 3, 3, generator=gen) < 0.5
+    dw = PackedDepthwiseConv(torch.where(dmask, w, float("nan")), dmask, backend=backend)(x)
+    torch.testing.assert_close(dw, F.conv2d(x, torch.where(dmask, w, 0.0), padding=1, groups=4))
+
+
+# ---------------------------------------------------------------------------------------------------- threads
+@needs_ext
+@pytest.mark.parametrize("omp", [1, 2])
+def test_one_layer_hammered_from_four_threads_is_always_right(omp):
+    """Before: one shared output/workspace buffer gave wrong outputs in up to 596 of 600 calls from 2 threads."""
+    layer = layer_with_mask(32, 48, 2, 1, "rows", True, torch.Generator().manual_seed(2))
+    packed = PackedWinogradConv.from_layer(layer, backend="native")
+    dw = PackedDepthwiseConv(torch.randn(32, 1, 3, 3), torch.rand(32, 1, 3, 3) < 0.5, 1, 1, backend="native")
+    inputs = [torch.randn(int(n), 32, int(h), int(h)) for n, h in zip([1, 2, 1, 3] * 3, [9, 14, 20, 7] * 3,
+                                                                        strict=True)]
+    expected = [(packed(x), dw(x)) for x in inputs]
+    errors: list[str] = []
+
+    def worker(tid: int) -> None:
+        torch.set_num_threads(1 + (tid + omp) % 2)  # threads with different OpenMP settings
+        for rep in range(15):
+            for i, x in enumerate(inputs):
+                got, got_dw = packed(x), dw(x)
+                if not (torch.equal(got, expected[i][0]) and torch.equal(got_dw, expected[i][1])):
+                    errors.append(f"thread {tid} rep {rep} input {i}")
+
+    import threading
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+
+
+# ----------------------------------------------------------------------------------------- packed plan arrays
+@needs_ext
+def test_damaged_plan_arrays_raise_instead_of_crashing():
+    layer = layer_with_mask(6, 10, 2, 1, "segments", True, torch.Generator().manual_seed(9))
+    packed = PackedWinogradConv.from_layer(layer, backend="native")
+    x = torch.randn(1, 6, 8, 8)
+    good = packed.state_dict()
+    for key, damage in [("plan_meta", lambda t: t.__setitem__(1, 5)),          # p
+                        ("plan_meta", lambda t: t.__setitem__(3, 7)),          # panel height
+                        ("plan_meta", lambda t: t.__setitem__(int(t[16]) + 3, 10**9)),  # panel_begin
+                        ("plan_cols", lambda t: t.fill_(10**6)),              # column index
+                        ("plan_meta", lambda t: t.__setitem__(int(t[19]) + 1, 999))]:  # a panel row
+        state = {k: v.clone() for k, v in good.items()}
+        damage(state[key])
+        broken = PackedWinogradConv.from_layer(layer, backend="native")
+        broken.load_state_dict(state)
+        with pytest.raises(ValueError, match="invalid packed plan"):
+            broken(x)
+    dw = PackedDepthwiseConv(torch.randn(4, 1, 3, 3), torch.rand(4, 1, 3, 3) < 0.5, backend="native")
+    state = {k: v.clone() for k, v in dw.state_dict().items()}
+    state["plan_taps"].fill_(7)
+    dw.load_state_dict(state)
+    with pytest.raises(ValueError, match="invalid packed plan: a tap lies outside the kernel"):
+        dw(torch.randn(1, 4, 6, 6))
+
+
+@needs_ext
+def test_native_layers_need_cpu_float32_inputs():
+    packed = PackedWinogradConv(torch.randn(4, 3, 4, 4), backend="native")
+    with pytest.raises(TypeError, match="CPU float32"):
+        packed(torch.randn(1, 3, 6, 6, dtype=torch.float64))
+
+
+@needs_ext
+def test_backward_through_a_deployed_layer_is_a_clear_error():
+    packed = PackedWinogradConv(torch.randn(4, 3, 4, 4), backend="native")
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    y = packed(x)
+    with pytest.raises(RuntimeError, match="inference only"):
+        y.sum().backward()

@@ -1,15 +1,18 @@
-"""Inference kernels for pruned layers: packed once, run many times, native on CPU with a torch path elsewhere.
+"""Inference layers for pruned convs: packed once into tensors, run by the ``winoprune::`` custom ops.
 
 * :class:`PackedWinogradConv`: a (pruned) Winograd layer's ``U`` and mask packed for the native F(2,3) / F(4,3)
   kernels. ``form="structured"`` runs only kept panels (kept rows for WSP-R/BWSP/ABWSP, kept input channels for
-  WSP-C); ``form="csr"`` is the WWP baseline (element-sparse CSR). The torch path (any device) runs the same
-  compacted GEMMs with ``torch.bmm``: one equal-shape batch for balanced layers, per-position GEMMs otherwise; on a
-  GPU that is exactly the "no custom kernel needed" case of WSP-R.
+  WSP-C); ``form="csr"`` is the WWP baseline (element-sparse CSR). The torch path (any device, or no extension) runs
+  the same compacted GEMMs with ``torch.bmm``: one equal-shape batch for balanced layers, per-position GEMMs otherwise.
 * :class:`PackedDepthwiseConv`: a DEPrune-masked depthwise conv as kept taps per channel, run by a direct
   per-channel kernel (on CPUs faster than a dense DR GEMM).
+* :class:`DenseConv`: an unpruned conv on the fastest dense route: oneDNN with a fused activation, ``F.conv2d``, or a
+  ``Linear`` when the kernel covers the whole input.
 
-Both preallocate their outputs and workspaces per input shape, so timing them measures the kernel, not the
-allocator.
+All of them are ``nn.Module`` s whose state lives in buffers (the packed plan as int64 / int32 / float32 / uint8
+tensors), so they deep-copy, pickle, save and load through ``state_dict``, trace, compile and export. Every call
+allocates its own output and the kernels keep their scratch memory per calling thread, so one layer can be called
+from several threads at once. An activation (``act``) is fused into the output stage.
 """
 
 from __future__ import annotations
@@ -22,9 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
-from lightning_winoprune.kernels._backend import Backend, native_available, native_module, resolve_backend
+from lightning_winoprune.deploy._ops import ACTIVATION_CODES, Activation, apply_activation, onednn_available
+from lightning_winoprune.kernels._backend import Backend, native_module, resolve_backend
+from lightning_winoprune.winograd._layer import WinogradConv2d
+from lightning_winoprune.winograd._tiles import input_transform, output_transform, tile_geometry
 
-__all__ = ["NativeConv", "PackedDepthwiseConv", "PackedWinogradConv", "SparseForm", "native_isa"]
+__all__ = ["DenseConv", "DenseRoute", "PackedDepthwiseConv", "PackedWinogradConv", "SparseForm"]
+
+_ISA_NAMES = ("generic", "avx2", "avx512")
 
 
 class SparseForm(ParsableEnum):
@@ -34,9 +42,18 @@ class SparseForm(ParsableEnum):
     CSR = "csr"
 
 
-def native_isa() -> str | None:
-    """The instruction set the native kernels dispatch to (``"avx512"``, ``"avx2"``, ``"generic"``), or ``None``."""
-    return str(native_module().isa()) if native_available() else None
+class DenseRoute(ParsableEnum):
+    """How :class:`DenseConv` runs an unpruned conv.
+
+    * ``eager``: ``F.conv2d`` and the activation as separate torch ops (oneDNN without prepacking).
+    * ``onednn``: oneDNN's conv with the activation fused as a post-op (``winoprune::conv2d_act``).
+    * ``linear``: a conv whose kernel covers its whole (unpadded) input is one matrix product (``F.linear``); other
+      input sizes run ``F.conv2d``.
+    """
+
+    EAGER = "eager"
+    ONEDNN = "onednn"
+    LINEAR = "linear"
 
 
 def _check_threads(threads: int) -> int:
@@ -52,70 +69,40 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _check_out(out: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.device.type != "cpu" or out.dtype != torch.float32:
-        raise TypeError(f"out must be a CPU float32 tensor, got {getattr(out, 'dtype', type(out).__name__)}")
-    if out.shape != shape or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous tensor of shape {tuple(shape)}, got {tuple(out.shape)}")
-    return out
+def _act_code(act: Activation | str) -> int:
+    return ACTIVATION_CODES[Activation.parse(act, "act")]
 
 
-class _Buffers:
-    """Output and workspace tensors reused while the input shape stays the same."""
-
-    def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.out: torch.Tensor | None = None
-        self.workspace: torch.Tensor | None = None
+def _check_input(x: torch.Tensor, channels: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"x must be (N, {channels}, H, W), got shape {tuple(x.shape)}")
 
 
-class _PackedConv:
-    """What both packed convs share: input checks, the native/torch switch and the reused output and workspace."""
+class _Packed(nn.Module):
+    """What both packed convs share: the native/torch switch, the fused activation and the summary."""
 
-    _plan: Any
-    _buffers: _Buffers
+    backend: Backend
+    act_code: int
     in_channels: int
     out_channels: int
 
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        raise NotImplementedError
+    @property
+    def act(self) -> Activation:
+        """The fused activation."""
+        return {v: k for k, v in ACTIVATION_CODES.items()}[self.act_code]
 
-    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @property
+    def native(self) -> bool:
+        """Whether the native kernel runs this layer (else the torch path)."""
+        return self.backend is Backend.NATIVE
 
-    def _workspace_size(self, n: int, h: int, w: int, ho: int, wo: int) -> int:
-        return 0
-
-    def _native_forward(self, x: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Convolve ``x`` ``(N, C, H, W)``.
-
-        The native path writes into ``out`` when given (CPU float32, contiguous, the output's shape), else into a
-        buffer that the next call with the same input shape reuses.
-        """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must be (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
-        if self._plan is None or x.device.type != "cpu" or x.dtype != torch.float32:
-            return self._torch_forward(x)
-        x = x.contiguous()
-        n, _, h, w = x.shape
-        ho, wo = self.output_size(h, w)
-        b = self._buffers
-        if b.key != (n, h, w):
-            b.out = torch.empty(n, self.out_channels, ho, wo)
-            b.workspace = torch.empty(max(self._workspace_size(n, h, w, ho, wo), 1))
-            b.key = (n, h, w)
-        assert b.out is not None and b.workspace is not None
-        target = b.out if out is None else _check_out(out, b.out.shape)
-        self._native_forward(x, target, b.workspace)
-        return target
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
 
 
-class PackedWinogradConv(_PackedConv):
+class PackedWinogradConv(_Packed):
     """A 3x3 stride-1 conv in the Winograd domain, with its mask packed for fast inference.
 
     Args:
@@ -127,11 +114,12 @@ class PackedWinogradConv(_PackedConv):
         bias: ``(K,)`` or ``None``.
         form: ``"structured"`` or ``"csr"``, see :class:`SparseForm`.
         backend: ``"auto"`` (native on CPU float32 when the extension is loaded), ``"native"`` or ``"torch"``.
-        threads: CPU threads of the native kernel (``-1``: OpenMP's default).
+        threads: CPU threads of the native kernel (``-1``: OpenMP's setting of the calling thread, at call time).
+        act: Activation fused after the bias (``"none"``, ``"relu"``, ``"relu6"``, ``"silu"``, ``"hardswish"``).
 
     Raises:
-        ValueError: On a bad shape, ``m``, padding, ``form`` or ``threads``; or ``backend="native"`` where it does
-            not apply.
+        ValueError: On a bad shape, ``m``, padding, ``form``, ``act`` or ``threads``; or ``backend="native"`` where it
+            does not apply.
         TypeError: If ``weight`` or ``mask`` is not a tensor of the right dtype.
 
     """
@@ -146,12 +134,19 @@ class PackedWinogradConv(_PackedConv):
         form: SparseForm | str = SparseForm.STRUCTURED,
         backend: Backend | str = Backend.AUTO,
         threads: int = -1,
+        act: Activation | str = Activation.NONE,
     ) -> None:
+        super().__init__()
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
         if isinstance(m, bool) or m not in (2, 4):
             raise ValueError(f"m={m!r} is not valid; valid values are [2, 4]")
         p = m + 2
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+            if tuple(mask.shape) != tuple(weight.shape):
+                raise ValueError(f"mask must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
         if weight.dim() == 4:
             if tuple(weight.shape[2:]) != (p, p):
                 raise ValueError(f"weight must be (K, C, {p}, {p}) for m={m}, got {tuple(weight.shape)}")
@@ -163,65 +158,74 @@ class PackedWinogradConv(_PackedConv):
             view, mask_view = weight.detach(), None if mask is None else mask.detach()
         else:
             raise ValueError(f"weight must be (K, C, p, p) or (p*p, K, C), got shape {tuple(weight.shape)}")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-            if tuple(mask.shape) != tuple(weight.shape):
-                raise ValueError(f"mask must have weight's shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
         if bias is not None and tuple(bias.shape) != (view.shape[1],):
             raise ValueError(f"bias must have shape ({view.shape[1]},), got {tuple(bias.shape)}")
         self.m, self.p = m, p
         self.padding = _pair(padding, "padding")
         self.form = SparseForm.parse(form)
         self.threads = _check_threads(threads)
+        self.act_code = _act_code(act)
         self.out_channels, self.in_channels = int(view.shape[1]), int(view.shape[2])
-        self.mask_view = (torch.ones(view.shape, dtype=torch.bool, device=view.device) if mask_view is None
-                          else mask_view.contiguous())
-        self.weight_view = (view * self.mask_view).contiguous()
-        self.bias = None if bias is None else bias.detach().contiguous()
-        self.backend = resolve_backend(backend, self.weight_view, *(() if self.bias is None else (self.bias,)))
-        self._plan: Any = None
+        keep = torch.ones(view.shape, dtype=torch.bool, device=view.device) if mask_view is None else mask_view
+        # pruned weights are absent: a NaN stored under the mask never reaches the output
+        masked = torch.where(keep, view, torch.zeros((), dtype=view.dtype, device=view.device)).contiguous()
+        self.backend = resolve_backend(backend, masked, *(() if bias is None else (bias,)))
+        bias_t = None if bias is None else bias.detach().float().contiguous()
+        self.bias: torch.Tensor | None
         if self.backend is Backend.NATIVE:
-            ext = native_module()
-            bias_np = None if self.bias is None else self.bias.numpy()
-            self._plan = ext.pack_winograd(self.weight_view.numpy(), self.mask_view.numpy(), m, bias_np,
-                                           self.form is SparseForm.CSR)
+            plan = native_module().pack_winograd(masked.float().cpu().numpy(), keep.cpu().contiguous().numpy(), m,
+                                                 None if bias_t is None else bias_t.cpu().numpy(),
+                                                 self.form is SparseForm.CSR)
+            meta, cols, vals, acc = native_module().winograd_plan_arrays(plan)
+            self.register_buffer("plan_meta", torch.from_numpy(meta))
+            self.register_buffer("plan_cols", torch.from_numpy(cols))
+            self.register_buffer("plan_vals", torch.from_numpy(vals))
+            self.register_buffer("plan_acc", torch.from_numpy(acc))
+        else:
+            self.register_buffer("weight_view", masked)
+            self.register_buffer("mask_view", keep.contiguous())
+        self.register_buffer("bias", bias_t)
         self._torch_plan: dict[str, Any] | None = None
-        self._buffers = _Buffers()
 
     # ------------------------------------------------------------------------------------------ properties
     @property
     def kept_fraction(self) -> float:
         """Fraction of the Winograd-domain weights kept by the mask."""
+        total = self.p * self.p * self.out_channels * self.in_channels
+        if self.native:
+            return int(self.plan_meta[9]) / total
         return float(self.mask_view.float().mean())
 
     @property
     def work_fraction(self) -> float:
-        """Multiply-adds the native kernel runs, relative to the dense Winograd GEMMs (panel padding included)."""
-        dense = self.p * self.p * self.out_channels * self.in_channels
-        if self._plan is not None:
-            return float(self._plan.work) / dense
+        """Multiply-adds the kernel runs, relative to the dense Winograd GEMMs (panel padding included)."""
+        if self.native:
+            return int(self.plan_meta[10]) / (self.p * self.p * self.out_channels * self.in_channels)
         return self.kept_fraction
 
     @property
     def balanced(self) -> bool:
         """Whether every Winograd position keeps the same GEMM shape (one equal-shape batched GEMM)."""
+        if self.native:
+            if self.form is SparseForm.CSR:
+                return False
+            seg = int(self.plan_meta[16])
+            counts = self.plan_meta[seg + 1:seg + self.p * self.p + 1] - self.plan_meta[seg:seg + self.p * self.p]
+            return bool((counts == counts[0]).all())
         rows = self.mask_view.any(dim=2).sum(dim=1)
         cols = self.mask_view.any(dim=1).sum(dim=1)
         return bool((rows == rows[0]).all() and (cols == cols[0]).all())
 
     @property
     def isa(self) -> str | None:
-        """Instruction set of the native plan, or ``None`` on the torch path."""
-        return None if self._plan is None else str(self._plan.isa)
+        """Instruction set the plan was packed for, or ``None`` on the torch path."""
+        return _ISA_NAMES[int(self.plan_meta[7])] if self.native else None
 
     def extra_repr(self) -> str:
         """A one-line summary."""
-        return (f"K={self.out_channels}, C={self.in_channels}, m={self.m}, form={self.form.value}, "
-                f"kept={self.kept_fraction:.3f}, backend={self.backend.value}")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+        return (f"K={self.out_channels}, C={self.in_channels}, m={self.m}, padding={self.padding}, "
+                f"form={self.form.value}, kept={self.kept_fraction:.3f}, act={self.act.value}, "
+                f"backend={self.backend.value}")
 
     # ------------------------------------------------------------------------------------------ forward
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -231,11 +235,14 @@ class PackedWinogradConv(_PackedConv):
             raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the 3x3 kernel")
         return ho, wo
 
-    def _workspace_size(self, n: int, h: int, w: int, ho: int, wo: int) -> int:
-        return int(self._plan.workspace_size(n, h, w, self.padding[0], self.padding[1], ho, wo, self.threads))
-
-    def _native_forward(self, x: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor) -> None:
-        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], out.numpy(), workspace.numpy(), self.threads)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x`` ``(N, C, H, W)`` (native: CPU float32), then the fused activation."""
+        _check_input(x, self.in_channels)
+        if self.native:
+            return torch.ops.winoprune.winograd_conv(x, self.plan_meta, self.plan_cols, self.plan_vals, self.plan_acc, self.bias,
+                                                     self.out_channels, self.padding[0], self.padding[1],
+                                                     self.act_code, self.threads)
+        return apply_activation(self._torch_forward(x), self.act_code)
 
     def _compacted(self) -> dict[str, Any]:
         """Index form of the mask for the torch path: kept rows (or columns) per position when they are whole."""
@@ -256,15 +263,13 @@ class PackedWinogradConv(_PackedConv):
             plan = {"kind": "rows", "idx": idx, "u": torch.gather(u, 1, idx.unsqueeze(2).expand(-1, -1, u.shape[2]))}
         elif whole_cols and bool((n_cols == n_cols[0]).all()) and int(n_cols[0]) < self.in_channels:
             idx = torch.stack([c.nonzero().squeeze(1) for c in cols])  # (P2, Ck)
-            plan = {"kind": "cols", "idx": idx, "u": torch.gather(u, 2, idx.unsqueeze(1).expand(-1, u.shape[1], -1))}
+            plan = {"kind": "plan_cols", "idx": idx, "u": torch.gather(u, 2, idx.unsqueeze(1).expand(-1, u.shape[1], -1))}
         elif whole_rows and int(n_rows.sum()) < rows.numel():
             plan = {"kind": "rows_each", "idx": [r.nonzero().squeeze(1) for r in rows]}
         self._torch_plan = plan
         return plan
 
     def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lightning_winoprune.winograd._tiles import input_transform, output_transform, tile_geometry
-
         u = self.weight_view.to(device=x.device, dtype=x.dtype)
         n, _, h, w = x.shape
         geom = tile_geometry(h, w, self.padding, self.m)
@@ -276,7 +281,7 @@ class PackedWinogradConv(_PackedConv):
             mm = torch.zeros(u.shape[0], u.shape[1], v.shape[2], dtype=x.dtype, device=x.device)
             mm.scatter_(1, idx.unsqueeze(2).expand(-1, -1, v.shape[2]),
                         torch.bmm(plan["u"].to(device=x.device, dtype=x.dtype), v))
-        elif kind == "cols":  # balanced WSP-C: gather the kept input channels of every position
+        elif kind == "plan_cols":  # balanced WSP-C: gather the kept input channels of every position
             idx = plan["idx"].to(x.device)
             vc = torch.gather(v, 1, idx.unsqueeze(2).expand(-1, -1, v.shape[2]))
             mm = torch.bmm(plan["u"].to(device=x.device, dtype=x.dtype), vc)
@@ -295,20 +300,18 @@ class PackedWinogradConv(_PackedConv):
     @classmethod
     def from_layer(
         cls, layer: nn.Module, form: SparseForm | str = SparseForm.STRUCTURED, backend: Backend | str = Backend.AUTO,
-        threads: int = -1, dense: bool = False,
+        threads: int = -1, dense: bool = False, act: Activation | str = Activation.NONE,
     ) -> PackedWinogradConv:
         """Pack a :class:`~lightning_winoprune.winograd.WinogradConv2d` (its mask unless ``dense``)."""
-        from lightning_winoprune.winograd._layer import WinogradConv2d
-
         if not isinstance(layer, WinogradConv2d):
             raise TypeError(f"layer must be a WinogradConv2d, got {type(layer).__name__}")
         mask = None if dense else layer.mask
         return cls(layer.weight.detach().float().cpu(), None if mask is None else mask.cpu(), layer.m,
                    layer.padding, None if layer.bias is None else layer.bias.detach().float().cpu(), form, backend,
-                   threads)
+                   threads, act)
 
 
-class PackedDepthwiseConv(_PackedConv):
+class PackedDepthwiseConv(_Packed):
     """A depthwise conv with a DEPrune keep-mask, packed as the kept taps of each channel.
 
     Args:
@@ -318,10 +321,11 @@ class PackedDepthwiseConv(_PackedConv):
         padding: ``(pad_h, pad_w)``, symmetric.
         bias: ``(C,)`` or ``None``.
         backend: ``"auto"``, ``"native"`` or ``"torch"``.
-        threads: CPU threads of the native kernel (``-1``: OpenMP's default).
+        threads: CPU threads of the native kernel (``-1``: OpenMP's setting of the calling thread).
+        act: Activation fused after the bias.
 
     Raises:
-        ValueError: On bad shapes, stride, padding or threads.
+        ValueError: On bad shapes, stride, padding, act or threads.
         TypeError: On a non-tensor weight or a non-bool mask.
 
     """
@@ -335,7 +339,9 @@ class PackedDepthwiseConv(_PackedConv):
         bias: torch.Tensor | None = None,
         backend: Backend | str = Backend.AUTO,
         threads: int = -1,
+        act: Activation | str = Activation.NONE,
     ) -> None:
+        super().__init__()
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
             raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
         if weight.dim() != 4 or weight.shape[1] != 1:
@@ -350,19 +356,28 @@ class PackedDepthwiseConv(_PackedConv):
             raise ValueError(f"stride must be >= 1, got {stride!r}")
         self.padding = _pair(padding, "padding")
         self.threads = _check_threads(threads)
+        self.act_code = _act_code(act)
         self.channels = self.in_channels = self.out_channels = int(weight.shape[0])
-        self.mask = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.detach()
-        self.weight = (weight.detach() * self.mask).contiguous()
+        self.kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
         if bias is not None and tuple(bias.shape) != (self.channels,):
             raise ValueError(f"bias must have shape ({self.channels},), got {tuple(bias.shape)}")
-        self.bias = None if bias is None else bias.detach().contiguous()
-        self.backend = resolve_backend(backend, self.weight, *(() if self.bias is None else (self.bias,)))
-        self._plan: Any = None
+        keep = torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.detach()
+        masked = torch.where(keep, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
+        self.backend = resolve_backend(backend, masked, *(() if bias is None else (bias,)))
+        bias_t = None if bias is None else bias.detach().float().contiguous()
+        self.bias: torch.Tensor | None
         if self.backend is Backend.NATIVE:
-            self._plan = native_module().pack_depthwise(
-                self.weight[:, 0].contiguous().numpy(), self.mask[:, 0].contiguous().numpy(), self.stride[0],
-                self.stride[1], None if self.bias is None else self.bias.numpy())
-        self._buffers = _Buffers()
+            plan = native_module().pack_depthwise(
+                masked.float()[:, 0].contiguous().numpy(), keep[:, 0].contiguous().numpy(), self.stride[0],
+                self.stride[1], None if bias_t is None else bias_t.numpy())
+            meta, taps, weights = native_module().depthwise_plan_arrays(plan)
+            self.register_buffer("plan_meta", torch.from_numpy(meta))
+            self.register_buffer("plan_taps", torch.from_numpy(taps))
+            self.register_buffer("plan_weights", torch.from_numpy(weights))
+        else:
+            self.register_buffer("weight", masked.contiguous())
+        self.register_buffer("mask", keep.contiguous())
+        self.register_buffer("bias", bias_t)
 
     @property
     def kept_fraction(self) -> float:
@@ -392,26 +407,35 @@ class PackedDepthwiseConv(_PackedConv):
                         "aligned": int(cols.numel()) % tile == 0})
         return out
 
+    def extra_repr(self) -> str:
+        """A one-line summary."""
+        return (f"C={self.channels}, kernel={self.kernel_size}, stride={self.stride}, padding={self.padding}, "
+                f"kept={self.kept_fraction:.3f}, act={self.act.value}, backend={self.backend.value}")
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(Ho, Wo)`` for an ``height x width`` input."""
-        kh, kw = self.weight.shape[2:]
+        kh, kw = self.kernel_size
         ho = (height + 2 * self.padding[0] - kh) // self.stride[0] + 1
         wo = (width + 2 * self.padding[1] - kw) // self.stride[1] + 1
         if ho < 1 or wo < 1:
             raise ValueError(f"input {height}x{width} is smaller than the {kh}x{kw} kernel")
         return ho, wo
 
-    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve ``x`` ``(N, C, H, W)`` (native: CPU float32), then the fused activation."""
+        _check_input(x, self.channels)
+        if self.native:
+            return torch.ops.winoprune.depthwise_conv(x, self.plan_meta, self.plan_taps, self.plan_weights, self.bias,
+                                                      self.kernel_size[0], self.kernel_size[1], self.stride[0],
+                                                      self.stride[1], self.padding[0], self.padding[1], self.act_code,
+                                                      self.threads)
         w = self.weight.to(device=x.device, dtype=x.dtype)
         b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        return F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels)
-
-    def _native_forward(self, x: torch.Tensor, out: torch.Tensor, workspace: torch.Tensor) -> None:
-        self._plan.forward(x.numpy(), self.padding[0], self.padding[1], out.numpy(), self.threads)
+        return apply_activation(F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels), self.act_code)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO,
-                  threads: int = -1) -> PackedDepthwiseConv:
+                  threads: int = -1, act: Activation | str = Activation.NONE) -> PackedDepthwiseConv:
         """Pack a depthwise ``nn.Conv2d`` with ``mask``, or else its ``weight_mask`` buffer when it has one.
 
         Raises:
@@ -429,26 +453,57 @@ class PackedDepthwiseConv(_PackedConv):
             mask = None if wm is None else wm.detach().bool().cpu()
         bias = None if conv.bias is None else conv.bias.detach().float().cpu()
         return cls(conv.weight.detach().float().cpu(), mask, conv.stride, conv.padding, bias, backend,  # type: ignore[arg-type]
-                   threads)
+                   threads, act)
 
 
-class NativeConv(nn.Module):
-    """An inference-only module around a packed conv, to swap into a model (``torch.no_grad`` use only).
+class DenseConv(nn.Module):
+    """An unpruned conv (weights already BN-folded) on one dense route, with a fused activation.
 
-    Every call returns a new tensor (the kernel writes straight into it), so outputs are safe to keep.
+    Args:
+        weight: ``(K, C / groups, kh, kw)``.
+        bias: ``(K,)`` or ``None``.
+        stride: ``(sh, sw)``.
+        padding: ``(pad_h, pad_w)``.
+        groups: Conv groups.
+        route: See :class:`DenseRoute`.
+        act: Activation after the bias.
+
+    Raises:
+        ValueError: On ``route="linear"`` for a conv that is not a plain ungrouped, unpadded conv, or a bad route.
+
     """
 
-    def __init__(self, packed: PackedWinogradConv | PackedDepthwiseConv) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int] = (1, 1),
+                 padding: tuple[int, int] = (0, 0), groups: int = 1, route: DenseRoute | str = DenseRoute.EAGER,
+                 act: Activation | str = Activation.NONE) -> None:
         super().__init__()
-        self.packed = packed
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the packed conv."""
-        if x.device.type != "cpu" or x.dtype != torch.float32 or getattr(self.packed, "_plan", None) is None:
-            return self.packed(x)  # the torch path allocates a fresh tensor anyway
-        n, _, h, w = x.shape
-        out = torch.empty(n, self.packed.out_channels, *self.packed.output_size(h, w))
-        return self.packed(x, out=out)
+        self.route = DenseRoute.parse(route, "route")
+        if self.route is DenseRoute.ONEDNN and not onednn_available():
+            raise ValueError("route='onednn' needs a torch build with oneDNN (torch.backends.mkldnn)")
+        if self.route is DenseRoute.LINEAR and (groups != 1 or tuple(padding) != (0, 0)):
+            raise ValueError(f"route='linear' needs an ungrouped conv without padding, got groups={groups}, "
+                             f"padding={tuple(padding)}")
+        self.stride, self.padding, self.groups = _pair(stride, "stride"), _pair(padding, "padding"), int(groups)
+        self.act_code = _act_code(act)
+        self.out_channels, self.in_channels = int(weight.shape[0]), int(weight.shape[1]) * self.groups
+        self.kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
+        self.register_buffer("weight", weight.detach().float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     def extra_repr(self) -> str:
-        return repr(self.packed)
+        """A one-line summary."""
+        act = {v: k for k, v in ACTIVATION_CODES.items()}[self.act_code]
+        return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, route={self.route.value}, act={act.value}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv and its activation."""
+        _check_input(x, self.in_channels)
+        if self.route is DenseRoute.ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
+            return torch.ops.winoprune.conv2d_act(x, self.weight, self.bias, self.stride[0], self.stride[1],
+                                                  self.padding[0], self.padding[1], self.groups, self.act_code)
+        if self.route is DenseRoute.LINEAR and tuple(x.shape[2:]) == self.kernel_size:
+            y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
+            return apply_activation(y.reshape(x.shape[0], self.out_channels, 1, 1), self.act_code)
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return apply_activation(y, self.act_code)

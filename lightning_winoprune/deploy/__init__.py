@@ -1,0 +1,31 @@
+"""Inference: the pruned model as the fast model that ships (``deploy``), its layers and the ``winoprune::`` ops.
+
+* :func:`deploy`: fold BatchNorms, fuse activations and route every conv to its fastest accurate kernel.
+* :class:`PackedWinogradConv`, :class:`PackedDepthwiseConv`, :class:`DenseConv`: the deployed layers (state in
+  buffers; traceable, compilable, exportable).
+* The ``winoprune::winograd_conv``, ``winoprune::depthwise_conv`` and ``winoprune::conv2d_act`` torch custom ops,
+  registered when this package is imported.
+"""
+
+from lightning_winoprune.deploy._deploy import DeployMismatchError, DeployReport, LayerRoute, deploy
+from lightning_winoprune.deploy._ops import Activation
+from lightning_winoprune.deploy._packed import (
+    DenseConv,
+    DenseRoute,
+    PackedDepthwiseConv,
+    PackedWinogradConv,
+    SparseForm,
+)
+
+__all__ = [
+    "Activation",
+    "DenseConv",
+    "DenseRoute",
+    "DeployMismatchError",
+    "DeployReport",
+    "LayerRoute",
+    "PackedDepthwiseConv",
+    "PackedWinogradConv",
+    "SparseForm",
+    "deploy",
+]

@@ -1,0 +1,164 @@
+"""The ``winoprune::`` torch custom ops: the native inference kernels as real torch operators.
+
+Each op takes a packed plan as plain tensors (the buffers of a deployed layer) and returns a fresh output, so it
+works under ``torch.compile(fullgraph=True)``, ``torch.export`` (with a dynamic batch) and ``torch.jit.trace``, and
+it is safe to call from several threads at once: the output is allocated per call and the kernels' scratch memory is
+per calling thread. Every op has a fake (meta) implementation for tracing, and a backward that raises, because the
+deployed model is inference only (train the :class:`~lightning_winoprune.winograd.WinogradConv2d` model instead).
+
+* ``winoprune::winograd_conv``: a 3x3 stride-1 conv from packed Winograd-domain weights (dense, structured or CSR).
+* ``winoprune::depthwise_conv``: a depthwise conv from the kept taps of each channel.
+* ``winoprune::conv2d_act``: a dense conv with a fused activation on oneDNN (``mkldnn._convolution_pointwise``), with
+  ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs.
+
+Importing :mod:`lightning_winoprune` registers them, so a saved ``.pt2`` loads in a process that imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_winoprune._enum import ParsableEnum
+from lightning_winoprune.kernels._backend import native_module
+
+__all__ = ["ACTIVATION_CODES", "Activation", "apply_activation"]
+
+
+class Activation(ParsableEnum):
+    """The activation fused into a deployed layer's output stage (applied after the bias)."""
+
+    NONE = "none"
+    RELU = "relu"
+    RELU6 = "relu6"
+    SILU = "silu"
+    HARDSWISH = "hardswish"
+
+
+#: The codes the native kernels take (``csrc/isa.h``, ``Activation``).
+ACTIVATION_CODES = {Activation.NONE: 0, Activation.RELU: 1, Activation.RELU6: 2, Activation.SILU: 3,
+                    Activation.HARDSWISH: 4}
+_BY_CODE = {code: act for act, code in ACTIVATION_CODES.items()}
+# oneDNN's post-op names and scalars for each activation
+_ONEDNN = {0: ("none", None), 1: ("relu", None), 2: ("hardtanh", [0.0, 6.0]), 3: ("swish", None),
+           4: ("hardswish", None)}
+
+
+def apply_activation(y: Tensor, act: int) -> Tensor:
+    """``y`` through the activation with native code ``act`` (torch ops, for the fallback paths)."""
+    if act == 0:
+        return y
+    if act == 1:
+        return F.relu(y)
+    if act == 2:
+        return F.relu6(y)
+    if act == 3:
+        return F.silu(y)
+    if act == 4:
+        return F.hardswish(y)
+    raise ValueError(f"act must be one of {sorted(_BY_CODE)}, got {act!r}")
+
+
+def _cpu_float(x: Tensor, op: str) -> Tensor:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        raise TypeError(f"winoprune::{op} runs on CPU float32 inputs (it is a deployed CPU model), got "
+                        f"{x.device.type}/{x.dtype}; call .float() / .cpu() on the input first")
+    if x.dim() != 4:
+        raise ValueError(f"winoprune::{op} needs an (N, C, H, W) input, got shape {tuple(x.shape)}")
+    return x.detach().contiguous()
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int, op: str) -> int:
+    out = (size + 2 * pad - kernel) // stride + 1
+    if out < 1:
+        raise ValueError(f"winoprune::{op}: an input of size {size} with padding {pad} is smaller than the "
+                         f"{kernel}x{kernel} kernel")
+    return out
+
+
+def _inference_only(op: str):  # type: ignore[no-untyped-def]
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        raise RuntimeError(
+            f"winoprune::{op} is inference only: a deployed model has no gradients. Train (or fine-tune) the model "
+            "before lightning_winoprune.deploy, or run the deployed model under torch.no_grad()."
+        )
+
+    return backward
+
+
+# ------------------------------------------------------------------------------------------------- winograd_conv
+@torch.library.custom_op("winoprune::winograd_conv", mutates_args=())
+def winograd_conv(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc: Tensor, bias: Tensor | None,
+                  out_channels: int, pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
+    """A 3x3 stride-1 conv from a Winograd plan's arrays (see :class:`~lightning_winoprune.deploy.PackedWinogradConv`)."""
+    x = _cpu_float(x, "winograd_conv")
+    n, _, h, w = x.shape
+    out = torch.empty(n, out_channels, _out_size(h, 3, 1, pad_h, "winograd_conv"),
+                      _out_size(w, 3, 1, pad_w, "winograd_conv"))
+    native_module().winograd_run(x.numpy(), meta.numpy(), cols.numpy(), vals.numpy(), acc.numpy(),
+                                 None if bias is None else bias.detach().numpy(), act, pad_h, pad_w, out.numpy(),
+                                 threads)
+    return out
+
+
+@winograd_conv.register_fake
+def _winograd_conv_fake(x, meta, cols, vals, acc, bias, out_channels, pad_h, pad_w, act, threads):  # type: ignore[no-untyped-def]
+    return x.new_empty((x.shape[0], out_channels, x.shape[2] + 2 * pad_h - 2, x.shape[3] + 2 * pad_w - 2))
+
+
+torch.library.register_autograd("winoprune::winograd_conv", _inference_only("winograd_conv"))
+
+
+# ------------------------------------------------------------------------------------------------ depthwise_conv
+@torch.library.custom_op("winoprune::depthwise_conv", mutates_args=())
+def depthwise_conv(x: Tensor, meta: Tensor, taps: Tensor, weights: Tensor, bias: Tensor | None, kernel_h: int,
+                   kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, act: int,
+                   threads: int) -> Tensor:
+    """A pruned depthwise conv from its kept taps (see :class:`~lightning_winoprune.deploy.PackedDepthwiseConv`)."""
+    x = _cpu_float(x, "depthwise_conv")
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, _out_size(h, kernel_h, stride_h, pad_h, "depthwise_conv"),
+                      _out_size(w, kernel_w, stride_w, pad_w, "depthwise_conv"))
+    native_module().depthwise_run(x.numpy(), meta.numpy(), taps.numpy(), weights.numpy(),
+                                  None if bias is None else bias.detach().numpy(), act, pad_h, pad_w, out.numpy(),
+                                  threads)
+    return out
+
+
+@depthwise_conv.register_fake
+def _depthwise_conv_fake(x, meta, taps, weights, bias, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, act,  # type: ignore[no-untyped-def]
+                         threads):
+    return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] + 2 * pad_h - kernel_h) // stride_h + 1,
+                        (x.shape[3] + 2 * pad_w - kernel_w) // stride_w + 1))
+
+
+torch.library.register_autograd("winoprune::depthwise_conv", _inference_only("depthwise_conv"))
+
+
+# ---------------------------------------------------------------------------------------------------- conv2d_act
+def onednn_available() -> bool:
+    """Whether oneDNN's fused conv (``mkldnn._convolution_pointwise``) can run here."""
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+@torch.library.custom_op("winoprune::conv2d_act", mutates_args=())
+def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+               groups: int, act: int) -> Tensor:
+    """A dense conv with a fused activation on oneDNN (``F.conv2d`` and the activation where oneDNN is absent)."""
+    x = _cpu_float(x, "conv2d_act")
+    if onednn_available():
+        attr, scalars = _ONEDNN[act]
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [pad_h, pad_w], [stride_h, stride_w], [1, 1],
+                                                       groups, attr, scalars or [], "")
+    return apply_activation(F.conv2d(x, weight, bias, (stride_h, stride_w), (pad_h, pad_w), 1, groups), act)
+
+
+@conv2d_act.register_fake
+def _conv2d_act_fake(x, weight, bias, stride_h, stride_w, pad_h, pad_w, groups, act):  # type: ignore[no-untyped-def]
+    kh, kw = weight.shape[2], weight.shape[3]
+    return x.new_empty((x.shape[0], weight.shape[0], (x.shape[2] + 2 * pad_h - kh) // stride_h + 1,
+                        (x.shape[3] + 2 * pad_w - kw) // stride_w + 1))
+
+
+torch.library.register_autograd("winoprune::conv2d_act", _inference_only("conv2d_act"))
