@@ -96,13 +96,31 @@ def test_rng_and_thread_count_untouched():
     assert torch.get_num_threads() == threads
 
 
-def test_balanced_pruning_is_faster_than_dense_on_a_moderate_layer():
+def test_balanced_pruning_times_a_tenth_of_the_dense_work(monkeypatch):
+    # What is timed, not how fast it ran: wall-clock ratios belong to the benchmarks (benchmarks/), where a loaded
+    # CI machine cannot fail them for the wrong reason.
     layer = WinogradConv2d(128, 128)
-    # one thread: on a shared, loaded machine multi-threaded timings of these small GEMMs are mostly waiting
-    table = TorchLatencyTable({"conv": layer}, {"conv": (8, 8)}, batch_size=8, reps=15, num_threads=1)
-    dense = table.latency("conv", DENSE)
-    bwsp90 = table.latency("conv", Candidate("bwsp", 0.9, BWSP))  # ~13 of 128 rows: ~10x less work
-    assert bwsp90 < 0.75 * dense, (bwsp90, dense)
+    table = TorchLatencyTable({"conv": layer}, {"conv": (8, 8)}, batch_size=8, reps=2, warmup=0, num_threads=1)
+    bwsp90 = Candidate("bwsp", 0.9, BWSP)  # round(0.9 * 128) = 115 of 128 rows pruned in every position
+    assert table.gemm_shapes("conv", DENSE) == [(128, 128)] * 16
+    assert table.gemm_shapes("conv", bwsp90) == [(13, 128)] * 16
+
+    def work(shapes: list[tuple[int, int]]) -> int:
+        return sum(r * c for r, c in shapes) * table.tiles("conv")
+
+    assert work(table.gemm_shapes("conv", bwsp90)) / work(table.gemm_shapes("conv", DENSE)) == pytest.approx(13 / 128)
+    timed: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    original = torch.bmm
+
+    def spy(a: torch.Tensor, b: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        timed.append((tuple(a.shape), tuple(b.shape)))
+        return original(a, b, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch, "bmm", spy)
+    latencies = [table.latency("conv", DENSE), table.latency("conv", bwsp90)]
+    assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in latencies)
+    tiles = table.tiles("conv")
+    assert dict.fromkeys(timed) == {((16, 128, 128), (16, 128, tiles)): None, ((16, 13, 128), (16, 128, tiles)): None}
 
 
 def test_torch_table_errors():
@@ -164,13 +182,14 @@ def test_native_table_times_the_whole_pruned_layer(monkeypatch):
     bwsp90 = table.latency("conv", Candidate("bwsp", 0.9, BWSP))  # ~6 of 64 rows: transforms remain
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), state)
     assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in (dense, bwsp90))
-    assert bwsp90 < 0.8 * dense, (bwsp90, dense)
     # the whole layer on the native kernels: reps + warmup calls of one packed conv per candidate, on a full batch
     assert len(calls) == 2 * 10 and {shape for _, shape in calls} == {(4, 64, 16, 16)}
     packs = list(dict.fromkeys(p for p, _ in calls))
     assert len(packs) == 2 and all(p.backend.value == "native" and p.threads == 1 for p in packs)
     assert packs[0].kept_fraction == 1.0 and packs[1].kept_fraction == pytest.approx(
         1 - winograd_mask(layer.weight.detach(), 0.9, BWSP)[1].sparsity)
+    # the work, not the wall clock (speed lives in benchmarks/): the pruned layer multiplies a tenth of the weights
+    assert packs[1].kept_fraction == pytest.approx(6 / 64)
     # cached: nothing runs again
     assert table.latency("conv", DENSE) == dense and len(calls) == 20
     # importance-scored patterns are ranked by L2, unbalanced ones run too
