@@ -1,7 +1,8 @@
-"""``LatencyValidation``: at the end of fit, prove the speedup: time the pruned layers on our kernels vs PyTorch."""
+"""``LatencyValidation``: at the end of fit, deploy the best pruned model, save it, and prove its speedup."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_winoprune.callbacks._base import check_choice, check_positive_int, print_rich
+from lightning_winoprune.deploy import deploy
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.latency import LatencyReport, measure_latency
 
@@ -51,16 +53,36 @@ def _first_images(trainer: pl.Trainer) -> torch.Tensor:
     )
 
 
-class LatencyValidation(Callback):
-    """Measure, at the end of fit, how much faster the pruned layers and the whole model really run.
+def _best_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[pl.LightningModule, str]:
+    """The best checkpoint's weights in a copy of ``pl_module`` (or ``pl_module`` itself), and where they came from."""
+    ckpt = getattr(trainer.checkpoint_callback, "best_model_path", "") or ""
+    if not ckpt or not Path(ckpt).is_file():
+        return pl_module, "the model at the end of fit"
+    best = copy.deepcopy(pl_module)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        best.load_state_dict(state)
+    except (RuntimeError, KeyError, OSError) as err:
+        rank_zero_warn(f"LatencyValidation: the best checkpoint {ckpt} does not load into the fitted model ({err}); "
+                       "deploying the model at the end of fit instead")
+        return pl_module, "the model at the end of fit"
+    return best, ckpt
 
-    It calls :func:`~lightning_winoprune.measure_latency` on the fitted model with a batch built from the first
-    validation (or training) images: for every pruned layer it times PyTorch's dense conv, our dense Winograd, our
-    pruned kernel, the FP-equivalent smaller conv and the WWP CSR path side by side, verifies the pruned kernel's
-    output (failing loudly on a mismatch), and reports medians and speedups. The report goes to the console (rich
-    table), to ``<output_dir>/latency.json`` and ``latency.png``, and to every logger of the trainer: per-layer
-    speedups as metrics, and with a :class:`~lightning.pytorch.loggers.WandbLogger` also a table, a speedup bar
-    chart and the PNG. Only rank zero measures.
+
+class LatencyValidation(Callback):
+    """Deploy the best pruned model at the end of fit, save it as a ``.pt2``, and measure how much faster it runs.
+
+    It deploys the best checkpoint (the model at the end of fit when there is none) with
+    :func:`~lightning_winoprune.deploy` (BatchNorms folded, activations fused, the fastest route per layer), saves it
+    with ``torch.export`` beside the checkpoint (``<checkpoint>.pt2``, dynamic batch; or ``<output_dir>/model.pt2``),
+    and calls :func:`~lightning_winoprune.measure_latency` with a batch built from the first validation (or training)
+    images: for every pruned layer it times PyTorch's dense conv, our dense Winograd, our pruned kernel, the
+    FP-equivalent smaller conv and the WWP CSR path side by side, verifies the pruned kernel's output (failing loudly
+    on a mismatch), and times the whole deployed model against the best dense deployment (the dense model through the
+    same pipeline, and on torch eager): the headline ratio is against the faster of the two. The report goes to the
+    console (rich table), to ``<output_dir>/latency.json`` and ``latency.png``, and to every logger of the trainer:
+    per-layer speedups as metrics, and with a :class:`~lightning.pytorch.loggers.WandbLogger` also a table, a speedup
+    bar chart and the PNG. Only rank zero measures.
 
     Args:
         batch_size: Images per timed batch (1 for latency, more for throughput).
@@ -72,9 +94,11 @@ class LatencyValidation(Callback):
         output_dir: Where the JSON and PNG go; default ``<trainer.log_dir or default_root_dir>/latency``.
         check_output: Verify the pruned kernels against PyTorch before timing.
         tolerance: Largest allowed relative max error of a pruned kernel's output.
-        whole_model: Also time the whole model (dense PyTorch vs as trained vs native).
+        whole_model: Also time the whole model (dense eager, dense deployed, as trained, deployed pruned).
         plot: Write the PNG (and log it).
         verbose: 0 silent, 1 the report table.
+        save_deployed: Save the deployed model as a ``.pt2`` (``torch.export``).
+        tune: Let :func:`~lightning_winoprune.deploy` choose each layer's route by measurement.
 
     Raises:
         MisconfigurationException: On a bad argument (the message names it and lists valid values).
@@ -82,6 +106,7 @@ class LatencyValidation(Callback):
     Attributes:
         report: The last :class:`~lightning_winoprune.latency.LatencyReport` (``None`` before the end of fit and
             on ranks other than zero).
+        deployed_path: The saved ``.pt2``.
 
     """
 
@@ -99,6 +124,8 @@ class LatencyValidation(Callback):
         whole_model: bool = True,
         plot: bool = True,
         verbose: int = 1,
+        save_deployed: bool = True,
+        tune: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("batch_size", batch_size, allow_none=False)
@@ -111,11 +138,16 @@ class LatencyValidation(Callback):
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
             raise MisconfigurationException(f"tolerance={tolerance!r} is not valid; valid values are floats > 0")
         check_choice("verbose", verbose, [0, 1])
+        for flag, value in (("save_deployed", save_deployed), ("tune", tune)):
+            if not isinstance(value, bool):
+                raise MisconfigurationException(f"{flag}={value!r} is not valid; valid values are [True, False]")
         self.batch_size, self.input_size, self.warmup, self.repeats = batch_size, input_size, warmup, repeats
         self.threads, self.backend, self.output_dir = threads, backend, output_dir
         self.check_output, self.tolerance, self.whole_model, self.plot = check_output, tolerance, whole_model, plot
-        self.verbose = verbose
+        self.verbose, self.save_deployed, self.tune = verbose, save_deployed, tune
         self.report: LatencyReport | None = None
+        #: Where the deployed model was saved (``None`` before the end of fit or when not saved).
+        self.deployed_path: Path | None = None
         self._last: dict[str, Any] | None = None
 
     @property
@@ -151,24 +183,55 @@ class LatencyValidation(Callback):
         be read on every rank (``on_fit_end`` does so and passes it here).
         """
         x = self.example_input(trainer)
-        rank_zero_info(f"LatencyValidation: timing the pruned layers at batch {x.shape[0]}, "
-                       f"{x.shape[-2]}x{x.shape[-1]} ({self.repeats} rounds)")
-        report = measure_latency(
-            pl_module, x, repeats=self.repeats, warmup=self.warmup, threads=self.threads,
-            check_output=self.check_output, tolerance=self.tolerance, whole_model=self.whole_model,
-            backend=self.backend, progress=self.verbose >= 1,
-        )
         out = Path(output_dir) if output_dir is not None else self._output_dir(trainer)
+        module, source = _best_module(trainer, pl_module)
+        was_training = module.training
+        rank_zero_info(f"LatencyValidation: deploying {source} and timing it at batch {x.shape[0]}, "
+                       f"{x.shape[-2]}x{x.shape[-1]} ({self.repeats} rounds)")
+        try:
+            module.eval()
+            deployed = deploy(module, x, tune=self.tune, threads=self.threads, backend=self.backend,
+                              repeats=max(3, self.repeats // 2), warmup=self.warmup, time_model=False,
+                              verbose=False)
+            if self.save_deployed:
+                self.deployed_path = self._save(deployed, x, source, out)
+            report = measure_latency(
+                module, x, repeats=self.repeats, warmup=self.warmup, threads=self.threads,
+                check_output=self.check_output, tolerance=self.tolerance, whole_model=self.whole_model,
+                backend=self.backend, progress=self.verbose >= 1, deployed=deployed, tune=self.tune,
+            )
+        finally:
+            module.train(was_training)
         report.to_json(out / "latency.json")
         if self.plot:
             report.plot(out / "latency.png")
         self.report = report
         self._last = {"json": str(report.json_path), "layer_speedup": report.layer_speedup,
-                      "model_speedup": None if report.model is None else report.model.speedup}
+                      "model_speedup": None if report.model is None else report.model.speedup,
+                      "deployed": None if self.deployed_path is None else str(self.deployed_path)}
         if self.verbose:
             print_rich(report, min_width=150)
+            if self.deployed_path is not None:
+                rank_zero_info(f"LatencyValidation: deployed model saved to {self.deployed_path} (load it with "
+                               "torch.export.load(path).module() after `import lightning_winoprune`)")
         self._log(trainer, report)
         return report
+
+    @staticmethod
+    def _save(deployed: torch.nn.Module, x: torch.Tensor, source: str, output_dir: Path) -> Path | None:
+        """``torch.export`` the deployed model (dynamic batch) beside the checkpoint, or in ``output_dir``."""
+        path = Path(source).with_suffix(".pt2") if source.endswith(".ckpt") else output_dir / "model.pt2"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        example = x[:1].expand(2, -1, -1, -1).contiguous()  # a batch of 1 would be specialized to a constant
+        try:
+            program = torch.export.export(deployed, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
+        except Exception as err:  # noqa: BLE001 - any export failure: say so and keep the report
+            rank_zero_warn(f"LatencyValidation: torch.export of the deployed model failed ({type(err).__name__}: "
+                           f"{str(err)[:300]}); no .pt2 was saved")
+            return None
+        torch.export.save(program, path)
+        return path
 
     def _log(self, trainer: pl.Trainer, report: LatencyReport) -> None:
         metrics: dict[str, float] = {}
@@ -182,6 +245,7 @@ class LatencyValidation(Callback):
             metrics["latency/model_speedup"] = report.model.speedup
             metrics["latency/model_native_ms"] = report.model.native_ms
             metrics["latency/model_torch_dense_ms"] = report.model.torch_dense_ms
+            metrics["latency/model_best_dense_ms"] = report.model.best_dense_ms
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):

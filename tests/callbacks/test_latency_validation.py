@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from wandb_helpers import offline_wandb_env, wandb_config_updates, wandb_summary, wandb_timeout
 
 from lightning_winoprune import DEPrune, LatencyValidation, WinogradConv2d, WinogradPruning, measure_latency
-from lightning_winoprune.deploy import PackedWinogradConv
+from lightning_winoprune.deploy import DeployMismatchError, PackedWinogradConv
 from lightning_winoprune.kernels import native_available, native_isa
 from lightning_winoprune.latency import LatencyMismatchError, LatencyReport
 from lightning_winoprune.recipes import ImageClassifier
@@ -171,9 +171,10 @@ def test_a_wrong_kernel_fails_the_fit(data, tmp_path, monkeypatch):
     original = PackedWinogradConv.__call__
     monkeypatch.setattr(PackedWinogradConv, "__call__", lambda self, x: original(self, x) * 0)
     cb = LatencyValidation(output_dir=str(tmp_path), **FAST)
-    with pytest.raises(LatencyMismatchError, match=r"model\.layer1\.0\.conv2: the pruned kernel's output differs"):
+    # deploy checks every candidate route against the layer's own output first: no route is left
+    with pytest.raises(DeployMismatchError, match=r"model\.layer1\.0\.conv2: no route reproduces the layer's output"):
         fit(data, cb)
-    assert cb.report is None and not (tmp_path / "latency.json").exists()
+    assert cb.report is None and not (tmp_path / "latency.json").exists() and cb.deployed_path is None
 
 
 # ------------------------------------------------------------------------------- 2. the example batch
@@ -302,6 +303,8 @@ def test_wandb_offline_run_gets_table_chart_plot_and_metrics(data, tmp_path, mon
         ({"tolerance": 0}, r"tolerance=0 is not valid; valid values are floats > 0"),
         ({"tolerance": True}, r"tolerance=True is not valid"),
         ({"verbose": 3}, r"verbose=3 is not valid; valid values are \[0, 1\]"),
+        ({"save_deployed": "yes"}, r"save_deployed='yes' is not valid; valid values are \[True, False\]"),
+        ({"tune": 1}, r"tune=1 is not valid; valid values are \[True, False\]"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else "",
 )
@@ -314,7 +317,7 @@ def test_state_dict_round_trip(fitted, tmp_path):
     cb, _, _, trainer, out = fitted
     state = cb.state_dict()
     assert state == {"last": {"json": str(out / "latency.json"), "layer_speedup": cb.report.layer_speedup,
-                              "model_speedup": cb.report.model.speedup}}
+                              "model_speedup": cb.report.model.speedup, "deployed": str(cb.deployed_path)}}
     fresh = LatencyValidation(**FAST)
     assert fresh.state_dict() == {"last": None}
     fresh.load_state_dict(state)
@@ -327,3 +330,18 @@ def test_state_dict_round_trip(fitted, tmp_path):
     assert ckpt["callbacks"][cb.state_key] == state
     assert cb.state_key == LatencyValidation().state_key != LatencyValidation(batch_size=8).state_key
     assert LatencyValidation(input_size=32).state_key != cb.state_key
+
+
+@needs_ext
+def test_the_deployed_best_model_is_saved_as_pt2_and_reloads(data, tmp_path):
+    cb = LatencyValidation(output_dir=str(tmp_path), plot=False, **FAST)
+    module, _, trainer = fit(data, cb)
+    assert cb.deployed_path is not None and cb.deployed_path.suffix == ".pt2" and cb.deployed_path.is_file()
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best:  # beside the best checkpoint
+        assert cb.deployed_path == Path(best).with_suffix(".pt2")
+    loaded = torch.export.load(str(cb.deployed_path)).module()
+    x = cb.example_input(trainer).expand(3, -1, -1, -1).contiguous()  # any batch size: the batch is dynamic
+    assert loaded(x).shape[0] == 3
+    assert cb.report is not None and cb.report.model is not None
+    assert cb.report.model.speedup == pytest.approx(cb.report.model.best_dense_ms / cb.report.model.native_ms)
