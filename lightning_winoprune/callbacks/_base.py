@@ -220,7 +220,8 @@ class PruningCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.check_resume_config(state_dict, self._loading_key)
+        if self._resuming_fit is not False:  # validate/test/predict from a checkpoint prune nothing: no conflict
+            self.check_resume_config(state_dict, self._loading_key)
         self.layer_names = list(state_dict.get("layer_names", self.layer_names))
         self.last_pruned_epoch = int(state_dict.get("last_pruned_epoch", -1))
         self.history = list(state_dict.get("history", []))
@@ -233,6 +234,7 @@ class PruningCallback(Callback):
         # Lightning restores a callback's state only under its exact state_key, which names some of the arguments
         # (e.g. the amount): with another amount, the state would be silently skipped and pruning would start over.
         # Find the state this callback continues and let load_state_dict compare the configurations.
+        self._resuming_fit = trainer.state.fn == "fit"
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             self._loading_key = self.state_key
@@ -255,6 +257,7 @@ class PruningCallback(Callback):
                 self._loading_key = None
 
     _loading_key: str | None = None
+    _resuming_fit: bool | None = None
 
     def check_resume_config(self, state: dict[str, Any], key: str | None = None) -> None:
         """Refuse a saved state whose mask-defining arguments differ from this callback's.

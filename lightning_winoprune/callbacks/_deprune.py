@@ -1,4 +1,4 @@
-"""``DEPrune``: DCP / BWT / HSR pruning of depthwise convs and filter pruning of pointwise convs (design §3)."""
+"""``DEPrune``: DCP / BWT / HSR on depthwise convs, filter pruning of pointwise convs (``docs/deprune.md``)."""
 
 from __future__ import annotations
 

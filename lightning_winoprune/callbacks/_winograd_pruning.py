@@ -45,10 +45,10 @@ class WinogradPruning(PruningCallback):
     eligible convolutions become :class:`~lightning_winoprune.WinogradConv2d` layers, so optimizers train the
     Winograd weights ``U`` and resumed runs load into the right structure. At the scheduled epochs the callback
     computes masks with the masking engine (:mod:`lightning_winoprune.pruning`) and sets them on the layers; pruned
-    weights and their optimizer state are zeroed, and since every forward uses ``weight * mask`` they receive zero
+    weights and their optimizer state are zeroed, and since every forward masks the weight they receive zero
     gradient, so they stay exactly zero through momentum, weight decay, gradient accumulation and AMP.
 
-    Methods (design page §2): ``wwp`` (elements), ``fp`` (whole filters), ``wsp-r`` (rows ``U[xi, k, :]``),
+    Methods (``docs/pruning.md``): ``wwp`` (elements), ``fp`` (whole filters), ``wsp-r`` (rows ``U[xi, k, :]``),
     ``wsp-c`` (columns ``U[xi, :, c]``), ``bwsp`` (rows, the same count in every ``xi``) and ``abwsp`` (row segments
     of ``unit`` elements, counts per ``xi`` rounded to multiples of ``align``, and per layer either WSP or BWSP:
     the ``wsp_fraction`` most important layers keep the unbalanced WSP ranking).
@@ -68,7 +68,7 @@ class WinogradPruning(PruningCallback):
         unit: Segment length of ABWSP's hardware unit (default 16: the CPU SIMD width; use 32 for GPUs).
         align: Per-``xi`` pruned-unit counts are rounded to multiples of this (ABWSP default 8, others 1).
         rounding: ``"down"`` (prune a little less, keep accuracy) or ``"up"`` (prune a little more).
-        score: Block score: ``"l2"`` (group lasso, the design's definition), ``"l1"``, ``"l2-scaled"`` (L2 of the
+        score: Block score: ``"l2"`` (group lasso, the definition), ``"l1"``, ``"l2-scaled"`` (L2 of the
             view scaled by each position's weight in the output, see
             :func:`~lightning_winoprune.pruning.position_scale`; ranks blocks of different ``xi`` fairly) or
             ``"taylor"`` (sum of ``|w * dL/dw|``).

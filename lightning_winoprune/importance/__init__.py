@@ -1,4 +1,4 @@
-"""Importance estimators and the budgeted per-layer policy choice (design page §4).
+"""Importance estimators and the budgeted per-layer policy choice (``docs/pruning.md``).
 
 * :func:`taylor_importance`: first-order Taylor saliency ``|w * dL/dw|`` per weight, :func:`layer_scores` per layer.
 * :func:`measure_sensitivity`: the loss increase of each :class:`Candidate` when only that layer is pruned.

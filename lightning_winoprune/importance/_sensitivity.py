@@ -17,7 +17,7 @@ from lightning_winoprune.winograd._layer import WinogradConv2d
 
 __all__ = ["DENSE", "Candidate", "measure_sensitivity"]
 
-#: Policies whose pattern scope is fixed by name (the ABWSP toggle, design page §2).
+#: Policies whose pattern scope is fixed by name (the ABWSP toggle, ``docs/pruning.md``).
 _POLICY_SCOPE = {"wsp": Scope.LAYER, "bwsp": Scope.POSITION}
 
 

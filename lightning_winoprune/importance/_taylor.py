@@ -1,4 +1,4 @@
-"""First-order Taylor saliency ``|w * dL/dw|`` of layer weights, summed over calibration batches (design page §4)."""
+"""First-order Taylor saliency ``|w * dL/dw|`` of layer weights, summed over calibration batches (docs/pruning.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DEPrune (design page §3): depthwise convs pruned on their Diagonal-wise Refactorization, pointwise convs by filter.
+"""DEPrune (docs/deprune.md): depthwise convs pruned on their Diagonal-wise Refactorization, pointwise convs by filter.
 
 Diagonal-wise Refactorization (DR) turns a depthwise conv (``C`` channels, ``kh x kw``, ``groups=C``) into
 ``G = ceil(C / tile)`` sub-GEMMs, one per block of ``tile`` channels (32, the GPU tile, by default)::

@@ -1,4 +1,4 @@
-"""Named pruning methods for Winograd layers, as patterns of the one engine (design page §2)."""
+"""Named pruning methods for Winograd layers, as patterns of the one engine (defined in ``docs/pruning.md``)."""
 
 from __future__ import annotations
 

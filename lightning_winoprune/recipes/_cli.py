@@ -2,24 +2,33 @@
 
 Examples::
 
-    winoprune fit --config recipes/resnet18_abwsp.yaml             # run a recipe
+    winoprune fit --config recipes/resnet18_abwsp.yaml             # run a recipe (from any directory)
     winoprune fit --config resnet18_abwsp --pruning.amount 0.5    # a bundled recipe by name, one value changed
     winoprune recipes                                              # list the bundled recipes
     winoprune recipes resnet18_abwsp                               # print one
+
+A bad value (``--pruning.amount 2``, ``--trainer.max_epochs abc``, an unknown recipe) prints one short error naming
+the argument, the value and the valid ones, and exits with status 2; ``--debug`` (anywhere on the command line) or
+``WINOPRUNE_DEBUG=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import inspect
 import netrc
 import os
+import re
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -34,7 +43,7 @@ from lightning_winoprune.recipes._callbacks import FitSummary, prune_epochs, tra
 from lightning_winoprune.recipes._module import ImageClassifier
 from lightning_winoprune.recipes._recipes import list_recipes, recipe_path, recipe_title
 
-__all__ = ["RecipeConfigCallback", "WinopruneCLI", "configure_wandb_mode", "main", "run_cli"]
+__all__ = ["CLIError", "RecipeConfigCallback", "WinopruneCLI", "configure_wandb_mode", "main", "run_cli"]
 
 _EPILOG = ("Also: `winoprune recipes` lists the bundled recipes, `winoprune recipes NAME` prints one. "
            "`--config NAME` accepts a bundled recipe's name as well as a path.")
@@ -162,14 +171,24 @@ class WinopruneCLI(LightningCLI):
     """
 
     fit_summary: dict[str, Any] | None = None
+    #: ``"parse"``, ``"instantiate"`` or ``"run"``: how far the command got (read by :func:`main` on an error).
+    phase: str = "parse"
 
-    def __init__(self, args: list[str] | dict[str, Any] | None = None, run: bool = True, **kwargs: Any) -> None:
+    def __init__(self, args: list[str] | dict[str, Any] | None = None, run: bool = True,
+                 exit_on_error: bool = True, phase: list[str] | None = None, **kwargs: Any) -> None:
+        self._exit_on_error = exit_on_error
+        self._phase = phase if phase is not None else ["parse"]
         kwargs.setdefault("save_config_callback", RecipeConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"description": "Prune timm CNNs with the lightning_winoprune recipes.",
                                             "epilog": _EPILOG})
         self.summary_callback = FitSummary()
         super().__init__(ImageClassifier, LightningDataModule, subclass_mode_data=True, args=args, run=run, **kwargs)
+
+    @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        kwargs.setdefault("exit_on_error", self._exit_on_error)  # False: parse errors raise, main() shortens them
+        return super().init_parser(**kwargs)
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -182,6 +201,7 @@ class WinopruneCLI(LightningCLI):
 
     @override
     def before_instantiate_classes(self) -> None:
+        self._phase[0] = "instantiate"
         trainer_config = self._get(self.config, "trainer")
         logger_config = trainer_config.get("logger") if trainer_config is not None else None
         if _names_wandb(logger_config):
@@ -198,7 +218,9 @@ class WinopruneCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         # the summary first: it measures the dense accuracy before a pruning callback prunes in the same hook
         config["callbacks"] = [self.summary_callback, *(cb for cb in extra if cb is not None), *callbacks]
-        return self._instantiate_trainer(config, [])
+        trainer = self._instantiate_trainer(config, [])
+        self._phase[0] = "run"
+        return trainer
 
     def after_fit(self) -> None:
         """Evaluate the test set and print the summary (rank zero)."""
@@ -307,8 +329,14 @@ def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | 
     table.add_column("value", overflow="fold")
     dense_when = (f"end of epoch {summary['dense_val_epoch']}" if summary["dense_val_epoch"] is not None
                   else "measured at the prune point")
-    pruned = "pruned " if summary["prune_epochs"] is not None else ""
-    if summary["prune_epochs"] is not None:
+    nothing_pruned = not summary["sparsity"]
+    pruned = "pruned " if summary["prune_epochs"] is not None and not nothing_pruned else ""
+    if nothing_pruned:
+        planned = summary["prune_epochs"]
+        why = (f"the pruning epochs {planned[0]}..{planned[1]} were never reached (the fit ended at epoch "
+               f"{summary['epochs']})" if planned is not None else "no pruning callback")
+        table.add_row("pruning", Text(f"NOTHING WAS PRUNED: {why}; the model is dense"))
+    elif summary["prune_epochs"] is not None:
         first, last = summary["prune_epochs"]
         table.add_row("pruning epochs", f"{first}" if first == last else f"{first}..{last}")
         table.add_row(f"dense val accuracy ({dense_when})", _fmt(summary["dense_val_acc"]))
@@ -335,18 +363,45 @@ def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | 
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
+class CLIError(Exception):
+    """A bad command line: :func:`main` prints its message as one short error and exits with status 2."""
+
+
+_DEBUG_ENV = "WINOPRUNE_DEBUG"
+_HINT = f"(add --debug or set {_DEBUG_ENV}=1 for the full traceback)"
+
+
+def _bundled_recipe(value: str) -> Path | None:
+    """The bundled recipe ``value`` names: ``NAME``, ``NAME.yaml`` or ``recipes/NAME.yaml`` (the repository's link)."""
+    path = Path(value)
+    stem = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if path.parent in (Path("."), Path("recipes")) and stem in list_recipes():
+        return recipe_path(stem)
+    return None
+
+
 def _resolve_config_names(args: list[str]) -> list[str]:
-    """Let ``--config NAME`` name a bundled recipe when ``NAME`` is not a file."""
+    """Let ``--config`` name a bundled recipe (``NAME``, or ``recipes/NAME.yaml`` outside the repository root).
+
+    Raises:
+        CLIError: If a ``--config`` value is neither a file nor a bundled recipe; the message lists the recipes.
+    """
     out = list(args)
     for i, arg in enumerate(args):
         if arg in ("-c", "--config") and i + 1 < len(args):
             at, value, prefix = i + 1, args[i + 1], ""
-        elif arg.startswith("--config="):
-            at, value, prefix = i, arg.removeprefix("--config="), "--config="
+        elif arg.startswith(("--config=", "-c=")):
+            prefix = arg[: arg.index("=") + 1]
+            at, value = i, arg[len(prefix):]
         else:
             continue
-        if not Path(value).exists() and value.removesuffix(".yaml") in list_recipes():
-            out[at] = prefix + str(recipe_path(value))
+        if Path(value).is_file():
+            continue
+        bundled = _bundled_recipe(value)
+        if bundled is None:
+            raise CLIError(f"--config {value!r}: no such file and no bundled recipe of that name; the recipes are "
+                           f"{', '.join(list_recipes())} (`winoprune recipes` describes them)")
+        out[at] = prefix + str(bundled)
     return out
 
 
@@ -362,7 +417,7 @@ def _print_recipes(args: list[str], console: Console) -> int:
             return 2
         sys.stdout.write(text)  # plain, unwrapped: `winoprune recipes NAME > mine.yaml` gives a valid file
         return 0
-    table = Table(title="bundled recipes: winoprune fit --config recipes/<name>.yaml")
+    table = Table(title="bundled recipes: winoprune fit --config <name>")
     table.add_column("name")
     table.add_column("what it does")
     for name in list_recipes():
@@ -371,17 +426,55 @@ def _print_recipes(args: list[str], console: Console) -> int:
     return 0
 
 
+#: Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit status.
+#: ``fit``, ``validate``, ``test`` and ``predict`` (and anything else) go to :class:`WinopruneCLI`.
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "recipes": lambda args: _print_recipes(args, Console()),
+}
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Console entry point ``winoprune``; ``args`` replaces ``sys.argv[1:]`` (see :func:`run_cli`)."""
-    run_cli(args)
+    """Console entry point ``winoprune``; ``args`` replaces ``sys.argv[1:]`` (see :func:`run_cli`).
+
+    Subcommands in :data:`COMMANDS` run their function; the others run :class:`WinopruneCLI`. A bad value ends the
+    command with one short error on stderr and exit status 2, unless ``--debug`` is among the arguments or
+    ``WINOPRUNE_DEBUG`` is set (to anything but ``0``), which show the full traceback.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get(_DEBUG_ENV, "0") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    if argv and argv[0] in COMMANDS:
+        code = COMMANDS[argv[0]](argv[1:])
+        if code:
+            raise SystemExit(code)
+        return
+    phase = ["parse"]
+    try:
+        run_cli(argv, exit_on_error=False, phase=phase)
+    except Exception as err:
+        # a bad value: anything while parsing or building the objects, a configuration error while running
+        if debug or (phase[0] == "run" and not isinstance(err, MisconfigurationException)):
+            raise
+        sys.stderr.write(f"error: {_short_error(err)}\n{_HINT}\n")
+        raise SystemExit(2) from None
 
 
-def run_cli(args: Sequence[str] | None = None) -> WinopruneCLI | None:
+def run_cli(args: Sequence[str] | None = None, exit_on_error: bool = True,
+            phase: list[str] | None = None) -> WinopruneCLI | None:
     """Run ``winoprune`` with ``args`` (default ``sys.argv[1:]``) in this process.
+
+    Args:
+        args: The command line without the program name.
+        exit_on_error: ``False`` to raise parse errors (``jsonargparse.ArgumentError``) instead of printing the
+            usage and exiting (what :func:`main` does, to shorten them).
+        phase: A one-element list that gets ``"parse"``, ``"instantiate"`` or ``"run"``: how far the command got.
 
     Returns:
         The CLI object (its ``trainer``, ``model``, ``datamodule`` and, after ``fit``, ``fit_summary``), or ``None``
         for ``winoprune recipes``.
+
+    Raises:
+        CLIError: If a ``--config`` value is neither a file nor a bundled recipe.
     """
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "recipes":
@@ -389,11 +482,12 @@ def run_cli(args: Sequence[str] | None = None) -> WinopruneCLI | None:
         if code:
             raise SystemExit(code)
         return None
+    argv = _resolve_config_names(argv)
     before = _current_wandb_run()
     ok, saved_argv = False, sys.argv
     sys.argv = saved_argv[:1]  # the arguments are passed explicitly; LightningCLI warns when sys.argv has more
     try:
-        cli = WinopruneCLI(args=_resolve_config_names(argv))
+        cli = WinopruneCLI(args=argv, exit_on_error=exit_on_error, phase=phase)
         ok = True
     finally:
         sys.argv = saved_argv
@@ -402,6 +496,98 @@ def run_cli(args: Sequence[str] | None = None) -> WinopruneCLI | None:
         if run is not None and run is not before:
             run.finish(exit_code=0 if ok else 1)
     return cli
+
+
+# ---------------------------------------------------------------------------------------------------- short errors
+#: The CLI group of an object whose constructor refused a value.
+_GROUPS: tuple[tuple[type, str], ...] = (
+    (PruningCallback, "pruning"), (LatencyValidation, "latency"), (LightningDataModule, "data"),
+    (LightningModule, "model"), (Trainer, "trainer"),
+)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of ``err``'s ``__cause__`` / ``__context__`` chain (jsonargparse wraps errors)."""
+    seen = {id(err)}
+    while True:
+        nxt = err.__cause__ or err.__context__
+        if nxt is None or id(nxt) in seen:
+            return err
+        seen.add(id(nxt))
+        err = nxt
+
+
+def _argument_of(err: BaseException, message: str) -> str | None:
+    """``--group.param`` for an error a constructor raised about its parameter ``param`` (the message's first word)."""
+    word = re.match(r"[A-Za-z_]\w*", message)
+    if word is None:
+        return None
+    for frame, _ in reversed(list(traceback.walk_tb(err.__traceback__))):
+        obj = frame.f_locals.get("self")
+        if obj is None or frame.f_code.co_name not in ("__init__", "__post_init__"):
+            continue
+        for cls, group in _GROUPS:
+            if isinstance(obj, cls):
+                try:
+                    params = inspect.signature(type(obj).__init__).parameters
+                except (TypeError, ValueError):
+                    params = {}  # type: ignore[assignment]
+                return f"--{group}.{word.group()}" if word.group() in params else f"--{group}"
+    return None
+
+
+def _short_parse_error(message: str) -> str:
+    """One line from a jsonargparse error: the key, the value given and the types, values or options expected."""
+    key = re.search(r'(?:Parser key|key) "([^"]+)"', message)
+    if key is None:
+        return message.strip().splitlines()[0] if message.strip() else "invalid arguments"
+    name = key.group(1)
+    nested = re.search(r"NestedArg\(key='([^']*)', val=(.*)\)", message)
+    unknown = re.search(r"class_path '([\w.]+)':\s*Option '([^']+)' is not accepted", message)
+    if nested is not None and unknown is not None:  # --group.typo value
+        options = _init_options(unknown.group(1))
+        listed = f"; valid options are {', '.join(options)}" if options else ""
+        return f"--{name}.{unknown.group(2)}: {unknown.group(1).rsplit('.', 1)[-1]} has no option " \
+               f"{unknown.group(2)!r}{listed}"
+    given = re.search(r"Given value: (.*)", message)
+    value = given.group(1).strip() if given is not None else None
+    if nested is not None:  # --group.key value
+        name, value = f"{name}.{nested.group(1)}", nested.group(2).strip()
+    text = f"--{name}" + (f" {value}" if value is not None else "") + " is not valid"
+    expected = [t for t in re.findall(r"Expected a <class '(?:[\w.]*\.)?(\w+)'>", message)]
+    problems = [ln.strip()[2:] for ln in message.splitlines() if ln.strip().startswith("- ")
+                and "Expected a <class 'NoneType'>" not in ln]
+    if expected and len(problems) == len([t for t in expected if t != "NoneType"]):
+        return f"{text}; expected {' or '.join(dict.fromkeys('None' if t == 'NoneType' else t for t in expected))}"
+    if problems:
+        detail = " ".join(problems[0].split())
+        follow = [ln.strip() for ln in message.splitlines() if ln.startswith("        ")]
+        return f"{text}: {detail}" + (f" {follow[0]}" if follow and detail.endswith(":") else "")
+    return text
+
+
+def _init_options(class_path: str) -> list[str]:
+    """The constructor parameters of the class at ``class_path`` (empty when it cannot be imported)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(__import__(module, fromlist=[name]), name)
+        params = inspect.signature(cls.__init__).parameters
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+    return [p for p in params if p != "self" and params[p].kind not in (inspect.Parameter.VAR_POSITIONAL,
+                                                                          inspect.Parameter.VAR_KEYWORD)]
+
+
+def _short_error(err: BaseException) -> str:
+    """The one-line message :func:`main` prints for ``err``."""
+    if isinstance(err, CLIError):
+        return str(err)
+    if isinstance(err, ArgumentError):
+        return _short_parse_error(str(err))
+    root = _root_cause(err)
+    message = " ".join(str(root).split()) or type(root).__name__
+    argument = _argument_of(root, message)
+    return f"{argument}: {message}" if argument else message
 
 
 def _current_wandb_run() -> Any:

@@ -44,3 +44,35 @@ def test_docs_build_strict(tmp_path):
         pictures |= set(re.findall(r'src="\.\./(assets/[\w.-]+\.png)"', (site / page / "index.html").read_text()))
     assert len(pictures) >= 9, pictures
     assert all((site / p).is_file() for p in pictures)
+
+
+#: Citations of material that lives outside the repository (a design page, paper seeds, a sibling checkout).
+OUTSIDE = re.compile(r"\.\./shared|shared/design|\bseeds/|algorithms\.md|design page|\bsrc/lightning_winoprune")
+
+
+def _project_texts() -> list[Path]:
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "docs").rglob("*.py"))]
+    for ext in ("*.py", "*.yaml", "*.md"):
+        files += sorted((ROOT / "lightning_winoprune").rglob(ext))
+    for ext in ("*.h", "*.cpp", "*.hpp", "*.txt"):
+        files += sorted((ROOT / "csrc").rglob(ext))
+    return files
+
+
+def test_no_doc_or_comment_cites_a_path_outside_the_repository():
+    hits = []
+    for path in _project_texts():
+        for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if OUTSIDE.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    assert not hits, "state the definitions in docs/ instead of citing:\n" + "\n".join(hits)
+
+
+def test_relative_links_of_the_readme_and_docs_stay_in_the_repository():
+    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        for target in link.findall(page.read_text()):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+                continue
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_relative_to(ROOT) and resolved.exists(), f"{page.relative_to(ROOT)} links {target}"
