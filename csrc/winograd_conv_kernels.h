@@ -28,7 +28,7 @@ inline wp_vf load(const float* p) { return *reinterpret_cast<const wp_vfu*>(p); 
 inline void store(float* p, wp_vf v) { *reinterpret_cast<wp_vfu*>(p) = v; }
 inline wp_vf splat(float s) { return s - wp_vf{}; }  // x - 0 == x exactly, so this folds to a broadcast
 
-// The transform matrices of src/lightning_winoprune/winograd/_transforms.py (exact in float32; a test compares them).
+// The transform matrices of lightning_winoprune/winograd/_transforms.py (exact in float32; a test compares them).
 template <int P>
 struct Mats;
 template <>
