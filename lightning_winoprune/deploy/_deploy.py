@@ -22,6 +22,7 @@ batch) and is safe to call from several threads.
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 import warnings
@@ -37,7 +38,13 @@ from rich.table import Table
 from torch import nn
 
 from lightning_winoprune.deploy._ops import Activation, onednn_available
-from lightning_winoprune.deploy._packed import DenseConv, DenseRoute, PackedDepthwiseConv, PackedWinogradConv, SparseForm
+from lightning_winoprune.deploy._packed import (
+    DenseConv,
+    DenseRoute,
+    PackedDepthwiseConv,
+    PackedWinogradConv,
+    SparseForm,
+)
 from lightning_winoprune.kernels._backend import Backend, native_available
 from lightning_winoprune.winograd._layer import WinogradConv2d
 from lightning_winoprune.winograd._tiles import filter_transform
@@ -388,7 +395,7 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tens
 
 
 def _spatial_equivalent(u: torch.Tensor, m: int) -> torch.Tensor | None:
-    """The 3x3 kernels ``g`` with ``G g G^T == U``, or ``None`` when a Winograd-domain mask made ``U`` leave that range."""
+    """The 3x3 kernels ``g`` with ``G g G^T == U``; ``None`` when a Winograd-domain mask took ``U`` out of that range."""
     g_mat = get_transforms(m, torch.float64).G
     pinv = torch.linalg.pinv(g_mat)
     g = pinv @ u.double() @ pinv.T
@@ -458,10 +465,14 @@ def _candidates(chain: _Chain, threads: int, backend: Backend) -> tuple[str, dic
                                                        backend, threads, act)
         return "depthwise", out, ""
     if native and _plain_3x3(conv) and conv.in_channels >= 4:
+        padding: tuple[int, int] = (int(conv.padding[0]), int(conv.padding[1]))
+
+        def dense_winograd(m: int) -> nn.Module:
+            u = filter_transform(w.double(), m, Backend.TORCH).float()
+            return PackedWinogradConv(u, None, m, padding, b, SparseForm.STRUCTURED, backend, threads, act)
+
         for m in (2, 4):
-            out[f"winograd-f{m}"] = (lambda m=m: PackedWinogradConv(filter_transform(w.double(), m, Backend.TORCH)
-                                                                    .float(), None, m, tuple(conv.padding), b,  # type: ignore[arg-type]
-                                                                    SparseForm.STRUCTURED, backend, threads, act))
+            out[f"winograd-f{m}"] = functools.partial(dense_winograd, m)
     return "conv", out, ""
 
 
@@ -580,7 +591,8 @@ def deploy(
         chains, reference = _record(work, x)
         for chain in chains:
             if not fold_bn:
-                chain.bn, chain.bn_name, chain.act, chain.act_name, chain.keep_bn_act = None, "", Activation.NONE, "", None
+                chain.bn, chain.bn_name, chain.keep_bn_act = None, "", None
+                chain.act, chain.act_name = Activation.NONE, ""
                 chain.ref = torch.empty(0)
             elif not fuse_activation and (chain.act is not Activation.NONE):
                 chain.act, chain.act_name = Activation.NONE, ""
@@ -612,7 +624,7 @@ def deploy(
                 raise DeployMismatchError(f"{chain.name}: no route reproduces the layer's output within tolerance "
                                           f"(errors: {row.errors})")
             if tune and len(built) > 1:
-                fns: dict[str, Callable[[], object]] = {k: (lambda m=m: m(chain.x)) for k, m in built.items()}
+                fns: dict[str, Callable[[], object]] = {k: functools.partial(m, chain.x) for k, m in built.items()}
                 dense_fn = _dense_reference(chain, chain.act)
                 if dense_fn is not None:
                     fns["dense-reference"] = dense_fn

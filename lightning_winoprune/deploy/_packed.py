@@ -87,6 +87,7 @@ class _Packed(nn.Module):
     act_code: int
     in_channels: int
     out_channels: int
+    bias: torch.Tensor | None
 
     @property
     def act(self) -> Activation:
@@ -123,6 +124,13 @@ class PackedWinogradConv(_Packed):
         TypeError: If ``weight`` or ``mask`` is not a tensor of the right dtype.
 
     """
+
+    plan_meta: torch.Tensor
+    plan_cols: torch.Tensor
+    plan_vals: torch.Tensor
+    plan_acc: torch.Tensor
+    weight_view: torch.Tensor
+    mask_view: torch.Tensor
 
     def __init__(
         self,
@@ -171,7 +179,6 @@ class PackedWinogradConv(_Packed):
         masked = torch.where(keep, view, torch.zeros((), dtype=view.dtype, device=view.device)).contiguous()
         self.backend = resolve_backend(backend, masked, *(() if bias is None else (bias,)))
         bias_t = None if bias is None else bias.detach().float().contiguous()
-        self.bias: torch.Tensor | None
         if self.backend is Backend.NATIVE:
             plan = native_module().pack_winograd(masked.float().cpu().numpy(), keep.cpu().contiguous().numpy(), m,
                                                  None if bias_t is None else bias_t.cpu().numpy(),
@@ -239,7 +246,8 @@ class PackedWinogradConv(_Packed):
         """Convolve ``x`` ``(N, C, H, W)`` (native: CPU float32), then the fused activation."""
         _check_input(x, self.in_channels)
         if self.native:
-            return torch.ops.winoprune.winograd_conv(x, self.plan_meta, self.plan_cols, self.plan_vals, self.plan_acc, self.bias,
+            return torch.ops.winoprune.winograd_conv(x, self.plan_meta, self.plan_cols, self.plan_vals, self.plan_acc,
+                                                     self.bias,
                                                      self.out_channels, self.padding[0], self.padding[1],
                                                      self.act_code, self.threads)
         return apply_activation(self._torch_forward(x), self.act_code)
@@ -263,7 +271,8 @@ class PackedWinogradConv(_Packed):
             plan = {"kind": "rows", "idx": idx, "u": torch.gather(u, 1, idx.unsqueeze(2).expand(-1, -1, u.shape[2]))}
         elif whole_cols and bool((n_cols == n_cols[0]).all()) and int(n_cols[0]) < self.in_channels:
             idx = torch.stack([c.nonzero().squeeze(1) for c in cols])  # (P2, Ck)
-            plan = {"kind": "plan_cols", "idx": idx, "u": torch.gather(u, 2, idx.unsqueeze(1).expand(-1, u.shape[1], -1))}
+            u_cols = torch.gather(u, 2, idx.unsqueeze(1).expand(-1, u.shape[1], -1))
+            plan = {"kind": "cols", "idx": idx, "u": u_cols}
         elif whole_rows and int(n_rows.sum()) < rows.numel():
             plan = {"kind": "rows_each", "idx": [r.nonzero().squeeze(1) for r in rows]}
         self._torch_plan = plan
@@ -281,7 +290,7 @@ class PackedWinogradConv(_Packed):
             mm = torch.zeros(u.shape[0], u.shape[1], v.shape[2], dtype=x.dtype, device=x.device)
             mm.scatter_(1, idx.unsqueeze(2).expand(-1, -1, v.shape[2]),
                         torch.bmm(plan["u"].to(device=x.device, dtype=x.dtype), v))
-        elif kind == "plan_cols":  # balanced WSP-C: gather the kept input channels of every position
+        elif kind == "cols":  # balanced WSP-C: gather the kept input channels of every position
             idx = plan["idx"].to(x.device)
             vc = torch.gather(v, 1, idx.unsqueeze(2).expand(-1, -1, v.shape[2]))
             mm = torch.bmm(plan["u"].to(device=x.device, dtype=x.dtype), vc)
@@ -330,6 +339,12 @@ class PackedDepthwiseConv(_Packed):
 
     """
 
+    plan_meta: torch.Tensor
+    plan_taps: torch.Tensor
+    plan_weights: torch.Tensor
+    weight: torch.Tensor
+    mask: torch.Tensor
+
     def __init__(
         self,
         weight: torch.Tensor,
@@ -365,7 +380,6 @@ class PackedDepthwiseConv(_Packed):
         masked = torch.where(keep, weight.detach(), torch.zeros((), dtype=weight.dtype, device=weight.device))
         self.backend = resolve_backend(backend, masked, *(() if bias is None else (bias,)))
         bias_t = None if bias is None else bias.detach().float().contiguous()
-        self.bias: torch.Tensor | None
         if self.backend is Backend.NATIVE:
             plan = native_module().pack_depthwise(
                 masked.float()[:, 0].contiguous().numpy(), keep[:, 0].contiguous().numpy(), self.stride[0],
@@ -472,6 +486,9 @@ class DenseConv(nn.Module):
         ValueError: On ``route="linear"`` for a conv that is not a plain ungrouped, unpadded conv, or a bad route.
 
     """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int] = (1, 1),
                  padding: tuple[int, int] = (0, 0), groups: int = 1, route: DenseRoute | str = DenseRoute.EAGER,

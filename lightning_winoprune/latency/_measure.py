@@ -132,7 +132,7 @@ def _depthwise_row(name: str, conv: nn.Conv2d, x: torch.Tensor, threads: int, re
     x_fp = x[:, :c_fp].contiguous()
     err = 0.0
     if check:
-        masked = torch.where(packed.mask, weight, torch.zeros((), dtype=weight.dtype))
+        masked = torch.where(packed.mask.bool(), weight, torch.zeros((), dtype=weight.dtype))
         ref = F.conv2d(x, masked, bias, stride, pad, groups=ch)
         err = _rel_error(packed(x), ref)
         if err > tol:

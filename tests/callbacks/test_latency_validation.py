@@ -30,7 +30,7 @@ from wandb_helpers import offline_wandb_env, wandb_config_updates, wandb_summary
 from lightning_winoprune import DEPrune, LatencyValidation, WinogradConv2d, WinogradPruning, measure_latency
 from lightning_winoprune.deploy import DeployMismatchError, PackedWinogradConv
 from lightning_winoprune.kernels import native_available, native_isa
-from lightning_winoprune.latency import LatencyMismatchError, LatencyReport
+from lightning_winoprune.latency import LatencyReport
 from lightning_winoprune.recipes import ImageClassifier
 
 pytestmark = [
@@ -335,7 +335,7 @@ def test_state_dict_round_trip(fitted, tmp_path):
 @needs_ext
 def test_the_deployed_best_model_is_saved_as_pt2_and_reloads(data, tmp_path):
     cb = LatencyValidation(output_dir=str(tmp_path), plot=False, **FAST)
-    module, _, trainer = fit(data, cb)
+    _, _, trainer = fit(data, cb)
     assert cb.deployed_path is not None and cb.deployed_path.suffix == ".pt2" and cb.deployed_path.is_file()
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:  # beside the best checkpoint

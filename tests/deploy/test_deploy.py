@@ -239,7 +239,7 @@ def test_bad_options_are_refused(resnet):
         deploy(resnet, x, threads=-2, **FAST)
     with pytest.raises(ValueError, match=r"backend.*'cuda'.*auto"):
         deploy(resnet, x, backend="cuda", **FAST)
-    with pytest.raises(TypeError, match="model must be an nn.Module"):
+    with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         deploy("resnet", x, **FAST)  # type: ignore[arg-type]
 
 

@@ -365,7 +365,7 @@ def test_depthwise_fused_activation_matches_torch(act, stride):
 
 
 def test_bad_activation_names_the_valid_ones():
-    with pytest.raises(ValueError, match="act.*gelu.*relu6"):
+    with pytest.raises(ValueError, match=r"act.*gelu.*relu6"):
         PackedWinogradConv(torch.randn(4, 3, 4, 4), act="gelu")
 
 

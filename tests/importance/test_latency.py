@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lightning_winoprune import WinogradConv2d
+from lightning_winoprune.deploy import PackedWinogradConv
 from lightning_winoprune.importance import (
     DENSE,
     Candidate,
@@ -16,7 +17,6 @@ from lightning_winoprune.importance import (
     NativeLatencyTable,
     TorchLatencyTable,
 )
-from lightning_winoprune.deploy import PackedWinogradConv
 from lightning_winoprune.kernels import _backend, native_available
 from lightning_winoprune.pruning import Score, method_pattern, winograd_mask
 
