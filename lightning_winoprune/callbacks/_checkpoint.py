@@ -8,7 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_winoprune.callbacks._deprune import MASK_BUFFER, register_mask_buffer, replay_shrink
+from lightning_winoprune.callbacks._deprune import (
+    MASK_BUFFER,
+    _require_torch_pruning,
+    register_mask_buffer,
+    replay_shrink,
+)
 from lightning_winoprune.winograd._convert import winogradize
 from lightning_winoprune.winograd._layer import WinogradConv2d, conv_ineligibility
 
@@ -60,6 +65,8 @@ def load_pruned_checkpoint(
                          "attached?")
     state_dict: dict[str, Any] = ckpt.get("state_dict", {})
     physical = any(state.get("physical_done") for state in deprune)
+    if physical:  # say what is missing before any other check
+        _require_torch_pruning()
     problem = _mismatch(model, state_dict, wino, deprune, prefix, strict, check_shapes=not physical)
     if problem is not None:
         hint = _better_prefix(model, state_dict, wino, deprune, prefix, strict, physical)

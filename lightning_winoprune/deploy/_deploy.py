@@ -395,7 +395,7 @@ def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> tuple[torch.Tens
 
 
 def _spatial_equivalent(u: torch.Tensor, m: int) -> torch.Tensor | None:
-    """The 3x3 kernels ``g`` with ``G g G^T == U``; ``None`` when a Winograd-domain mask took ``U`` out of that range."""
+    """The 3x3 kernels ``g`` with ``G g G^T == U``; ``None`` when a Winograd-domain mask took ``U`` out of range."""
     g_mat = get_transforms(m, torch.float64).G
     pinv = torch.linalg.pinv(g_mat)
     g = pinv @ u.double() @ pinv.T

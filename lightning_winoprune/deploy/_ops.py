@@ -92,7 +92,7 @@ def _inference_only(op: str) -> Callable[..., Any]:
 
 # The ops are defined with torch.library.Library (not the custom_op decorator): its dispatch costs about 7 us per
 # call instead of 14, which matters for the small layers of a deployed network.
-_LIB = torch.library.Library("winoprune", "DEF")  # noqa: TOR901 - defined once, at import
+_LIB = torch.library.Library("winoprune", "DEF")  # defined once, at import
 _LIB.define("winograd_conv(Tensor x, Tensor meta, Tensor cols, Tensor vals, Tensor acc, Tensor? bias, "
             "int out_channels, int pad_h, int pad_w, int act, int threads) -> Tensor")
 _LIB.define("depthwise_conv(Tensor x, Tensor meta, Tensor taps, Tensor weights, Tensor? bias, int kernel_h, "

@@ -239,9 +239,9 @@ class LatencyReport:
                       _fmt_ms(mdl.torch_pruned_ms), _fmt_ms(mdl.native_ms), "", "", _fmt_x(mdl.eager_speedup),
                       f"{mdl.max_error:.1e}")
             if mdl.dense_deployed_ms is not None:
+                ratio = _fmt_x(_ratio(mdl.dense_deployed_ms, mdl.native_ms))
                 t.add_row("whole model", "deployed: dense / pruned", "", _fmt_ms(mdl.dense_deployed_ms), "",
-                          _fmt_ms(mdl.native_ms), "", "", f"[bold]{_fmt_x(_ratio(mdl.dense_deployed_ms, mdl.native_ms))}",
-                          "")
+                          _fmt_ms(mdl.native_ms), "", "", f"[bold]{ratio}", "")
         for g in self.gpu:
             t.add_row(f"GPU {g.name}", "cuDNN / compacted bmm", "", _fmt_ms(g.cudnn_ms), "", _fmt_ms(g.compacted_ms),
                       "", "", _fmt_x(g.speedup), "")

@@ -40,6 +40,7 @@ from typing_extensions import override
 
 from lightning_winoprune.callbacks import DEPrune, LatencyValidation, PruningCallback
 from lightning_winoprune.recipes._callbacks import FitSummary, prune_epochs, trainer_callbacks
+from lightning_winoprune.recipes._deploy_cmd import deploy_command
 from lightning_winoprune.recipes._module import ImageClassifier
 from lightning_winoprune.recipes._recipes import list_recipes, recipe_path, recipe_title
 
@@ -300,7 +301,9 @@ def _reporting_callbacks(trainer: Trainer) -> list[Callback]:
 
 def _report_entry(cb: Callback) -> dict[str, Any]:
     path = getattr(cb.report, "json_path", None)  # type: ignore[attr-defined]
-    return {"callback": type(cb).__name__, "json_path": str(path) if path is not None else None}
+    deployed = getattr(cb, "deployed_path", None)
+    return {"callback": type(cb).__name__, "json_path": str(path) if path is not None else None,
+            "deployed_path": str(deployed) if deployed is not None else None}
 
 
 def log_summary(trainer: Trainer, summary: dict[str, Any]) -> None:
@@ -356,6 +359,8 @@ def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | 
     for entry in summary["reports"]:
         if entry["json_path"]:
             table.add_row(f"{entry['callback']} report", Text(entry["json_path"]))
+        if entry.get("deployed_path"):
+            table.add_row("deployed model (torch.export)", Text(entry["deployed_path"]))
     console.print(table)
     if summary["wandb_mode"] == "offline" and summary["wandb_run_dir"]:
         console.print(f"upload the W&B run with: wandb sync {summary['wandb_run_dir']}", markup=False,
@@ -430,6 +435,7 @@ def _print_recipes(args: list[str], console: Console) -> int:
 #: ``fit``, ``validate``, ``test`` and ``predict`` (and anything else) go to :class:`WinopruneCLI`.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "recipes": lambda args: _print_recipes(args, Console()),
+    "deploy": deploy_command,
 }
 
 

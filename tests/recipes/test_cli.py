@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.table import Table
 
-from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning
-from lightning_winoprune.recipes import PrunedCheckpoint, list_recipes
+from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning, load_pruned_checkpoint
+from lightning_winoprune.recipes import ImageClassifier, PrunedCheckpoint, list_recipes
 from lightning_winoprune.recipes._cli import (
     CLIError,
     WinopruneCLI,
@@ -81,6 +81,10 @@ def check_smoke_run(cli, name: str) -> None:
     assert latency.report is not None and latency.report.layers
     assert all(row.max_error < 1e-3 for row in latency.report.layers)
     assert any(entry["json_path"] == str(latency.report.json_path) for entry in summary["reports"])
+    # the deployed best model was saved beside the best checkpoint, and the summary names it
+    assert latency.deployed_path is not None and latency.deployed_path.is_file()
+    assert latency.deployed_path == Path(summary["best_checkpoint"]).with_suffix(".pt2")
+    assert any(entry["deployed_path"] == str(latency.deployed_path) for entry in summary["reports"])
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +281,8 @@ def test_pretrained_style_run_measures_dense_accuracy_at_the_prune_point_and_pri
     summary = cli.fit_summary
     assert summary is not None and summary["prune_epochs"] == [0, 0]
     assert summary["dense_val_epoch"] is None and 0 <= summary["dense_val_acc"] <= 1  # measured before pruning
-    assert summary["reports"] == [{"callback": "Reporter", "json_path": str(tmp_path / "latency.json")}]
+    assert summary["reports"] == [{"callback": "Reporter", "json_path": str(tmp_path / "latency.json"),
+                                   "deployed_path": None}]
     out = capsys.readouterr().out
     assert "fake latency report" in out and "1.23 ms" in out
     assert "measured at the prune point" in out and "winoprune summary: mobilenetv2_100_deprune_bh" in out
@@ -359,3 +364,33 @@ def test_checkpoint_of_a_recipe_run_tests_through_the_cli(smoke_runs, tmp_path, 
     for name, mask in masks.items():
         weight = test.model.get_submodule(name).weight
         assert torch.equal(weight * ~mask, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("recipe", ["resnet18_wspr", "mobilenetv2_100_deprune_bh"])
+def test_deploy_subcommand_saves_a_pt2_that_matches_the_checkpoint(recipe, smoke_runs, tmp_path, capsys,
+                                                                   quiet_single_thread):
+    best = smoke_runs(recipe).fit_summary["best_checkpoint"]
+    out = tmp_path / "model.pt2"
+    main(["deploy", best, "--output", str(out), "--input-size", "16", "--no-tune"])  # exit status 0: returns
+    assert out.is_file() and f"deployed model saved to {out}" in capsys.readouterr().out
+    hparams = torch.load(best, weights_only=False)["hyper_parameters"]
+    module = ImageClassifier(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+    load_pruned_checkpoint(module, best)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        expected = module.eval().model(x)
+    got = torch.export.load(str(out)).module()(x)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["missing.ckpt"], "checkpoint 'missing.ckpt': no such file"),
+    (["{ckpt}", "--input-size", "0"], "--input-size must be >= 1, got 0"),
+])
+def test_deploy_subcommand_errors_are_short(args, message, smoke_runs, capsys):
+    best = smoke_runs("resnet18_wspr").fit_summary["best_checkpoint"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["deploy", *[a.format(ckpt=best) for a in args]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) <= 3
