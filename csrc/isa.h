@@ -72,6 +72,12 @@ struct DepthwiseGeometry {
   index_t N, H, W, pad_top, pad_left, Ho, Wo;
 };
 
+// Max pooling: (N, C, H, W) -> (N, C, Ho, Wo), kernel (kh, kw), stride, top/left padding (dilation 1).
+struct PoolGeometry {
+  index_t N, C, H, W, Ho, Wo;
+  index_t kh, kw, stride_h, stride_w, pad_top, pad_left;
+};
+
 // One ISA's entry points. Workspace sizes are in floats; workspaces are caller-owned (no allocation per call).
 struct KernelTable {
   Isa isa;
@@ -83,6 +89,7 @@ struct KernelTable {
                            index_t workspace_size, int threads);
   void (*depthwise_forward)(const DepthwisePlanView&, const DepthwiseGeometry&, const float* x, float* y,
                             int threads);
+  void (*max_pool_forward)(const PoolGeometry&, const float* x, float* y, int threads);
 };
 
 #define WINOPRUNE_DECLARE_ISA(NS) \

@@ -3,6 +3,7 @@
 // and the matching -m flags; everything it defines lives in winoprune::<WINOPRUNE_ISA_NS> (see isa.h).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -23,6 +24,7 @@ namespace winoprune {
 namespace WINOPRUNE_ISA_NS {
 
 #include "depthwise_kernels.h"
+#include "pool_kernels.h"
 #include "winograd_conv_kernels.h"
 
 const KernelTable& table() {
@@ -32,7 +34,8 @@ const KernelTable& table() {
                              MR,
                              &winograd_workspace,
                              &winograd_forward,
-                             &depthwise_forward};
+                             &depthwise_forward,
+                             &max_pool_forward};
   return t;
 }
 

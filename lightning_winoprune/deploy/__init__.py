@@ -12,6 +12,7 @@ from lightning_winoprune.deploy._ops import Activation
 from lightning_winoprune.deploy._packed import (
     DenseConv,
     DenseRoute,
+    NativeMaxPool2d,
     PackedDepthwiseConv,
     PackedWinogradConv,
     SparseForm,
@@ -24,6 +25,7 @@ __all__ = [
     "DeployMismatchError",
     "DeployReport",
     "LayerRoute",
+    "NativeMaxPool2d",
     "PackedDepthwiseConv",
     "PackedWinogradConv",
     "SparseForm",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import statistics
 import time
 import warnings
@@ -41,6 +42,7 @@ from lightning_winoprune.deploy._ops import Activation, onednn_available
 from lightning_winoprune.deploy._packed import (
     DenseConv,
     DenseRoute,
+    NativeMaxPool2d,
     PackedDepthwiseConv,
     PackedWinogradConv,
     SparseForm,
@@ -72,7 +74,8 @@ class LayerRoute:
     Attributes:
         name: Module name of the conv in the model.
         kind: ``"winograd"`` (a :class:`~lightning_winoprune.winograd.WinogradConv2d`), ``"depthwise"`` (a
-            DEPrune-masked depthwise conv) or ``"conv"`` (any other conv).
+            DEPrune-masked depthwise conv), ``"conv"`` (any other conv) or ``"pool"`` (an ``nn.MaxPool2d``, on the
+            native pooling kernel where that is faster).
         shape: ``"C->K HxW"`` of its input, with the kernel and stride.
         route: The chosen route.
         folded: The BatchNorm folded into it, or ``""``.
@@ -204,14 +207,32 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
 
 
-def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median ms of every function, timed in interleaved rounds so drifting machine load hits all alike."""
+def _cache_flusher() -> Callable[[], None]:
+    """A function that evicts the CPU caches (writes a buffer of twice the last-level cache, at least 64 MiB)."""
+    try:
+        llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        llc = 0
+    buf = torch.zeros(max(2 * llc, 64 << 20) // 4)
+    return lambda: buf.add_(1.0)  # type: ignore[func-returns-value]
+
+
+def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
+               flush: Callable[[], None] | None = None) -> dict[str, float]:
+    """Median ms of every function, timed in interleaved rounds so drifting machine load hits all alike.
+
+    With ``flush``, it runs (untimed) before every timed call: each call then starts with cold caches, as a layer
+    does inside a whole network whose weights exceed the cache (otherwise a route with large weights, such as a
+    dense F(4,3) layer, looks faster in isolation than it is in the model).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            if flush is not None:
+                flush()
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
@@ -535,6 +556,7 @@ def deploy(
     tolerance: float | None = None,
     time_model: bool = True,
     verbose: bool = True,
+    cold_cache: bool = True,
 ) -> nn.Module:
     """Turn a pruned model into the fast inference model: BN folded, activations fused, the fastest route per conv.
 
@@ -561,6 +583,9 @@ def deploy(
         tolerance: Largest relative max error of the output (default 1e-4, 1e-3 when an F(4,3) route runs).
         time_model: Also time the whole deployed model against the model as given (the report's last row).
         verbose: Print the route table (rich).
+        cold_cache: Time every candidate with cold caches (a large buffer is written before each timed call), as
+            the layer runs inside a network whose weights exceed the cache. ``False`` times them warm, which favours
+            routes with large weights (a dense F(4,3) layer holds 4x the weights of its 3x3 conv).
 
     Returns:
         The deployed ``nn.Module`` (eval mode, CPU float32); its ``deploy_report`` attribute holds the
@@ -587,6 +612,7 @@ def deploy(
     work = copy.deepcopy(model).to("cpu").float().eval()
     notes: list[str] = []
     rows: list[LayerRoute] = []
+    flush = _cache_flusher() if tune and cold_cache else None
     with torch.no_grad(), _threads(n_threads):
         chains, reference = _record(work, x)
         for chain in chains:
@@ -628,7 +654,7 @@ def deploy(
                 dense_fn = _dense_reference(chain, chain.act)
                 if dense_fn is not None:
                     fns["dense-reference"] = dense_fn
-                row.times_ms = _median_ms(fns, repeats, warmup)
+                row.times_ms = _median_ms(fns, repeats, warmup, flush)
                 row.dense_ms = row.times_ms.pop("dense-reference", None)
                 if row.dense_ms is None:
                     row.dense_ms = min(v for k, v in row.times_ms.items() if k in ("eager", "onednn", "linear"))
@@ -636,6 +662,8 @@ def deploy(
             else:
                 row.route = _rule(built)
             _install(work, chain, built[row.route])
+        if backend is Backend.NATIVE:
+            rows.extend(_route_pools(work, x, tune, repeats, warmup, kernel_threads, flush))
         out = work(x)
         used_m4 = any(r.route == "winograd-f4" or (r.kind == "winograd" and "F(4,3)" in r.shape) for r in rows)
         tol = tolerance if tolerance is not None else (_TOL_M4 if used_m4 else _TOL_M2)
@@ -659,6 +687,47 @@ def deploy(
         for note in notes:
             Console().print(f"note: {note}")
     return work
+
+
+def _route_pools(work: nn.Module, x: torch.Tensor, tune: bool, repeats: int, warmup: int, threads: int,
+                 flush: Callable[[], None] | None) -> list[LayerRoute]:
+    """Every ``nn.MaxPool2d`` on the native pooling kernel where it is exact (and, when tuned, faster)."""
+    pools = {name: mod for name, mod in work.named_modules() if type(mod) is nn.MaxPool2d}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, inp, n=name: inputs.setdefault(n, inp[0].detach().clone()))
+             for name, mod in pools.items()]
+    try:
+        work(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for name, pool in pools.items():
+        if name not in inputs or inputs[name].dim() != 4:
+            continue
+        xin = inputs[name]
+        shape = f"{xin.shape[1]} {xin.shape[-2]}x{xin.shape[-1]} k{pool.kernel_size} s{pool.stride}"
+        row = LayerRoute(name, "pool", shape, "eager")
+        rows.append(row)
+        try:
+            native = NativeMaxPool2d.from_module(pool, threads)
+            exact = torch.equal(native(xin), pool(xin))
+        except ValueError as err:
+            row.note = f"native skipped: {err}"
+            continue
+        row.errors = {"eager": 0.0, "native": 0.0 if exact else float("inf")}
+        if not exact:
+            continue
+        if tune:
+            row.times_ms = _median_ms({"native": functools.partial(native, xin),
+                                       "eager": functools.partial(pool, xin)}, repeats, warmup, flush)
+            row.dense_ms = row.times_ms["eager"]
+            row.route = min(row.times_ms, key=row.times_ms.__getitem__)
+        else:
+            row.route = "native"
+        if row.route == "native":
+            _set_module(work, name, native)
+    return rows
 
 
 def _rule(built: dict[str, nn.Module]) -> str:

@@ -10,6 +10,7 @@ deployed model is inference only (train the :class:`~lightning_winoprune.winogra
 * ``winoprune::depthwise_conv``: a depthwise conv from the kept taps of each channel.
 * ``winoprune::conv2d_act``: a dense conv with a fused activation on oneDNN (``mkldnn._convolution_pointwise``), with
   ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs.
+* ``winoprune::max_pool2d``: max pooling of NCHW planes (PyTorch's is slow at small batches).
 
 Importing :mod:`lightning_winoprune` registers them, so a saved ``.pt2`` loads in a process that imports it.
 """
@@ -99,6 +100,8 @@ _LIB.define("depthwise_conv(Tensor x, Tensor meta, Tensor taps, Tensor weights, 
             "int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int act, int threads) -> Tensor")
 _LIB.define("conv2d_act(Tensor x, Tensor weight, Tensor? bias, int stride_h, int stride_w, int pad_h, int pad_w, "
             "int groups, int act) -> Tensor")
+_LIB.define("max_pool2d(Tensor x, int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, "
+            "int threads) -> Tensor")
 
 
 # ------------------------------------------------------------------------------------------------- winograd_conv
@@ -166,7 +169,27 @@ def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: i
                         (x.shape[3] + 2 * pad_w - kw) // stride_w + 1))
 
 
+# -------------------------------------------------------------------------------------------------- max_pool2d
+def max_pool2d(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+               threads: int) -> Tensor:
+    """Max pooling of NCHW planes (PyTorch's NCHW pooling is slow at small batches); NaN propagates."""
+    x = _cpu_float(x, "max_pool2d")
+    n, c, h, w = x.shape
+    out = torch.empty(n, c, _out_size(h, kernel_h, stride_h, pad_h, "max_pool2d"),
+                      _out_size(w, kernel_w, stride_w, pad_w, "max_pool2d"))
+    native_module().max_pool_run(x.numpy(), kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, out.numpy(),
+                                 threads)
+    return out
+
+
+def _max_pool2d_fake(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
+                     threads: int) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] + 2 * pad_h - kernel_h) // stride_h + 1,
+                        (x.shape[3] + 2 * pad_w - kernel_w) // stride_w + 1))
+
+
 for _name, _impl, _fake in (("winograd_conv", winograd_conv, _winograd_conv_fake),
+                             ("max_pool2d", max_pool2d, _max_pool2d_fake),
                              ("depthwise_conv", depthwise_conv, _depthwise_conv_fake),
                              ("conv2d_act", conv2d_act, _conv2d_act_fake)):
     _LIB.impl(_name, _impl, "CPU")

@@ -470,3 +470,29 @@ def test_backward_through_a_deployed_layer_is_a_clear_error():
     y = packed(x)
     with pytest.raises(RuntimeError, match="inference only"):
         y.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------------- pooling
+@needs_ext
+@given(n=st.integers(0, 2), c=st.integers(1, 5), h=st.integers(1, 17), w=st.integers(1, 17), k=st.integers(1, 5),
+       stride=st.integers(1, 3), pad=st.integers(0, 2), nan=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_max_pool_matches_torch(n, c, h, w, k, stride, pad, nan, seed):
+    from lightning_winoprune.deploy import NativeMaxPool2d
+
+    if 2 * pad > k or h + 2 * pad < k or w + 2 * pad < k:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=gen)
+    if nan and x.numel():
+        x.view(-1)[0] = float("nan")  # NaN propagates, as in PyTorch
+    got = NativeMaxPool2d(k, stride, pad)(x)
+    torch.testing.assert_close(got, F.max_pool2d(x, k, stride, pad), equal_nan=True, rtol=0, atol=0)
+
+
+def test_native_max_pool_refuses_what_it_cannot_run():
+    from lightning_winoprune.deploy import NativeMaxPool2d
+
+    with pytest.raises(ValueError, match="only dilation-1, floor-mode max pooling"):
+        NativeMaxPool2d.from_module(nn.MaxPool2d(3, 2, ceil_mode=True))
+    with pytest.raises(ValueError, match="padding must be at most half the kernel"):
+        NativeMaxPool2d(2, 2, 2)
