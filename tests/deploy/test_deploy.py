@@ -190,6 +190,9 @@ def test_compile_export_and_a_fresh_process_round_trip(resnet, tmp_path):
     deployed = deploy(resnet, x, verbose=False, time_model=False, repeats=1, warmup=0)
     compiled = torch.compile(deployed, fullgraph=True)
     torch.testing.assert_close(compiled(x), deployed(x))
+    traced = torch.jit.trace(deployed, (x,))  # the ops are traced, not their outputs: new inputs give new outputs
+    x_new = torch.randn(2, 1, 20, 20)
+    torch.testing.assert_close(traced(x_new), deployed(x_new), rtol=0, atol=0)
     batch = torch.export.Dim("batch", min=1, max=64)
     program = torch.export.export(deployed, (x,), dynamic_shapes={"x": {0: batch}})
     path = tmp_path / "model.pt2"
@@ -255,7 +258,7 @@ def test_an_unsupported_layer_falls_back_with_a_warning():
 def test_a_wrong_route_is_caught_by_the_output_check(resnet, monkeypatch):
     from lightning_winoprune.deploy import _deploy
 
-    monkeypatch.setattr(_deploy, "_rel_error", lambda out, ref: 0.0 if out.shape != ref.shape or out.dim() != 2
+    monkeypatch.setattr(_deploy, "rel_error", lambda out, ref: 0.0 if out.shape != ref.shape or out.dim() != 2
                         else 1.0)
     with pytest.raises(DeployMismatchError, match="deployed model's output differs"):
         deploy(resnet, torch.randn(1, 1, 20, 20), **FAST)

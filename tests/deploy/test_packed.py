@@ -407,17 +407,20 @@ def test_one_layer_hammered_from_four_threads_is_always_right(omp):
     layer = layer_with_mask(32, 48, 2, 1, "rows", True, torch.Generator().manual_seed(2))
     packed = PackedWinogradConv.from_layer(layer, backend="native")
     dw = PackedDepthwiseConv(torch.randn(32, 1, 3, 3), torch.rand(32, 1, 3, 3) < 0.5, 1, 1, backend="native")
+    from lightning_winoprune.deploy import NativeMaxPool2d
+
+    pool = NativeMaxPool2d(3, 2, 1)
     inputs = [torch.randn(int(n), 32, int(h), int(h)) for n, h in zip([1, 2, 1, 3] * 3, [9, 14, 20, 7] * 3,
                                                                         strict=True)]
-    expected = [(packed(x), dw(x)) for x in inputs]
+    expected = [(packed(x), dw(x), pool(x)) for x in inputs]
     errors: list[str] = []
 
     def worker(tid: int) -> None:
         torch.set_num_threads(1 + (tid + omp) % 2)  # threads with different OpenMP settings
         for rep in range(15):
             for i, x in enumerate(inputs):
-                got, got_dw = packed(x), dw(x)
-                if not (torch.equal(got, expected[i][0]) and torch.equal(got_dw, expected[i][1])):
+                got = (packed(x), dw(x), pool(x))
+                if not all(torch.equal(a, b) for a, b in zip(got, expected[i], strict=True)):
                     errors.append(f"thread {tid} rep {rep} input {i}")
 
     import threading
@@ -496,3 +499,32 @@ def test_native_max_pool_refuses_what_it_cannot_run():
         NativeMaxPool2d.from_module(nn.MaxPool2d(3, 2, ceil_mode=True))
     with pytest.raises(ValueError, match="padding must be at most half the kernel"):
         NativeMaxPool2d(2, 2, 2)
+
+
+@pytest.mark.parametrize("route", ["eager", "gemm", "linear", "onednn"])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_routes_match_conv2d(route, n, bias):
+    from lightning_winoprune.deploy import DenseConv
+    from lightning_winoprune.deploy._ops import onednn_available
+
+    if route == "onednn" and not onednn_available():
+        pytest.skip("no oneDNN in this torch build")
+    gen = torch.Generator().manual_seed(4)
+    k = 1 if route == "gemm" else 5
+    w = torch.randn(7, 6, k, k, generator=gen)
+    b = torch.randn(7, generator=gen) if bias else None
+    x = torch.randn(n, 6, 5, 5, generator=gen)
+    out = DenseConv(w, b, route=route, act="relu6")(x)
+    torch.testing.assert_close(out, F.relu6(F.conv2d(x, w, b)), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_route_refuses_shapes_it_cannot_run():
+    from lightning_winoprune.deploy import DenseConv
+
+    with pytest.raises(ValueError, match="route='gemm' needs a 1x1 stride-1"):
+        DenseConv(torch.randn(4, 3, 3, 3), None, route="gemm")
+    with pytest.raises(ValueError, match="route='linear' needs an ungrouped conv without padding"):
+        DenseConv(torch.randn(4, 3, 3, 3), None, padding=(1, 1), route="linear")
+    with pytest.raises(ValueError, match="route.*'pooling'.*'gemm'"):
+        DenseConv(torch.randn(4, 3, 3, 3), None, route="pooling")

@@ -38,3 +38,39 @@ def test_public_api_is_explicit():
 
     assert set(lw.__all__) <= set(dir(lw))
     assert (ROOT / "lightning_winoprune" / "py.typed").exists()
+
+
+#: The layers, lowest first: a package may import only from its own layer or lower ones (not even inside functions).
+LAYERS = [
+    {"_enum", "_C"},
+    {"kernels"},
+    {"winograd"},
+    {"pruning", "data"},
+    {"deploy", "latency", "importance"},
+    {"callbacks"},
+    {"recipes"},
+]
+
+
+def test_lower_packages_never_import_upper_ones():
+    import ast
+
+    level = {name: i for i, names in enumerate(LAYERS) for name in names}
+    # within the middle layer: latency and importance build on deploy, never the other way round
+    forbidden = {("deploy", "latency"), ("deploy", "importance")}
+    problems = []
+    for path in sorted((ROOT / "lightning_winoprune").rglob("*.py")):
+        rel = path.relative_to(ROOT / "lightning_winoprune").parts
+        if len(rel) == 1:
+            continue  # the top-level __init__ re-exports everything
+        pkg = rel[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lightning_winoprune."):
+                target = node.module.split(".")[1]
+            elif isinstance(node, ast.ImportFrom) and node.module == "lightning_winoprune":
+                target = node.names[0].name
+            else:
+                continue
+            if target in level and (level[target] > level[pkg] or (pkg, target) in forbidden):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno} {pkg} imports {target}")
+    assert not problems, "\n".join(problems)
