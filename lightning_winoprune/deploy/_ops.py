@@ -10,6 +10,7 @@ deployed model is inference only (train the :class:`~lightning_winoprune.winogra
 * ``winoprune::depthwise_conv``: a depthwise conv from the kept taps of each channel.
 * ``winoprune::conv2d_act``: a dense conv with a fused activation on oneDNN (``mkldnn._convolution_pointwise``), with
   ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs.
+* ``winoprune::conv1x1_act``: a 1x1 conv as one matrix product per image, bias and activation in place.
 * ``winoprune::max_pool2d``: max pooling of NCHW planes (PyTorch's is slow at small batches).
 
 Importing :mod:`lightning_winoprune` registers them, so a saved ``.pt2`` loads in a process that imports it.
@@ -100,6 +101,7 @@ _LIB.define("depthwise_conv(Tensor x, Tensor meta, Tensor taps, Tensor weights, 
             "int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int act, int threads) -> Tensor")
 _LIB.define("conv2d_act(Tensor x, Tensor weight, Tensor? bias, int stride_h, int stride_w, int pad_h, int pad_w, "
             "int groups, int act) -> Tensor")
+_LIB.define("conv1x1_act(Tensor x, Tensor weight, Tensor? bias, int act) -> Tensor")
 _LIB.define("max_pool2d(Tensor x, int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, "
             "int threads) -> Tensor")
 
@@ -169,6 +171,41 @@ def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: i
                         (x.shape[3] + 2 * pad_w - kw) // stride_w + 1))
 
 
+# ------------------------------------------------------------------------------------------------- conv1x1_act
+def _activate_(y: Tensor, act: int) -> Tensor:
+    """``y`` through the activation with native code ``act``, in place."""
+    if act == 1:
+        return y.relu_()
+    if act == 2:
+        return y.clamp_(0.0, 6.0)
+    if act == 3:
+        return F.silu(y, inplace=True)
+    if act == 4:
+        return F.hardswish(y, inplace=True)
+    if act != 0:
+        raise ValueError(f"act must be one of {sorted(_BY_CODE)}, got {act!r}")
+    return y
+
+
+def conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: int) -> Tensor:
+    """A 1x1 stride-1 conv as one matrix product per image (no layout reorders), bias and activation in place."""
+    x = _cpu_float(x, "conv1x1_act")
+    n, c, h, w = x.shape
+    k = weight.shape[0]
+    mat = weight.reshape(k, c)
+    out = torch.empty(n, k, h, w)
+    for i in range(n):
+        if bias is None:
+            torch.mm(mat, x[i].reshape(c, h * w), out=out[i].view(k, h * w))
+        else:
+            torch.addmm(bias.unsqueeze(1), mat, x[i].reshape(c, h * w), out=out[i].view(k, h * w))
+    return _activate_(out, act)
+
+
+def _conv1x1_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, act: int) -> Tensor:
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
 # -------------------------------------------------------------------------------------------------- max_pool2d
 def max_pool2d(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                threads: int) -> Tensor:
@@ -190,6 +227,7 @@ def _max_pool2d_fake(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, str
 
 for _name, _impl, _fake in (("winograd_conv", winograd_conv, _winograd_conv_fake),
                              ("max_pool2d", max_pool2d, _max_pool2d_fake),
+                             ("conv1x1_act", conv1x1_act, _conv1x1_act_fake),
                              ("depthwise_conv", depthwise_conv, _depthwise_conv_fake),
                              ("conv2d_act", conv2d_act, _conv2d_act_fake)):
     _LIB.impl(_name, _impl, "CPU")
