@@ -5,7 +5,8 @@
 Every Winograd picture is drawn by the package's own ``plot_bgemm_masks`` on masks computed by
 ``lightning_winoprune.pruning`` for one small layer (``K=16`` outputs, ``C=32`` inputs, F(2,3): ``p*p = 16`` BGEMM
 matrices of ``16 x 32``), converted from a seeded random 3x3 conv. The DEPrune picture draws the DR sub-GEMMs of one
-small depthwise layer. The output is deterministic for a given torch/matplotlib version.
+small depthwise layer. The spatial-Winograd picture shows which 3x3 kernel entries zero which Winograd positions of
+F(2,3) and F(4,3), from the support of ``G``. The output is deterministic for a given torch/matplotlib version.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from lightning_winoprune.pruning import depthwise_mask, dr_column_masks, dr_matrices, method_pattern, winograd_mask
+from lightning_winoprune.pruning import (
+    SPATIAL_GROUPS,
+    depthwise_mask,
+    dr_column_masks,
+    dr_matrices,
+    method_pattern,
+    winograd_mask,
+    zero_positions,
+)
 from lightning_winoprune.pruning._plot import plot_bgemm_masks
 from lightning_winoprune.winograd import WinogradConv2d
 
@@ -62,7 +71,7 @@ def winograd_figures(out: Path) -> None:
     """One picture per Winograd method (``l2-scaled`` ranking), and WSP-R on raw L2 norms."""
     u = winograd_weight()
     for stem, method, policy, title in WINOGRAD_FIGURES:
-        mask, _ = winograd_mask(u, AMOUNT, method_pattern(method, policy), position_scaled=True)
+        mask, _ = winograd_mask(u, AMOUNT, method_pattern(method, policy, score="l2-scaled"))
         _save(plot_bgemm_masks(u, mask, title=f"{title}, {AMOUNT:.0%}, score l2-scaled"), out / f"{stem}.png")
     # the same WSP-R ranking on raw L2 norms: the inner positions go first (see "Which score")
     mask, _ = winograd_mask(u, AMOUNT, method_pattern("wsp-r"))
@@ -101,6 +110,35 @@ def deprune_figure(out: Path, channels: int = 20, tile: int = 8, seed: int = 0) 
     _save(fig, out / "deprune_dr.png")
 
 
+def spatial_figure(out: Path) -> None:
+    """Spatial-Winograd's groups: the zeroed 3x3 kernel entries and the Winograd positions they make exactly zero."""
+    groups = [("corner", "a corner"), ("edge", "an outer row"), ("ring", "the ring (stage 1)"),
+              ("kernel", "the whole kernel")]
+    fig, axes = plt.subplots(len(groups), 3, figsize=(6.2, 1.7 * len(groups) + 0.4), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 4, 6]})
+    zero, kept = (0.30, 0.70, 0.30), (0.20, 0.40, 0.85)  # green pruned / zero, blue kept: as plot_bgemm_masks
+    for row, (key, label) in enumerate(groups):
+        pictures = [("3x3 kernel g", SPATIAL_GROUPS[key])]
+        for m in (2, 4):
+            z = zero_positions(m, SPATIAL_GROUPS[key])
+            pictures.append((f"F({m},3): {int(z.sum())} of {z.numel()} zero", z))
+        for col, (title, z) in enumerate(pictures):
+            rgb = torch.ones(*z.shape, 3) * torch.tensor(kept)
+            rgb[z] = torch.tensor(zero)
+            ax = axes[row][col]
+            ax.imshow(rgb.numpy(), interpolation="nearest")
+            ax.set_xticks([i - 0.5 for i in range(z.shape[1])], minor=True)
+            ax.set_yticks([i - 0.5 for i in range(z.shape[0])], minor=True)
+            ax.grid(which="minor", color="white", linewidth=1)
+            ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
+            ax.set_title(title, fontsize=7)
+        axes[row][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("Zeroed kernel entries (green, left) and the Winograd positions U[i, j] they make exactly zero",
+                 fontsize=8)
+    fig.tight_layout()
+    _save(fig, out / "spatial_groups.png")
+
+
 def main() -> None:
     """Write every picture into ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,6 +146,7 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     winograd_figures(args.out)
+    spatial_figure(args.out)
     deprune_figure(args.out)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,10 +24,23 @@ from lightning_winoprune.callbacks._base import (
     print_table,
 )
 from lightning_winoprune.callbacks._logging import log_pruning_report
+from lightning_winoprune.callbacks._schedule import PruningSchedule
 from lightning_winoprune.importance._latency import LatencyTable, NativeLatencyTable, TorchLatencyTable
 from lightning_winoprune.kernels._backend import Backend, extension_status, native_available
 from lightning_winoprune.pruning._engine import MaskResult, Pattern, Rounding, Score
-from lightning_winoprune.pruning._methods import METHODS, POLICIES, method_pattern, winograd_mask
+from lightning_winoprune.pruning._methods import (
+    METHODS,
+    POLICIES,
+    SPATIAL_GROUPS,
+    SPATIAL_STAGE,
+    importance_factor,
+    method_pattern,
+    project_spatial,
+    spatial_gradient,
+    spatial_stage_mask,
+    spatial_weight,
+    winograd_mask,
+)
 from lightning_winoprune.winograd._convert import winogradize
 from lightning_winoprune.winograd._layer import Route, WinogradConv2d
 from lightning_winoprune.winograd._transforms import SUPPORTED_M
@@ -34,7 +48,13 @@ from lightning_winoprune.winograd._transforms import SUPPORTED_M
 __all__ = ["WinogradPruning"]
 
 _IMPORTANCE = ("taylor", "sensitivity")
-_SCORES = {"l2": Score.L2, "l1": Score.L1, "l2-scaled": Score.L2, "taylor": Score.IMPORTANCE}
+#: The callback's score names -> the engine's scores (``score`` is part of every pattern the callback builds).
+_SCORES = {"l2": Score.L2, "l1": Score.L1, "l2-scaled": Score.L2_SCALED, "l2-factor": Score.L2_FACTOR,
+           "taylor": Score.IMPORTANCE}
+#: ``score=None`` means the method's own score: ``l2`` unless listed here.
+_METHOD_SCORE = {"spatial-winograd": "l2-factor"}
+_SPATIAL = "spatial-winograd"
+_STAGES = (1, 2)
 _POLICY_CODE = {"dense": -1.0, "wsp": 0.0, "bwsp": 1.0}
 
 
@@ -49,12 +69,17 @@ class WinogradPruning(PruningCallback):
     gradient, so they stay exactly zero through momentum, weight decay, gradient accumulation and AMP.
 
     Methods (``docs/pruning.md``): ``wwp`` (elements), ``fp`` (whole filters), ``wsp-r`` (rows ``U[xi, k, :]``),
-    ``wsp-c`` (columns ``U[xi, :, c]``), ``bwsp`` (rows, the same count in every ``xi``) and ``abwsp`` (row segments
+    ``wsp-c`` (columns ``U[xi, :, c]``), ``bwsp`` (rows, the same count in every ``xi``), ``abwsp`` (row segments
     of ``unit`` elements, counts per ``xi`` rounded to multiples of ``align``, and per layer either WSP or BWSP:
-    the ``wsp_fraction`` most important layers keep the unbalanced WSP ranking).
+    the ``wsp_fraction`` most important layers keep the unbalanced WSP ranking) and ``spatial-winograd`` (two
+    stages: at ``start_epoch`` the eight outer weights of the least important 3x3 kernels, which zeroes their
+    Winograd border positions exactly, to ``spatial_amount``, then ``spatial_epochs`` of training that is exactly
+    spatial-domain training; then elements in the Winograd domain to ``amount`` with importance-factor scores and
+    gradients).
 
     Args:
-        method: Pruning method, one of ``wwp``, ``fp``, ``wsp-r``, ``wsp-c``, ``bwsp``, ``abwsp``.
+        method: Pruning method, one of ``wwp``, ``fp``, ``wsp-r``, ``wsp-c``, ``bwsp``, ``abwsp``,
+            ``spatial-winograd``.
         amount: Target fraction of each pruned layer's Winograd weights set to zero, in ``[0, 1)``.
         m: Winograd output tile size used for the conversion (2: F(2,3), 4: F(4,3), 6: F(6,3)).
         schedule: ``"one_shot"`` (prune at ``start_epoch``) or ``"gradual"`` (cubic ramp to ``end_epoch``).
@@ -70,8 +95,11 @@ class WinogradPruning(PruningCallback):
         rounding: ``"down"`` (prune a little less, keep accuracy) or ``"up"`` (prune a little more).
         score: Block score: ``"l2"`` (group lasso, the definition), ``"l1"``, ``"l2-scaled"`` (L2 of the
             view scaled by each position's weight in the output, see
-            :func:`~lightning_winoprune.pruning.position_scale`; ranks blocks of different ``xi`` fairly) or
-            ``"taylor"`` (sum of ``|w * dL/dw|``).
+            :func:`~lightning_winoprune.pruning.position_scale`; ranks blocks of different ``xi`` fairly),
+            ``"l2-factor"`` (L2 of the view divided by the square root of the importance factor, see
+            :func:`~lightning_winoprune.pruning.importance_factor`) or ``"taylor"`` (sum of ``|w * dL/dw|``).
+            ``None``: the method's own (``l2-factor`` for ``spatial-winograd``, ``l2`` for the others). The score
+            is part of the pattern every estimator ranks with, so they all rank the mask that is applied.
         importance: Layer-importance estimator for ABWSP's toggle and the latency budget: ``"taylor"`` or
             ``"sensitivity"`` (measured loss increase when only that layer is pruned).
         calibration_batches: Training batches the estimators use.
@@ -89,6 +117,16 @@ class WinogradPruning(PruningCallback):
         verbose: 0 silent; 1 (default) the conversion report, progress bars of the estimators and a compact
             per-layer table at every pruning step; 2 the full table (block, scope, importance, rounding notes).
         log_masks: Log mask pictures (the WSP paper's Fig. 10 style) to W&B loggers.
+        gradient_scaling: Multiply the gradient of every Winograd weight by its position's importance factor
+            (:func:`~lightning_winoprune.pruning.importance_factor`) before each optimizer step: the per-position
+            step sizes of spatial-domain training, so Winograd-domain fine-tuning works at the dense learning rate.
+            ``None``: on for ``spatial-winograd``, off for the others.
+        spatial_amount: ``spatial-winograd``: the Winograd-domain sparsity stage 1 reaches (at most the border
+            positions' share: 0.75 for F(2,3), 0.556 for F(4,3)).
+        spatial_epochs: ``spatial-winograd``: epochs of spatial-domain training between the stages (0: both stages
+            at ``start_epoch``).
+        stages: ``spatial-winograd``: 2 (both stages) or 1 (stop after stage 1: at the end of the fit the pruned
+            layers become plain ``nn.Conv2d`` again, whose kernels have zero rings).
     """
 
     def __init__(
@@ -106,7 +144,7 @@ class WinogradPruning(PruningCallback):
         unit: int | None = None,
         align: int | None = None,
         rounding: str = "down",
-        score: str = "l2",
+        score: str | None = None,
         importance: str = "taylor",
         calibration_batches: int = 4,
         wsp_fraction: float = 0.5,
@@ -118,10 +156,41 @@ class WinogradPruning(PruningCallback):
         backend: str = "auto",
         verbose: int = 1,
         log_masks: bool = True,
+        gradient_scaling: bool | None = None,
+        spatial_amount: float = 0.4,
+        spatial_epochs: int = 1,
+        stages: int = 2,
     ) -> None:
         super().__init__(amount, schedule, start_epoch, end_epoch, frequency, include, exclude, calibration_batches,
                          loss_fn, verbose, log_masks)
         check_choice("method", method, sorted(METHODS))
+        if score is None:
+            score = _METHOD_SCORE.get(method, "l2")
+        if gradient_scaling is None:
+            gradient_scaling = method == _SPATIAL
+        if not isinstance(gradient_scaling, bool):
+            raise MisconfigurationException(f"gradient_scaling={gradient_scaling!r} is not valid; valid values are "
+                                            "[True, False, None]")
+        self.spatial_amount = check_fraction("spatial_amount", spatial_amount)
+        if isinstance(spatial_epochs, bool) or not isinstance(spatial_epochs, int) or spatial_epochs < 0:
+            raise MisconfigurationException(f"spatial_epochs={spatial_epochs!r} is not valid; valid values are ints "
+                                            ">= 0 (0 runs both stages at start_epoch)")
+        if isinstance(stages, bool) or stages not in _STAGES:
+            raise MisconfigurationException(f"stages={stages!r} is not valid; valid values are {list(_STAGES)}")
+        if method == _SPATIAL:
+            if schedule != "one_shot":
+                raise MisconfigurationException(f"schedule={schedule!r} is not valid with method='spatial-winograd' "
+                                                "(its stages are the schedule); valid values are ['one_shot']")
+            if latency_budget is not None:
+                raise MisconfigurationException(f"latency_budget={latency_budget!r} is not valid with "
+                                                "method='spatial-winograd'; valid values are [None]")
+            if stages == 2 and isinstance(amount, (int, float)) and amount < spatial_amount:
+                raise MisconfigurationException(
+                    f"amount={amount!r} is below spatial_amount={spatial_amount!r}: stage 2 would un-prune stage 1's "
+                    f"zeros; valid values are amount >= spatial_amount (or stages=1)")
+            self.schedule = _StagedSchedule(schedule, float(amount), start_epoch, end_epoch, frequency,
+                                            spatial_amount=float(spatial_amount), spatial_epochs=spatial_epochs,
+                                            stages=stages)
         self.amount = check_fraction("amount", amount)
         if isinstance(m, bool) or not isinstance(m, int):
             raise MisconfigurationException(f"m={m!r} is not valid; valid values are {list(SUPPORTED_M)}")
@@ -153,11 +222,15 @@ class WinogradPruning(PruningCallback):
         self.unit, self.align, self.rounding, self.score, self.importance = unit, align, rounding, score, importance
         self.latency_budget, self.budget_amounts, self.latency_table = latency_budget, budget_amounts, latency_table
         self.route, self.backend = route, backend
+        self.gradient_scaling, self.spatial_epochs, self.stages = gradient_scaling, spatial_epochs, stages
+        #: spatial-Winograd: the last stage applied (0 before stage 1), saved with the schedule state
+        self.stage = 0
         # per-layer decisions, saved with the schedule state
         self.policies: dict[str, str] = {}
         self.layer_amounts: dict[str, float] = {}
         self.layer_importance: dict[str, float] = {}
         self._load_hook: torch.utils.hooks.RemovableHandle | None = None
+        self._factors: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     structural_config = ("m", "skip_first", "include", "exclude")
 
@@ -166,7 +239,9 @@ class WinogradPruning(PruningCallback):
         return {"method": self.method, "amount": self.amount, "m": self.m, **super().mask_config(),
                 "skip_first": self.skip_first, "unit": self.unit, "align": self.align, "rounding": self.rounding,
                 "score": self.score, "importance": self.importance, "wsp_fraction": self.wsp_fraction,
-                "latency_budget": self.latency_budget, "budget_amounts": list(self.budget_amounts)}
+                "latency_budget": self.latency_budget, "budget_amounts": list(self.budget_amounts),
+                **({"spatial_amount": self.spatial_amount, "spatial_epochs": self.spatial_epochs,
+                    "stages": self.stages} if self.method == _SPATIAL else {})}
 
     @override
     def legacy_mask_config(self, state: dict[str, Any], key: str | None) -> dict[str, Any]:
@@ -227,10 +302,12 @@ class WinogradPruning(PruningCallback):
     @override
     def extra_state(self) -> dict[str, Any]:
         return {"m": self.m, "method": self.method, "policies": dict(self.policies),
-                "layer_amounts": dict(self.layer_amounts), "layer_importance": dict(self.layer_importance)}
+                "layer_amounts": dict(self.layer_amounts), "layer_importance": dict(self.layer_importance),
+                "stage": self.stage}
 
     @override
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.stage = int(state.get("stage", 0))
         self.policies = dict(state.get("policies", {}))
         self.layer_amounts = dict(state.get("layer_amounts", {}))
         self.layer_importance = dict(state.get("layer_importance", {}))
@@ -251,6 +328,53 @@ class WinogradPruning(PruningCallback):
                 self._enforce(layer)
 
     @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        # the gradient adjustments first (after DDP all-reduce: identical on every rank), then the masks
+        spatial = self.in_spatial_phase
+        if spatial or self.gradient_scaling:
+            with torch.no_grad():
+                for layer in self._layers(pl_module).values():
+                    grad = layer.weight.grad
+                    if grad is None:
+                        continue
+                    if spatial:
+                        grad.copy_(spatial_gradient(grad, _spatial_keep(layer)))
+                    else:
+                        grad.mul_(self._factor(layer))
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.in_spatial_phase:  # any optimizer (Adam too) and rounding: U stays the transform of 3x3 kernels
+            with torch.no_grad():
+                for layer in self._layers(pl_module).values():
+                    layer.weight.copy_(project_spatial(layer.weight, _spatial_keep(layer)))
+                    if layer.mask is not None:
+                        layer.zero_pruned_()
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.method == _SPATIAL and self.stages == 1 and self.stage >= 1:
+            for name, layer in self._layers(pl_module).items():
+                _set_submodule(pl_module, name, _to_conv(layer))
+
+    @property
+    def in_spatial_phase(self) -> bool:
+        """``spatial-winograd`` before stage 2: the Winograd weights train exactly as the 3x3 kernels would."""
+        return self.method == _SPATIAL and self.stage < 2
+
+    def _factor(self, layer: WinogradConv2d) -> torch.Tensor:
+        key = (layer.m, layer.weight.dtype, layer.weight.device)
+        factor = self._factors.get(key)
+        if factor is None:
+            factor = self._factors[key] = importance_factor(layer.m, layer.weight.dtype,
+                                                            layer.weight.device).view(layer.p, layer.p)
+        return factor
+
+    @override
     def release(self, pl_module: nn.Module) -> None:
         # outside this callback nobody masks gradients: layers go back to masking in every forward pass
         for layer in self._layers(pl_module).values():
@@ -269,6 +393,8 @@ class WinogradPruning(PruningCallback):
             The engine's result per layer name.
         """
         layers = self._layers(pl_module)
+        if self.method == _SPATIAL:
+            return self._prune_staged(trainer, pl_module, layers, target)
         batches: list[Any] | None = None
         saliency: dict[str, torch.Tensor] | None = None
         needs_policy = self.method == "abwsp" and not self.policies
@@ -289,19 +415,56 @@ class WinogradPruning(PruningCallback):
             amount = target * self.layer_amounts[name] / self.amount if self.layer_amounts else target
             if self.layer_amounts and self.policies.get(name) == "dense":
                 amount = 0.0
-            importance = saliency[name] if self.score == "taylor" and saliency is not None else None
-            mask, result = winograd_mask(layer.weight, min(amount, 1.0), self._pattern(name), importance,
-                                         position_scaled=self.score == "l2-scaled")
-            if trainer.world_size > 1:  # identical masks on every rank, whatever each rank computed
-                mask = trainer.strategy.broadcast(mask.cpu(), src=0).to(layer.weight.device)
-            self._apply(trainer, layer, mask)
+            mask, result = winograd_mask(layer.weight, min(amount, 1.0), self._pattern(name),
+                                         self._saliency(saliency, name))
+            self._apply(trainer, layer, self._broadcast(trainer, mask, layer))
             results[name] = result
         self._report(trainer, target, layers, results)
         return results
 
+    def _prune_staged(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, WinogradConv2d],
+                      target: float) -> dict[str, MaskResult]:
+        """Spatial-Winograd: stage 1 (zero rings) when none ran yet, stage 2 (elements to ``target``) after it."""
+        saliency = None
+        if self.score == "taylor":
+            saliency = self._taylor(trainer, pl_module, layers, self.calibration(trainer))
+        results: dict[str, MaskResult] = {}
+        first = self.stage == 0
+        if first:
+            for name, layer in layers.items():
+                mask, result = spatial_stage_mask(layer.weight, self.spatial_amount, self._stage_pattern(),
+                                                  self._saliency(saliency, name))
+                self._apply(trainer, layer, self._broadcast(trainer, mask, layer))
+                results[name] = result
+            self.stage = 1
+        both = self.stages == 2 and self.spatial_epochs == 0
+        if first and not both:  # both stages in one step: one report, of stage 2
+            self._report(trainer, self.spatial_amount, layers, results)
+        if self.stages == 2 and (not first or both):
+            for name, layer in layers.items():
+                mask, result = winograd_mask(layer.weight, self.amount, self._pattern(name),
+                                             self._saliency(saliency, name))
+                self._apply(trainer, layer, self._broadcast(trainer, mask, layer))
+                results[name] = result
+            self.stage = 2
+            self._report(trainer, self.amount, layers, results)
+        return results
+
+    def _stage_pattern(self) -> Pattern:
+        return SPATIAL_STAGE.with_(score=_SCORES[self.score])
+
+    def _saliency(self, saliency: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
+        return saliency[name] if self.score == "taylor" and saliency is not None else None
+
+    @staticmethod
+    def _broadcast(trainer: pl.Trainer, mask: torch.Tensor, layer: WinogradConv2d) -> torch.Tensor:
+        if trainer.world_size > 1:  # identical masks on every rank, whatever each rank computed
+            mask = trainer.strategy.broadcast(mask.cpu(), src=0).to(layer.weight.device)
+        return mask
+
     def _pattern(self, name: str) -> Pattern:
         policy = self.policies.get(name)
-        return self._policy_pattern(None if policy == "dense" else policy).with_(score=_SCORES[self.score])
+        return self._policy_pattern(None if policy == "dense" else policy)
 
     def _layers(self, pl_module: nn.Module) -> dict[str, WinogradConv2d]:
         layers = {n: pl_module.get_submodule(n) for n in self.layer_names}
@@ -341,7 +504,7 @@ class WinogradPruning(PruningCallback):
         else:
             cands = {n: [Candidate("bwsp", self.amount, self._policy_pattern("bwsp"))] for n in layers}
             sens = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
-                                       progress=self.verbose >= 1 and trainer.is_global_zero)
+                                       progress=self.verbose >= 1 and trainer.is_global_zero, importance=saliency)
             scores = {n: next(iter(v.values())) for n, v in sens.items()}
             if trainer.world_size > 1:
                 scores = {n: float(trainer.strategy.reduce(torch.tensor(s), reduce_op="mean")) for n, s in
@@ -353,8 +516,9 @@ class WinogradPruning(PruningCallback):
         self.layer_importance = {n: float(s) for n, s in scores.items()}
 
     def _policy_pattern(self, policy: str | None) -> Pattern:
+        """The pattern of this method and policy, the callback's score included: what every estimator ranks."""
         return method_pattern(self.method, policy if self.method == "abwsp" else None, unit=self.unit,
-                              align=self.align, rounding=self.rounding)
+                              align=self.align, rounding=self.rounding, score=_SCORES[self.score])
 
     def _choose_under_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              layers: dict[str, WinogradConv2d], batches: list[Any],
@@ -378,17 +542,19 @@ class WinogradPruning(PruningCallback):
                     if c.pattern is None:
                         losses[n][c] = 0.0
                         continue
-                    mask, _ = winograd_mask(layer.weight, c.amount, c.pattern,
-                                            position_scaled=self.score == "l2-scaled")
+                    mask = c.keep_mask(layer.weight, self._saliency(saliency, n))
+                    assert mask is not None
                     losses[n][c] = float(saliency[n][~mask].sum())
         else:
             losses = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
-                                         progress=self.verbose >= 1 and trainer.is_global_zero)
+                                         progress=self.verbose >= 1 and trainer.is_global_zero,
+                                         importance=saliency if self.score == "taylor" else None)
         table = self.latency_table
         if table is None or isinstance(table, str):
             sizes = _input_sizes(pl_module, layers, batches[0])
             table_cls = _LATENCY_TABLES[table or "torch"]
-            table = table_cls(layers, sizes, batch_size=_batch_size(batches[0]))
+            table = table_cls(layers, sizes, batch_size=_batch_size(batches[0]),
+                              importance=saliency if self.score == "taylor" else None)
         dense = sum(table.latency(n, cands[n][0]) for n in layers)
         assert self.latency_budget is not None
         choice = choose_under_budget(losses, table, self.latency_budget * dense)
@@ -438,6 +604,53 @@ class WinogradPruning(PruningCallback):
 
 
 _LATENCY_TABLES: dict[str, type[TorchLatencyTable]] = {"torch": TorchLatencyTable, "native": NativeLatencyTable}
+
+
+@dataclass(frozen=True)
+class _StagedSchedule(PruningSchedule):
+    """Spatial-Winograd's two steps: stage 1 at ``start_epoch``, stage 2 ``spatial_epochs`` later (if ``stages=2``)."""
+
+    spatial_amount: float = 0.4
+    spatial_epochs: int = 1
+    stages: int = 2
+
+    def steps(self) -> list[tuple[int, float]]:
+        first = (self.start_epoch, self.spatial_amount)
+        if self.stages == 1:
+            return [first]
+        second = (self.start_epoch + self.spatial_epochs, self.amount)
+        return [second] if self.spatial_epochs == 0 else [first, second]
+
+
+def _spatial_keep(layer: WinogradConv2d) -> torch.Tensor | None:
+    """The 3x3 kernel entries a spatial-Winograd stage-1 mask keeps: rings of kernels whose border is pruned go."""
+    if layer.mask is None:
+        return None
+    ring_pruned = ~layer.mask[:, :, 0, 0]  # stage-1 masks prune whole borders, corner (0, 0) included
+    ring = SPATIAL_GROUPS["ring"].to(layer.mask.device)
+    return ~(ring_pruned[:, :, None, None] & ring)
+
+
+def _to_conv(layer: WinogradConv2d) -> nn.Conv2d:
+    """The plain ``nn.Conv2d`` whose kernels ``g`` satisfy ``G g G^T = U`` (stage-1 rings exactly zero)."""
+    w = layer.weight.detach()
+    conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=layer.padding, bias=layer.bias is not None,
+                     device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        g = spatial_weight(w)
+        keep = _spatial_keep(layer)
+        conv.weight.copy_(g if keep is None else g.masked_fill(~keep, 0))
+        if layer.bias is not None:
+            assert conv.bias is not None
+            conv.bias.copy_(layer.bias)
+    conv.train(layer.training)
+    return conv
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
 
 
 def _batch_size(batch: Any) -> int:

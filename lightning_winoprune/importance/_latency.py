@@ -25,7 +25,7 @@ from torch import nn
 from lightning_winoprune.deploy import PackedWinogradConv
 from lightning_winoprune.importance._sensitivity import Candidate
 from lightning_winoprune.pruning._engine import Block, Score
-from lightning_winoprune.pruning._methods import winograd_mask
+from lightning_winoprune.pruning._methods import winograd_view
 from lightning_winoprune.winograd._layer import WinogradConv2d
 from lightning_winoprune.winograd._tiles import tile_geometry
 
@@ -121,8 +121,9 @@ class TorchLatencyTable:
 
     For a Winograd layer with ``K`` outputs, ``C`` inputs, tile ``p`` and ``T = batch_size * tiles`` input tiles,
     the BGEMM step is ``p*p`` products ``U[xi] (K x C) @ V[xi] (C x T)``. A candidate's representative mask
-    (:meth:`Candidate.keep_mask` of the layer's weight when first asked, with ``score="importance"`` patterns
-    ranked by L2 instead) leaves each matrix ``xi`` a ``rows_xi x cols_xi`` dense-equivalent GEMM (see
+    (:meth:`Candidate.keep_mask` of the layer's weight when first asked: the pattern's own score, so the mask the
+    callback applies; ``score="importance"`` patterns rank with the layer's ``importance`` when given, by L2
+    otherwise) leaves each matrix ``xi`` a ``rows_xi x cols_xi`` dense-equivalent GEMM (see
     :meth:`gemm_shapes`), and what is timed is:
 
     * ``"dense"``: one ``torch.bmm`` ``(p*p, K, C) @ (p*p, C, T)``;
@@ -144,6 +145,8 @@ class TorchLatencyTable:
         num_threads: CPU threads while timing (torch's thread count is set for the measurement and restored);
             ``None`` uses the current one. On a loaded machine, multi-threaded timings of small GEMMs are dominated
             by threads waiting for a core; ``1`` is far more repeatable there.
+        importance: Name -> per-element saliency of the layer's weight, for ``score="importance"`` patterns (the
+            callback passes its Taylor saliency, so the table times the masks it applies).
 
     Raises:
         KeyError: If a layer has no input size.
@@ -160,6 +163,7 @@ class TorchLatencyTable:
         reps: int = 20,
         warmup: int = 3,
         num_threads: int | None = None,
+        importance: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         if not layers:
             raise ValueError("layers is empty: pass at least one {name: WinogradConv2d}")
@@ -184,6 +188,7 @@ class TorchLatencyTable:
             self._tiles[name] = th * tw
             self._sizes[name] = (int(size[0]), int(size[1]))
         self._cache: dict[tuple[str, Candidate], float] = {}
+        self._importance = dict(importance or {})
 
     @property
     def names(self) -> list[str]:
@@ -217,10 +222,7 @@ class TorchLatencyTable:
         pattern = candidate.pattern
         if pattern is None:
             return [(k, c)] * (p * p)
-        if pattern.score is Score.IMPORTANCE:
-            pattern = pattern.with_(score=Score.L2)
-        _, result = winograd_mask(layer.weight.detach(), candidate.amount, pattern)
-        view = result.mask.cpu()  # (p*p, K, C)
+        view = winograd_view(self.keep_mask(name, candidate)).cpu()  # (p*p, K, C)
         kept = view.sum(dim=(1, 2)).tolist()
         if pattern.block in (Block.ROW, Block.ROW_SEGMENT, Block.FILTER):
             return [(-(-int(n) // c), c) for n in kept]
@@ -229,6 +231,28 @@ class TorchLatencyTable:
         rows = view.any(dim=2).sum(dim=1).tolist()
         cols = view.any(dim=1).sum(dim=1).tolist()
         return [(int(r), int(q)) for r, q in zip(rows, cols, strict=True)]
+
+    def keep_mask(self, name: str, candidate: Candidate) -> torch.Tensor:
+        """The representative keep-mask of ``candidate`` on layer ``name``'s weight (all ones for dense).
+
+        :meth:`Candidate.keep_mask` with the layer's ``importance`` (``score="importance"`` patterns without one
+        rank by L2).
+
+        Raises:
+            KeyError: If the layer is unknown.
+
+        """
+        layer = self._layer(name)
+        weight = layer.weight.detach()
+        pattern = candidate.pattern
+        if pattern is None:
+            return torch.ones_like(weight, dtype=torch.bool)
+        importance = self._importance.get(name)
+        if pattern.score is Score.IMPORTANCE and importance is None:
+            candidate = Candidate(candidate.policy, candidate.amount, pattern.with_(score=Score.L2))
+        mask = candidate.keep_mask(weight, importance if pattern.score is Score.IMPORTANCE else None)
+        assert mask is not None
+        return mask
 
     def latency(self, name: str, candidate: Candidate) -> float:
         """Median seconds of layer ``name``'s BGEMM step under ``candidate`` (cached).
@@ -304,12 +328,7 @@ class NativeLatencyTable(TorchLatencyTable):
     def _measure(self, name: str, candidate: Candidate) -> float:
         layer = self._layer(name)
         weight = layer.weight.detach().float().cpu()
-        mask = None
-        if candidate.pattern is not None:
-            pattern = candidate.pattern
-            if pattern.score is Score.IMPORTANCE:
-                pattern = pattern.with_(score=Score.L2)
-            mask = winograd_mask(weight, candidate.amount, pattern)[0].cpu()
+        mask = None if candidate.pattern is None else self.keep_mask(name, candidate).cpu()
         bias = None if layer.bias is None else layer.bias.detach().float().cpu()
         packed = PackedWinogradConv(weight, mask, layer.m, layer.padding, bias, backend="native",
                                     threads=self.num_threads or -1)

@@ -16,7 +16,14 @@ block                 one block is                                              
 ``row_segment``       ``W[p, r, s*unit:(s+1)*unit]`` (the last one may be short)  yes
 ``column_segment``    ``W[p, s*unit:(s+1)*unit, c]``                             yes
 ``filter``            ``W[:, r, :]``: row ``r`` in every matrix                  no
+``kernel``            ``W[:, r, c]``: entry ``(r, c)`` in every matrix            no
 ====================  =========================================================  ==================
+
+Scores (:class:`Score`): ``l2`` (group lasso), ``l1``, ``importance`` (the sum of a given per-element saliency), and
+two *scaled* L2 scores that rank the view multiplied per matrix by a given ``scale`` of shape ``(P,)``: the
+Winograd methods supply it from the transform matrices (``l2-scaled``: each position's output energy,
+``l2-factor``: the inverse square root of the importance factor, see ``lightning_winoprune.pruning._methods``).
+The score is part of the :class:`Pattern`, so every consumer of a pattern ranks the same blocks.
 
 Selection: blocks are ranked by score (lowest pruned first; ties broken by block index, so the result is
 deterministic). With ``scope="layer"`` the ranking is global and the number of pruned blocks is the one whose
@@ -47,6 +54,7 @@ class Block(ParsableEnum):
     ROW_SEGMENT = "row_segment"
     COLUMN_SEGMENT = "column_segment"
     FILTER = "filter"
+    KERNEL = "kernel"
 
 
 class Scope(ParsableEnum):
@@ -57,11 +65,22 @@ class Scope(ParsableEnum):
 
 
 class Score(ParsableEnum):
-    """Block score: ``l2`` (group lasso, the default), ``l1``, or ``importance`` (sum of a given saliency)."""
+    """Block score: ``l2`` (group lasso, the default), ``l1``, ``importance`` (sum of a given saliency), or scaled L2.
+
+    The scaled scores ``l2-scaled`` (per-position output energy) and ``l2-factor`` (importance-factor adjusted) are
+    the L2 norm of the view multiplied per matrix by a scale the caller supplies (see :attr:`scaled`).
+    """
 
     L2 = "l2"
     L1 = "l1"
     IMPORTANCE = "importance"
+    L2_SCALED = "l2-scaled"
+    L2_FACTOR = "l2-factor"
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the score ranks the view multiplied per matrix by a ``scale`` (``(P,)``) given to the engine."""
+        return self in (Score.L2_SCALED, Score.L2_FACTOR)
 
 
 class Rounding(ParsableEnum):
@@ -69,6 +88,10 @@ class Rounding(ParsableEnum):
 
     DOWN = "down"
     UP = "up"
+
+
+#: Blocks that span every matrix of the view (not position-local).
+_SPANNING = (Block.FILTER, Block.KERNEL)
 
 
 @dataclass(frozen=True)
@@ -101,8 +124,9 @@ class Pattern:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
-        if self.block is Block.FILTER and (self.scope is Scope.POSITION or self.align > 1):
-            raise ValueError("block='filter' spans every matrix: it supports neither scope='position' nor align > 1")
+        if self.block in _SPANNING and (self.scope is Scope.POSITION or self.align > 1):
+            raise ValueError(f"block={self.block.value!r} spans every matrix: it supports neither scope='position' "
+                             "nor align > 1")
 
     def with_(self, **changes: object) -> Pattern:
         """A copy with some fields changed."""
@@ -117,8 +141,9 @@ class MaskResult:
         mask: Boolean keep-mask of the view's shape (``True`` keeps).
         requested: The requested amount.
         sparsity: The achieved fraction of zeroed elements.
-        pruned_blocks: Pruned-block count per matrix (``(P,)``; for ``filter`` blocks, the pruned filters repeated).
-        blocks_per_matrix: Blocks in one matrix (filters in the layer for ``filter``).
+        pruned_blocks: Pruned-block count per matrix (``(P,)``; for ``filter`` and ``kernel`` blocks, the pruned
+            blocks repeated).
+        blocks_per_matrix: Blocks in one matrix (filters or kernels in the layer for ``filter`` and ``kernel``).
         pattern: The pattern used.
         notes: Human-readable remarks on rounding.
     """
@@ -135,7 +160,7 @@ class MaskResult:
 def block_layout(shape: tuple[int, int, int], pattern: Pattern, device: torch.device | None = None) -> torch.Tensor:
     """Block id of every element of a ``(P, R, C)`` view; ids of matrix ``p`` are ``p * B + [0, B)``.
 
-    For ``filter`` blocks the id is the row ``r`` (the same in every matrix).
+    For ``filter`` blocks the id is the row ``r``, for ``kernel`` blocks ``r * C + c`` (the same in every matrix).
     """
     p_, r_, c_ = shape
     p = torch.arange(p_, device=device).view(p_, 1, 1)
@@ -154,24 +179,31 @@ def block_layout(shape: tuple[int, int, int], pattern: Pattern, device: torch.de
     elif b is Block.COLUMN_SEGMENT:
         segs = math.ceil(r_ / pattern.unit)
         ids = (p * c_ + c) * segs + r // pattern.unit
+    elif b is Block.KERNEL:
+        ids = r * c_ + c + 0 * p
     else:  # FILTER
         ids = r + 0 * p + 0 * c
     return ids.expand(p_, r_, c_)
 
 
 def _block_scores(view: torch.Tensor, ids: torch.Tensor, n_blocks: int, pattern: Pattern,
-                  importance: torch.Tensor | None) -> torch.Tensor:
+                  importance: torch.Tensor | None, scale: torch.Tensor | None) -> torch.Tensor:
     if pattern.score is Score.IMPORTANCE:
         if importance is None:
             raise ValueError("score='importance' needs an importance tensor of the view's shape")
         contrib = importance.abs()
     elif pattern.score is Score.L1:
         contrib = view.abs()
+    elif pattern.score.scaled:
+        if scale is None:
+            raise ValueError(f"score={pattern.score.value!r} needs a per-matrix scale of shape ({view.shape[0]},); "
+                             "winograd_mask supplies it for Winograd weights")
+        contrib = (view.to(torch.float64) * scale.to(device=view.device, dtype=torch.float64).view(-1, 1, 1)).square()
     else:
         contrib = view.square()
     scores = torch.zeros(n_blocks, dtype=torch.float64, device=view.device)
     scores.index_add_(0, ids.reshape(-1), contrib.reshape(-1).to(torch.float64))
-    return scores.sqrt() if pattern.score is Score.L2 else scores
+    return scores if pattern.score in (Score.L1, Score.IMPORTANCE) else scores.sqrt()
 
 
 def _closest_prefix(sizes_sorted: torch.Tensor, target: float) -> int:
@@ -187,7 +219,8 @@ def _align(count: torch.Tensor, align: int, rounding: Rounding, limit: int) -> t
 
 
 def compute_mask(
-    view: torch.Tensor, amount: float, pattern: Pattern, importance: torch.Tensor | None = None
+    view: torch.Tensor, amount: float, pattern: Pattern, importance: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> MaskResult:
     """Keep-mask of ``view`` (``(P, R, C)``) that prunes ``amount`` of its elements in ``pattern``'s blocks.
 
@@ -196,9 +229,10 @@ def compute_mask(
         amount: Fraction of elements to prune, in ``[0, 1]``.
         pattern: Block shape, scope, score and rounding.
         importance: Per-element saliency of the view's shape, for ``score="importance"``.
+        scale: Per-matrix multipliers of shape ``(P,)``, for the scaled scores (``l2-scaled``, ``l2-factor``).
 
     Raises:
-        ValueError: On a bad amount, view or importance shape.
+        ValueError: On a bad amount, view, importance or scale shape, or a missing importance or scale.
     """
     if not isinstance(view, torch.Tensor) or view.dim() != 3:
         raise ValueError(f"view must be a 3-D (P, R, C) tensor, got {getattr(view, 'shape', type(view).__name__)}")
@@ -206,6 +240,8 @@ def compute_mask(
         raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
     if importance is not None and importance.shape != view.shape:
         raise ValueError(f"importance must have the view's shape {tuple(view.shape)}, got {tuple(importance.shape)}")
+    if scale is not None and tuple(scale.shape) != (view.shape[0],):
+        raise ValueError(f"scale must have shape ({view.shape[0]},), got {tuple(scale.shape)}")
     view = view.detach()
     p_, r_, c_ = view.shape
     if view.numel() == 0:
@@ -215,11 +251,11 @@ def compute_mask(
     flat_ids = ids.reshape(-1)
     n_blocks = int(flat_ids.max().item()) + 1
     sizes = torch.bincount(flat_ids, minlength=n_blocks)
-    scores = _block_scores(view, ids, n_blocks, pattern, importance)
+    scores = _block_scores(view, ids, n_blocks, pattern, importance, scale)
     notes: list[str] = []
     pruned = torch.zeros(n_blocks, dtype=torch.bool, device=view.device)
 
-    if pattern.block is Block.FILTER:
+    if pattern.block in _SPANNING:
         order = torch.argsort(scores, stable=True)
         n = _closest_prefix(sizes[order], amount * view.numel())
         pruned[order[:n]] = True

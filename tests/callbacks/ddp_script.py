@@ -41,10 +41,15 @@ def main() -> None:
         module = ImageClassifier("resnet18", num_classes=10, in_chans=1, lr=0.01)
         pruning: L.Callback = WinogradPruning(method="abwsp", amount=0.5, importance="taylor", calibration_batches=2,
                                               unit=8, align=2, verbose=0)
+    elif mode == "spatial":  # stage 1 at epoch 0 (Taylor-ranked rings), spatial training, stage 2 at epoch 1
+        module = ImageClassifier("resnet18", num_classes=10, in_chans=1, lr=0.01)
+        pruning = WinogradPruning(method="spatial-winograd", amount=0.5, spatial_amount=0.3, spatial_epochs=1,
+                                  score="taylor", calibration_batches=2, verbose=0)
     else:
         module = ImageClassifier("mobilenetv2_100", num_classes=10, in_chans=1, lr=0.01)
         pruning = DEPrune(method="dcp-bh", dw_amount=0.5, pw_amount=0.3, calibration_batches=2, verbose=0)
-    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=1, limit_train_batches=2,
+    epochs = 2 if mode == "spatial" else 1
+    trainer = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_epochs=epochs, limit_train_batches=2,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[pruning, DumpMasks(out)])
     trainer.fit(module, datamodule=DigitsDataModule(image_size=16, batch_size=16))

@@ -30,6 +30,7 @@ from lightning_winoprune.pruning import (
 
 BLOCKS = [b.value for b in Block]
 SEGMENTS = ("row_segment", "column_segment")
+SPANNING = (Block.FILTER, Block.KERNEL)  # blocks that span every matrix
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -47,6 +48,8 @@ def _ref_block_key(pattern: Pattern, shape: tuple[int, int, int], p: int, r: int
         return (p, r, "s", c // u)
     if b == "column_segment":
         return (p, "c", c, "s", r // u)
+    if b == "kernel":
+        return ("k", r, c)
     return (r,)  # filter
 
 
@@ -71,7 +74,7 @@ def _analyse(mask: torch.Tensor, pattern: Pattern) -> dict:
     pruned_elems = np.bincount(ids[~mask.reshape(-1).numpy()], minlength=n)
     partial = (pruned_elems != 0) & (pruned_elems != sizes)
     pruned = pruned_elems == sizes
-    if pattern.block is Block.FILTER:
+    if pattern.block in SPANNING:
         per_matrix = np.full(shape[0], int(pruned.sum()))
         bpm = n
     else:
@@ -105,7 +108,7 @@ def _ref_unaligned_counts(view: torch.Tensor, amount: float, pattern: Pattern,
     scores = _block_scores(view, a["ids"], a["n"], pattern, importance)
     order = _stable_order(scores)
     n = _closest_prefix(a["sizes"][order], amount * view.numel())
-    if pattern.block is Block.FILTER:
+    if pattern.block in SPANNING:
         return np.full(p_, n)
     return np.bincount(order[:n] // a["bpm"], minlength=p_)
 
@@ -127,7 +130,7 @@ def _assert_ranking(view: torch.Tensor, pattern: Pattern, info: dict, importance
                     exact: bool) -> None:
     """Within each ranking group, every pruned block scores <= every kept one; ``exact``: prefix in (score, idx)."""
     scores = _block_scores(view, info["ids"], info["n"], pattern, importance)
-    global_rank = pattern.block is Block.FILTER or (pattern.scope is Scope.LAYER and pattern.align == 1)
+    global_rank = pattern.block in SPANNING or (pattern.scope is Scope.LAYER and pattern.align == 1)
     groups = [np.arange(info["n"])] if global_rank else list(np.arange(info["n"]).reshape(-1, info["bpm"]))
     for g in groups:
         s, pr = scores[g], info["pruned"][g]
@@ -208,7 +211,7 @@ def views(draw, max_p: int = 9, max_rc: int = 40):
 @st.composite
 def patterns(draw):
     block = draw(st.sampled_from(BLOCKS))
-    if block == "filter":
+    if block in ("filter", "kernel"):
         scope, align = "layer", 1
     else:
         scope = draw(st.sampled_from(["layer", "position"]))
@@ -246,7 +249,7 @@ def test_block_layout_matches_definitions(block, shape, unit):
                 assert id_to_key.setdefault(i, key) == key, f"element {(p, r, c)} merged into another block"
     n = len(id_to_key)
     assert sorted(id_to_key) == list(range(n)), "block ids are not 0..n-1"
-    if block != "filter":
+    if block not in ("filter", "kernel"):
         # ids of matrix p are p * B + [0, B)
         b = n // p_
         assert n == b * p_
@@ -446,6 +449,10 @@ def test_pattern_filter_restrictions():
     with pytest.raises(ValueError, match="filter"):
         Pattern(block="filter", align=2)
     Pattern(block="filter", unit=7)  # unit is irrelevant, not an error
+    with pytest.raises(ValueError, match="block='kernel' spans every matrix"):
+        Pattern(block="kernel", scope="position")
+    with pytest.raises(ValueError, match="block='kernel' spans every matrix"):
+        Pattern(block="kernel", align=2)
 
 
 @pytest.mark.parametrize("field, enum", [("block", Block), ("scope", Scope), ("rounding", Rounding),

@@ -29,6 +29,7 @@ from lightning_winoprune.pruning import (
     block_layout,
     compute_mask,
     method_pattern,
+    score_scale,
     winograd_mask,
     winograd_mask_from_view,
     winograd_view,
@@ -44,6 +45,9 @@ def _scores(view: torch.Tensor, ids: np.ndarray, n: int, score: Score, importanc
     if score is Score.IMPORTANCE:
         assert importance is not None
         return np.bincount(ids, weights=np.abs(importance.double().numpy().reshape(-1)), minlength=n)
+    if score.scaled:  # the L2 of the view scaled per position (the scales are tested in test_scores.py)
+        m = round(view.shape[0] ** 0.5) - 2
+        view = view.double() * score_scale(score, m, torch.float64).view(-1, 1, 1)
     w = view.double().numpy().reshape(-1)
     if score is Score.L1:
         return np.bincount(ids, weights=np.abs(w), minlength=n)
@@ -381,7 +385,9 @@ def test_abwsp_short_last_segment_and_whole_row():
 
 # ----------------------------------------------------------------------------------------------- registry
 def test_methods_table_matches_design():
-    assert set(METHODS) == {"wwp", "fp", "wsp-r", "wsp-c", "bwsp", "abwsp"}
+    assert set(METHODS) == {"wwp", "fp", "wsp-r", "wsp-c", "bwsp", "abwsp", "spatial-winograd"}
+    # spatial-Winograd's stage 2 row: elements, importance-factor scores (stage 1 is SPATIAL_STAGE)
+    assert METHODS["spatial-winograd"] == Pattern(Block.ELEMENT, Scope.LAYER, score=Score.L2_FACTOR)
     expected = {
         "wwp": (Block.ELEMENT, Scope.LAYER),
         "fp": (Block.FILTER, Scope.LAYER),
