@@ -31,7 +31,10 @@ wandb_helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(wandb_helpers)
 
 RECIPES = ["efficientnet_b0_deprune_bh", "mobilenetv2_100_deprune_bh", "mobilenetv3_large_100_deprune_bh",
-           "resnet18_abwsp", "resnet18_wspr", "resnet50_abwsp", "resnet50_wspr", "vgg16_wspc", "vgg16_wspr"]
+           "resnet18_abwsp", "resnet18_spatial_winograd", "resnet18_wspr", "resnet50_abwsp", "resnet50_wspr",
+           "vgg16_wspc", "vgg16_wspr"]
+#: Extra smoke arguments per recipe: spatial-Winograd runs both stages at the smoke run's one pruning epoch.
+SMOKE_EXTRA = {"resnet18_spatial_winograd": ["--pruning.spatial_epochs", "0"]}
 
 
 def smoke_args(tmp_path: Path, image_size: int = 16) -> list[str]:
@@ -98,7 +101,8 @@ def smoke_runs(tmp_path_factory):
             size = 32 if name.startswith("vgg16") else 16  # five 2x2 max-pools need 32
             path = ROOT / "recipes" / f"{name}.yaml"  # the README's form, through the repository's symlink
             config = str(path) if path.is_file() else name
-            runs[name] = run_cli(["fit", "--config", config, "--trainer.logger", "false", *smoke_args(out, size)])
+            runs[name] = run_cli(["fit", "--config", config, "--trainer.logger", "false", *smoke_args(out, size),
+                                  *SMOKE_EXTRA.get(name, [])])
         return runs[name]
 
     return run
