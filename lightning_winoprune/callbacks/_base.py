@@ -313,9 +313,13 @@ class PruningCallback(Callback):
         if not reached:
             what = (f"start_epoch={self.schedule.start_epoch} is not before max_epochs={max_epochs}: nothing would be "
                     "pruned")
-        else:
+        elif self.schedule.kind == "gradual":
             what = (f"the gradual ramp ends at end_epoch={self.schedule.end_epoch}, after the last epoch "
                     f"{max_epochs - 1} (max_epochs={max_epochs}): pruning would stop at {reached[-1]:.3f} instead of "
+                    f"{self.schedule.amount}")
+        else:  # a schedule of several one-shot steps (spatial-Winograd's stages)
+            what = (f"its last step is at epoch {last_epoch}, after the last epoch {max_epochs - 1} "
+                    f"(max_epochs={max_epochs}): pruning would stop at {reached[-1]:.3f} instead of "
                     f"{self.schedule.amount}")
         raise MisconfigurationException(
             f"{name}'s schedule cannot complete: {what}. Every pruning epoch must be below max_epochs (epochs count "

@@ -114,6 +114,13 @@ def test_stages_are_the_schedule_and_join_the_resume_config():
     assert "stages" not in WinogradPruning(method="bwsp").mask_config()
 
 
+def test_a_stage_2_beyond_max_epochs_is_refused_in_setup(datamodule):
+    cb = WinogradPruning(**SPATIAL)  # stage 2 at epoch 1
+    with pytest.raises(MisconfigurationException, match=r"last step is at epoch 1.*max_epochs=1.*stop at 0\.400"):
+        make_trainer([cb], max_epochs=1).fit(make_module(), datamodule)
+    assert not cb.history  # refused in setup, before anything was converted or pruned
+
+
 # ------------------------------------------------------------------------------------------------ the stages
 def test_two_stages_train_spatially_then_prune_in_the_winograd_domain(datamodule):
     module = make_module()
