@@ -396,7 +396,7 @@ def _dense_candidates(w: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv2d, 
     if conv.groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:]):
         out["linear"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.LINEAR, act)  # type: ignore[arg-type]
     if conv.groups == 1 and padding == (0, 0) and stride == (1, 1) and tuple(w.shape[2:]) == (1, 1):
-        out["gemm"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.GEMM, act)  # type: ignore[arg-type]
+        out["gemm"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.GEMM, act)
     return out
 
 

@@ -508,7 +508,8 @@ class DenseConv(nn.Module):
         if self.route is DenseRoute.GEMM and (groups != 1 or tuple(weight.shape[2:]) != (1, 1)
                                               or self.stride != (1, 1) or self.padding != (0, 0)):
             raise ValueError(f"route='gemm' needs a 1x1 stride-1 ungrouped conv without padding, got kernel "
-                             f"{tuple(weight.shape[2:])}, stride {self.stride}, padding {self.padding}, groups {groups}")
+                             f"{tuple(weight.shape[2:])}, stride {self.stride}, padding {self.padding}, "
+                             f"groups {groups}")
         self.act_code = _act_code(act)
         self.out_channels, self.in_channels = int(weight.shape[0]), int(weight.shape[1]) * self.groups
         self.kernel_size = (int(weight.shape[2]), int(weight.shape[3]))

@@ -526,5 +526,5 @@ def test_dense_route_refuses_shapes_it_cannot_run():
         DenseConv(torch.randn(4, 3, 3, 3), None, route="gemm")
     with pytest.raises(ValueError, match="route='linear' needs an ungrouped conv without padding"):
         DenseConv(torch.randn(4, 3, 3, 3), None, padding=(1, 1), route="linear")
-    with pytest.raises(ValueError, match="route.*'pooling'.*'gemm'"):
+    with pytest.raises(ValueError, match=r"route.*'pooling'.*'gemm'"):
         DenseConv(torch.randn(4, 3, 3, 3), None, route="pooling")
