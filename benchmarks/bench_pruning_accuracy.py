@@ -26,7 +26,10 @@ from rich.table import Table
 
 from lightning_winoprune import WinogradConv2d, WinogradPruning, winogradize
 
-METHODS = ("wwp", "wsp-r", "wsp-c", "bwsp", "abwsp", "fp")
+METHODS = ("wwp", "wsp-r", "wsp-c", "bwsp", "abwsp", "fp", "spatial-winograd")
+#: Per-method arguments: spatial-Winograd runs both stages at the prune point (its own score, l2-factor), so that
+#: "after pruning" compares the same sparsity as the other methods.
+EXTRA = {"spatial-winograd": {"spatial_epochs": 0, "score": None}}
 
 
 def mask_overhead(model: torch.nn.Module, size: int, batch: int, reps: int) -> dict[str, float]:
@@ -85,7 +88,8 @@ def main() -> None:
     rows = []
     for amount in args.amounts:
         for method in args.methods:
-            cb = WinogradPruning(method=method, amount=amount, score=args.score, verbose=0, calibration_batches=4)
+            kwargs = {"score": args.score, **EXTRA.get(method, {})}
+            cb = WinogradPruning(method=method, amount=amount, verbose=0, calibration_batches=4, **kwargs)
             t0 = time.perf_counter()
             module, acc_pruned, acc = finetune_copy(dense, data, cb, args.finetune)
             layers = [m for m in module.modules() if isinstance(m, WinogradConv2d)]
