@@ -152,7 +152,7 @@ RECIPE_ARGS = ["fit", "--config", "resnet18_abwsp", "--trainer.logger", "false",
         # before: a 60-77-line double jsonargparse traceback with the real message buried in the middle
         (["--pruning.amount", "2"], ["--pruning.amount", "amount must be a number in [0, 1), got 2.0"]),
         (["--pruning.method", "nope"], ["--pruning.method", "method='nope' is not valid",
-                                        "['abwsp', 'bwsp', 'fp', 'wsp-c', 'wsp-r', 'wwp']"]),
+                                        "['abwsp', 'bwsp', 'fp', 'spatial-winograd', 'wsp-c', 'wsp-r', 'wwp']"]),
         (["--data.image_size", "4"], ["--data.image_size", "image_size must be >= 8", "got 4"]),
         (["--pruning.m", "3"], ["--pruning.m", "m=3 is not valid; valid values are [2, 4, 6]"]),
         # before: 64-71 lines of usage before a one-line error
