@@ -15,8 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
+from winograd_helpers import one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
 
-from lightning_winoprune import WinogradConv2d, WinogradPruning, winogradize
+from lightning_winoprune import WinogradPruning, winogradize
 from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.pruning import SPATIAL_GROUPS, project_spatial, zero_positions
 from lightning_winoprune.recipes import ImageClassifier
@@ -49,21 +50,9 @@ def make_trainer(callbacks: list[Callback], **overrides: Any) -> L.Trainer:
     return L.Trainer(callbacks=callbacks, **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def datamodule() -> DigitsDataModule:
     return DigitsDataModule(image_size=16, in_chans=1, batch_size=16)
-
-
-def winograd_layers(module: nn.Module) -> dict[str, WinogradConv2d]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, WinogradConv2d)}
 
 
 class EpochEnd(Callback):

@@ -27,6 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
+from winograd_helpers import one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
 
 from lightning_winoprune import WinogradConv2d, WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.callbacks import PruningSchedule
@@ -72,22 +73,9 @@ def make_trainer(callbacks: list[Callback] | tuple[Callback, ...] = (), **overri
     return L.Trainer(callbacks=list(callbacks), **kwargs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These models are tiny: intra-op threads only add overhead, and contention on shared CI cores (2-5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def datamodule() -> DigitsDataModule:
     return DigitsDataModule(image_size=16, in_chans=1, batch_size=16)
-
-
-def winograd_layers(module: nn.Module) -> dict[str, WinogradConv2d]:
-    return {n: m for n, m in module.named_modules() if isinstance(m, WinogradConv2d)}
 
 
 def bgemm_view(t: torch.Tensor) -> torch.Tensor:
