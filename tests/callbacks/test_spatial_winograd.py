@@ -15,21 +15,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from winograd_helpers import one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
+from winograd_helpers import QUIET_FITS, one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
 
 from lightning_winoprune import WinogradPruning, winogradize
 from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.pruning import SPATIAL_GROUPS, project_spatial, zero_positions
 from lightning_winoprune.recipes import ImageClassifier
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*val_dataloader.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
-    pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*"),
-]
+pytestmark = QUIET_FITS
 
 TINY = {"channels": (16, 32, 64, 128)}
 SPATIAL = {"method": "spatial-winograd", "amount": 0.6, "spatial_amount": 0.4, "spatial_epochs": 1, "verbose": 0,

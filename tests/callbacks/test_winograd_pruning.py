@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
-from winograd_helpers import one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
+from winograd_helpers import QUIET_FITS, one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
 
 from lightning_winoprune import WinogradConv2d, WinogradPruning, load_pruned_checkpoint
 from lightning_winoprune.callbacks import PruningSchedule
@@ -36,14 +36,7 @@ from lightning_winoprune.importance import NativeLatencyTable, TorchLatencyTable
 from lightning_winoprune.kernels import native_available
 from lightning_winoprune.recipes import ImageClassifier
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
-    pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
-    pytest.mark.filterwarnings("ignore:.*val_dataloader.*"),
-    pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
-    pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*"),
-    pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*"),
-]
+pytestmark = QUIET_FITS
 
 TINY = {"channels": (16, 32, 64, 128)}
 # every 3x3 stride-1 groups-1 conv of timm's resnet18, in module order (the first one is kept dense by default)
@@ -654,14 +647,18 @@ def test_checkpoint_resume_restores_masks_and_schedule(tmp_path, datamodule):
     assert_masks_honoured(module2, cb2.layer_names)
 
 
-def test_resume_zeroes_pruned_weights_of_the_checkpoint(tmp_path, datamodule):
+def fit_wsp_c_checkpoint(path: Path, datamodule: DigitsDataModule) -> tuple[Any, WinogradPruning, Path, dict]:
+    """A WSP-C 50% fit saved to ``path``: the module, its callback, the path and the loaded checkpoint dict."""
     module = make_module()
     cb = WinogradPruning(method="wsp-c", amount=0.5, verbose=0)
     trainer = make_trainer([cb], limit_val_batches=0)
     trainer.fit(module, datamodule)
-    path = tmp_path / "pruned.ckpt"
     trainer.save_checkpoint(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return module, cb, path, torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_resume_zeroes_pruned_weights_of_the_checkpoint(tmp_path, datamodule):
+    _, cb, path, ckpt = fit_wsp_c_checkpoint(tmp_path / "pruned.ckpt", datamodule)
     for name in cb.layer_names:  # e.g. edited by hand or by a tool that ignores masks
         weight, mask = ckpt["state_dict"][f"{name}.weight"], ckpt["state_dict"][f"{name}.mask"]
         weight[~mask] = 1.0
@@ -886,13 +883,7 @@ def test_load_pruned_checkpoint_into_the_wrong_model_is_short_and_changes_nothin
 
 
 def test_load_pruned_checkpoint_drops_nan_stored_in_pruned_weights(tmp_path, datamodule):
-    module = make_module()
-    cb = WinogradPruning(method="wsp-c", amount=0.5, verbose=0)
-    trainer = make_trainer([cb], limit_val_batches=0)
-    trainer.fit(module, datamodule)
-    path = tmp_path / "final.ckpt"
-    trainer.save_checkpoint(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    module, cb, _, ckpt = fit_wsp_c_checkpoint(tmp_path / "final.ckpt", datamodule)
     for name in cb.layer_names:
         ckpt["state_dict"][f"{name}.weight"][~ckpt["state_dict"][f"{name}.mask"]] = float("nan")
     fresh = load_pruned_checkpoint(make_module(), ckpt).eval()
