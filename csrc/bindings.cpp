@@ -116,6 +116,21 @@ winoprune::TileGeometry input_geometry(const py::array& nchw, const char* name, 
   return {nchw.shape(0), nchw.shape(1), nchw.shape(2), nchw.shape(3), pad_top, pad_left, th, tw};
 }
 
+winoprune::Isa parse_isa(const py::object& isa);
+
+// The vector training transforms of an ISA, when its compile-time matrix (BT or AT) equals the one passed in.
+const winoprune::KernelTable* train_table(const py::object& isa, const float* (*mat)(const winoprune::KernelTable&, int),
+                                          const float* given, int p, int n) {
+  const winoprune::KernelTable& tab = winoprune::kernel_table(parse_isa(isa));
+  const float* fixed = mat(tab, p);
+  if (fixed == nullptr) return nullptr;
+  for (int i = 0; i < n; ++i)
+    if (fixed[i] != given[i]) return nullptr;
+  return &tab;
+}
+const float* table_BT(const winoprune::KernelTable& t, int p) { return t.train_BT(p); }
+const float* table_AT(const winoprune::KernelTable& t, int p) { return t.train_AT(p); }
+
 void filter_transform(const py::handle& g_obj, const py::handle& G_obj, const py::handle& out_obj) {
   auto g = as_array<float>(g_obj, "g");
   auto G = as_array<double>(G_obj, "G");
@@ -141,7 +156,7 @@ void filter_transform(const py::handle& g_obj, const py::handle& G_obj, const py
 }
 
 void input_transform(const py::handle& x_obj, const py::handle& BT_obj, index_t pad_top, index_t pad_left,
-                     index_t th, index_t tw, const py::handle& out_obj) {
+                     index_t th, index_t tw, const py::handle& out_obj, const py::object& isa) {
   auto x = as_array<float>(x_obj, "x");
   auto BT = as_array<float>(BT_obj, "BT");
   auto out = as_array<float>(out_obj, "out", true);
@@ -151,12 +166,14 @@ void input_transform(const py::handle& x_obj, const py::handle& BT_obj, index_t 
   const float* xp = x.data();
   const float* bp = BT.data();
   float* vp = out.mutable_data();
+  const auto* tab = train_table(isa, table_BT, bp, p, p * p);
   py::gil_scoped_release release;
+  if (tab && tab->train_input(xp, g, p, vp, winoprune::max_threads())) return;
   winoprune::input_transform(xp, g, bp, p, vp);
 }
 
 void input_transform_adjoint(const py::handle& dV_obj, const py::handle& BT_obj, index_t pad_top, index_t pad_left,
-                             index_t th, index_t tw, const py::handle& out_obj) {
+                             index_t th, index_t tw, const py::handle& out_obj, const py::object& isa) {
   auto dV = as_array<float>(dV_obj, "dV");
   auto BT = as_array<float>(BT_obj, "BT");
   auto out = as_array<float>(out_obj, "out", true);
@@ -166,12 +183,14 @@ void input_transform_adjoint(const py::handle& dV_obj, const py::handle& BT_obj,
   const float* vp = dV.data();
   const float* bp = BT.data();
   float* xp = out.mutable_data();
+  const auto* tab = train_table(isa, table_BT, bp, p, p * p);
   py::gil_scoped_release release;
+  if (tab && tab->train_input_adjoint(vp, g, p, xp, winoprune::max_threads())) return;
   winoprune::input_transform_adjoint(vp, g, bp, p, xp);
 }
 
 void output_transform(const py::handle& M_obj, const py::handle& AT_obj, const py::object& bias_obj, index_t th,
-                      index_t tw, const py::handle& out_obj) {
+                      index_t tw, const py::handle& out_obj, const py::object& isa) {
   auto M = as_array<float>(M_obj, "M");
   auto AT = as_array<float>(AT_obj, "AT");
   auto out = as_array<float>(out_obj, "out", true);
@@ -195,12 +214,14 @@ void output_transform(const py::handle& M_obj, const py::handle& AT_obj, const p
   const float* mp = M.data();
   const float* ap = AT.data();
   float* yp = out.mutable_data();
+  const auto* tab = train_table(isa, table_AT, ap, p, (p - 2) * p);
   py::gil_scoped_release release;
+  if (tab && tab->train_output(mp, g, bias, p, yp, winoprune::max_threads())) return;
   winoprune::output_transform(mp, g, ap, bias, p, yp);
 }
 
 void output_transform_adjoint(const py::handle& dy_obj, const py::handle& AT_obj, index_t th, index_t tw,
-                              const py::handle& out_obj) {
+                              const py::handle& out_obj, const py::object& isa) {
   auto dy = as_array<float>(dy_obj, "dy");
   auto AT = as_array<float>(AT_obj, "AT");
   auto out = as_array<float>(out_obj, "out", true);
@@ -217,7 +238,9 @@ void output_transform_adjoint(const py::handle& dy_obj, const py::handle& AT_obj
   const float* dp = dy.data();
   const float* ap = AT.data();
   float* mp = out.mutable_data();
+  const auto* tab = train_table(isa, table_AT, ap, p, (p - 2) * p);
   py::gil_scoped_release release;
+  if (tab && tab->train_output_adjoint(dp, g, p, mp, winoprune::max_threads())) return;
   winoprune::output_transform_adjoint(dp, g, ap, p, mp);
 }
 
@@ -681,14 +704,15 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("filter_transform", &filter_transform, py::arg("g"), py::arg("G"), py::arg("out"),
           "U = G g G^T for every (3, 3) kernel of g, accumulated in float64, written to out (..., p, p).");
   mod.def("input_transform", &input_transform, py::arg("x"), py::arg("BT"), py::arg("pad_top"), py::arg("pad_left"),
-          py::arg("th"), py::arg("tw"), py::arg("out"), "V[xi] = B^T d B for every tile of NCHW x; out is (p*p, C, T).");
+          py::arg("th"), py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(),
+          "V[xi] = B^T d B for every tile of NCHW x; out is (p*p, C, T). isa: None (detected) or a supported name.");
   mod.def("input_transform_adjoint", &input_transform_adjoint, py::arg("dV"), py::arg("BT"), py::arg("pad_top"),
-          py::arg("pad_left"), py::arg("th"), py::arg("tw"), py::arg("out"),
+          py::arg("pad_left"), py::arg("th"), py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(),
           "Transpose of input_transform: scatter-adds B dV B^T into out (N, C, H, W), which it overwrites.");
   mod.def("output_transform", &output_transform, py::arg("M"), py::arg("AT"), py::arg("bias"), py::arg("th"),
-          py::arg("tw"), py::arg("out"), "y = A^T M A (+ bias) for every tile, cropped into out (N, K, Ho, Wo).");
+          py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(), "y = A^T M A (+ bias) for every tile, cropped into out (N, K, Ho, Wo).");
   mod.def("output_transform_adjoint", &output_transform_adjoint, py::arg("dy"), py::arg("AT"), py::arg("th"),
-          py::arg("tw"), py::arg("out"), "Transpose of output_transform (without bias): out (p*p, K, T).");
+          py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(), "Transpose of output_transform (without bias): out (p*p, K, T).");
   mod.def("isa", [] { return isa_name(winoprune::detect_isa()); },
           "The ISA the kernels dispatch to: the widest this CPU supports, capped by $WINOPRUNE_ISA.");
   mod.def("supported_isas", &supported_isas, "ISAs this CPU (and this build) can run.");

@@ -50,6 +50,13 @@ struct WinogradPlanView {
   int act;                           // Activation applied after the bias
 };
 
+// A training tile transform's geometry (winograd_tiles.h, training_kernels.h).
+struct TileGeometry {
+  index_t N, C, H, W;          // shape of the NCHW tensor on the spatial side (x for input, y for output)
+  index_t pad_top, pad_left;   // input only: zero padding before the first row / column
+  index_t th, tw;              // tiles per column / row
+};
+
 struct ConvGeometry {
   index_t N, H, W;        // input batch and spatial size (channels come from the plan)
   index_t pad_top, pad_left;
@@ -90,6 +97,14 @@ struct KernelTable {
   void (*depthwise_forward)(const DepthwisePlanView&, const DepthwiseGeometry&, const float* x, float* y,
                             int threads);
   void (*max_pool_forward)(const PoolGeometry&, const float* x, float* y, int threads);
+  // Training tile transforms (layouts in winograd_tiles.h) with the transform matrices of train_BT / train_AT.
+  // Each returns false when p has no vector kernel here (then the caller runs the scalar reference).
+  const float* (*train_BT)(int p);  // (p, p) row-major, or nullptr when p is unsupported
+  const float* (*train_AT)(int p);  // (p - 2, p)
+  bool (*train_input)(const float* x, const TileGeometry& g, int p, float* V, int threads);
+  bool (*train_input_adjoint)(const float* dV, const TileGeometry& g, int p, float* dx, int threads);
+  bool (*train_output)(const float* M, const TileGeometry& g, const float* bias, int p, float* y, int threads);
+  bool (*train_output_adjoint)(const float* dy, const TileGeometry& g, int p, float* dM, int threads);
 };
 
 #define WINOPRUNE_DECLARE_ISA(NS) \

@@ -26,6 +26,7 @@ namespace WINOPRUNE_ISA_NS {
 #include "depthwise_kernels.h"
 #include "pool_kernels.h"
 #include "winograd_conv_kernels.h"
+#include "training_kernels.h"
 
 const KernelTable& table() {
   static const KernelTable t{static_cast<Isa>(WINOPRUNE_ISA_ID),
@@ -35,7 +36,13 @@ const KernelTable& table() {
                              &winograd_workspace,
                              &winograd_forward,
                              &depthwise_forward,
-                             &max_pool_forward};
+                             &max_pool_forward,
+                             &train_BT,
+                             &train_AT,
+                             &train_input,
+                             &train_input_adjoint,
+                             &train_output,
+                             &train_output_adjoint};
   return t;
 }
 

@@ -243,59 +243,117 @@ inline void store_run(const wp_vf (&out)[m][m], float* dst, index_t Wo) {
   }
 }
 
+// d[u][v] of the VW tiles of lane group l0 / VW of channel plane xc: contiguous loads for a run inside the image,
+// else hardware gathers, else scalar reads; zero outside the image and in lanes beyond ti.nt.
+template <int P>
+inline void load_tiles(const float* xc, const ConvGeometry& g, const TileInfo& ti, index_t l0, wp_vf (&dv)[P][P]) {
+  if (ti.in_run[l0 / VW]) {
+    load_run<P>(xc + ti.xbase[l0] + ti.h0[l0] * g.W + ti.w0[l0], g.W, dv);
+    return;
+  }
+  if (gather_tiles<P>(xc, g, ti, l0 / VW, dv)) return;
+  alignas(64) float d[P][P][VW];
+  for (int l = 0; l < VW; ++l) {
+    const index_t t = l0 + l;
+    if (t >= ti.nt) {
+      for (int u = 0; u < P; ++u)
+        for (int v = 0; v < P; ++v) d[u][v][l] = 0.0f;
+      continue;
+    }
+    const index_t h0 = ti.h0[t], w0 = ti.w0[t];
+    const float* xt = xc + ti.xbase[t];
+    if (h0 >= 0 && w0 >= 0 && h0 + P <= g.H && w0 + P <= g.W) {
+      const float* src = xt + h0 * g.W + w0;
+#pragma GCC unroll 8
+      for (int u = 0; u < P; ++u)
+#pragma GCC unroll 8
+        for (int v = 0; v < P; ++v) d[u][v][l] = src[u * g.W + v];
+    } else {
+      for (int u = 0; u < P; ++u) {
+        const index_t h = h0 + u;
+        const bool row_ok = h >= 0 && h < g.H;
+        for (int v = 0; v < P; ++v) {
+          const index_t w = w0 + v;
+          d[u][v][l] = (row_ok && w >= 0 && w < g.W) ? xt[h * g.W + w] : 0.0f;
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < P; ++u)
+#pragma GCC unroll 8
+    for (int v = 0; v < P; ++v) dv[u][v] = load(d[u][v]);
+}
+
+// tmp = B^T d B of VW tiles at once; calls store(i * P + j, value) for every Winograd position.
+template <int P, typename Store>
+inline void input_tiles(const wp_vf (&dv)[P][P], Store store_xi) {
+  wp_vf tmp[P][P];
+#pragma GCC unroll 8
+  for (int i = 0; i < P; ++i)
+#pragma GCC unroll 8
+    for (int v = 0; v < P; ++v) tmp[i][v] = combine(Mats<P>::BT[i], [&](int u) { return dv[u][v]; });
+#pragma GCC unroll 8
+  for (int i = 0; i < P; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) store_xi(i * P + j, combine(Mats<P>::BT[j], [&](int v) { return tmp[i][v]; }));
+}
+
 // V[(xi * C + c) * Tb + t] for channels [c0, c1) of one block.
 template <int P>
 void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, index_t c1, const TileInfo& ti,
                  index_t Tb, float* V) {
   const index_t plane = g.H * g.W;
-  alignas(64) float d[P][P][VW];
   for (index_t c = c0; c < c1; ++c) {
     const float* xc = x + c * plane;
     for (index_t l0 = 0; l0 < Tb; l0 += VW) {
-      wp_vf dv[P][P], tmp[P][P];
-      if (ti.in_run[l0 / VW]) {
-        load_run<P>(xc + ti.xbase[l0] + ti.h0[l0] * g.W + ti.w0[l0], g.W, dv);
-      } else if (!gather_tiles<P>(xc, g, ti, l0 / VW, dv)) {
-      for (int l = 0; l < VW; ++l) {
-        const index_t t = l0 + l;
-        if (t >= ti.nt) {
-          for (int u = 0; u < P; ++u)
-            for (int v = 0; v < P; ++v) d[u][v][l] = 0.0f;
-          continue;
-        }
-        const index_t h0 = ti.h0[t], w0 = ti.w0[t];
-        const float* xt = xc + ti.xbase[t];
-        if (h0 >= 0 && w0 >= 0 && h0 + P <= g.H && w0 + P <= g.W) {
-          const float* src = xt + h0 * g.W + w0;
+      wp_vf dv[P][P];
+      load_tiles<P>(xc, g, ti, l0, dv);
+      input_tiles<P>(dv, [&](int xi, wp_vf v) { store(V + (xi * C + c) * Tb + l0, v); });
+    }
+  }
+}
+
+// ov = A^T M A (+ bias) of VW tiles at once.
+template <int P>
+inline void output_tiles(const wp_vf (&mv)[P][P], wp_vf bias_v, wp_vf (&ov)[P - 2][P - 2]) {
+  constexpr int m = P - 2;
+  wp_vf tmp[m][P];
 #pragma GCC unroll 8
-          for (int u = 0; u < P; ++u)
+  for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
-            for (int v = 0; v < P; ++v) d[u][v][l] = src[u * g.W + v];
-        } else {
-          for (int u = 0; u < P; ++u) {
-            const index_t h = h0 + u;
-            const bool row_ok = h >= 0 && h < g.H;
-            for (int v = 0; v < P; ++v) {
-              const index_t w = w0 + v;
-              d[u][v][l] = (row_ok && w >= 0 && w < g.W) ? xt[h * g.W + w] : 0.0f;
-            }
-          }
-        }
-      }
+    for (int j = 0; j < P; ++j) tmp[a][j] = combine(Mats<P>::AT[a], [&](int i) { return mv[i][j]; });
 #pragma GCC unroll 8
-      for (int u = 0; u < P; ++u)
+  for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
-        for (int v = 0; v < P; ++v) dv[u][v] = load(d[u][v]);
-      }
+    for (int c = 0; c < m; ++c) ov[a][c] = combine(Mats<P>::AT[c], [&](int j) { return tmp[a][j]; }, &bias_v);
+}
+
+// Writes the m x m output tiles of lane group l0 / VW into channel plane yk, cropped to Ho x Wo.
+template <int m>
+inline void store_tiles(const wp_vf (&ov)[m][m], float* yk, const ConvGeometry& g, const TileInfo& ti, index_t l0) {
+  if (ti.out_run[l0 / VW]) {
+    store_run<m>(ov, yk + ti.ybase[l0], g.Wo);
+    return;
+  }
+  alignas(64) float out[m][m][VW];
 #pragma GCC unroll 8
-      for (int i = 0; i < P; ++i)
+  for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
-        for (int v = 0; v < P; ++v) tmp[i][v] = combine(Mats<P>::BT[i], [&](int u) { return dv[u][v]; });
+    for (int c = 0; c < m; ++c) store(out[a][c], ov[a][c]);
+  const index_t lanes = std::min<index_t>(VW, ti.nt - l0);
+  for (index_t l = 0; l < lanes; ++l) {
+    const index_t t = l0 + l;
+    float* dst = yk + ti.ybase[t];
+    const index_t hm = std::min<index_t>(m, g.Ho - ti.oh0[t]), wm = std::min<index_t>(m, g.Wo - ti.ow0[t]);
+    if (hm == m && wm == m) {
 #pragma GCC unroll 8
-      for (int i = 0; i < P; ++i)
+      for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
-        for (int j = 0; j < P; ++j)
-          store(V + ((i * P + j) * C + c) * Tb + l0, combine(Mats<P>::BT[j], [&](int v) { return tmp[i][v]; }));
+        for (int c = 0; c < m; ++c) dst[a * g.Wo + c] = out[a][c][l];
+    } else {
+      for (index_t a = 0; a < hm; ++a)
+        for (index_t c = 0; c < wm; ++c) dst[a * g.Wo + c] = out[a][c][l];
     }
   }
 }
@@ -306,55 +364,23 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
                   int act, const TileInfo& ti, index_t Tb, float* y) {
   constexpr int m = P - 2;
   const index_t plane = g.Ho * g.Wo;
-  alignas(64) float out[m][m][VW];
   for (index_t k = k0; k < k1; ++k) {
-    const float b = bias ? bias[k] : 0.0f;
+    const wp_vf bias_v = splat(bias ? bias[k] : 0.0f);
     float* yk = y + k * plane;
     for (index_t l0 = 0; l0 < ti.nt; l0 += VW) {
-      wp_vf mv[P][P], tmp[m][P];
+      wp_vf mv[P][P], ov[m][m];
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
         for (int j = 0; j < P; ++j) mv[i][j] = load(M + ((i * P + j) * (K + 1) + k) * Tb + l0);
-#pragma GCC unroll 8
-      for (int a = 0; a < m; ++a)
-#pragma GCC unroll 8
-        for (int j = 0; j < P; ++j) tmp[a][j] = combine(Mats<P>::AT[a], [&](int i) { return mv[i][j]; });
-      wp_vf ov[m][m];
-      const wp_vf bias_v = splat(b);
-#pragma GCC unroll 8
-      for (int a = 0; a < m; ++a)
-#pragma GCC unroll 8
-        for (int c = 0; c < m; ++c) ov[a][c] = combine(Mats<P>::AT[c], [&](int j) { return tmp[a][j]; }, &bias_v);
+      output_tiles<P>(mv, bias_v, ov);
       if (act != act_none) {
 #pragma GCC unroll 8
         for (int a = 0; a < m; ++a)
 #pragma GCC unroll 8
           for (int c = 0; c < m; ++c) ov[a][c] = activate(ov[a][c], act);
       }
-      if (ti.out_run[l0 / VW]) {
-        store_run<m>(ov, yk + ti.ybase[l0], g.Wo);
-        continue;
-      }
-#pragma GCC unroll 8
-      for (int a = 0; a < m; ++a)
-#pragma GCC unroll 8
-        for (int c = 0; c < m; ++c) store(out[a][c], ov[a][c]);
-      const index_t lanes = std::min<index_t>(VW, ti.nt - l0);
-      for (index_t l = 0; l < lanes; ++l) {
-        const index_t t = l0 + l;
-        float* dst = yk + ti.ybase[t];
-        const index_t hm = std::min<index_t>(m, g.Ho - ti.oh0[t]), wm = std::min<index_t>(m, g.Wo - ti.ow0[t]);
-        if (hm == m && wm == m) {
-#pragma GCC unroll 8
-          for (int a = 0; a < m; ++a)
-#pragma GCC unroll 8
-            for (int c = 0; c < m; ++c) dst[a * g.Wo + c] = out[a][c][l];
-        } else {
-          for (index_t a = 0; a < hm; ++a)
-            for (index_t c = 0; c < wm; ++c) dst[a * g.Wo + c] = out[a][c][l];
-        }
-      }
+      store_tiles<m>(ov, yk, g, ti, l0);
     }
   }
 }

@@ -11,15 +11,10 @@
 // Every routine is parallel over (image, channel) planes, so writes never conflict.
 #pragma once
 
-#include "common.h"
+#include "isa.h"  // TileGeometry
 
 namespace winoprune {
 
-struct TileGeometry {
-  index_t N, C, H, W;          // shape of the NCHW tensor on the spatial side (x for input, y for output)
-  index_t pad_top, pad_left;   // input only: zero padding before the first row / column
-  index_t th, tw;              // tiles per column / row
-};
 
 template <int P>
 void input_transform_p(const float* x, const TileGeometry& g, const float* BT, float* V) {
