@@ -83,6 +83,11 @@ class PruningCallback(Callback):
     optimizer step (after DDP all-reduce, gradient accumulation and AMP unscaling, before clipping), re-enforces
     masks restored from a checkpoint, and saves the schedule position.
 
+    The list of masked weights is built once per pruning step, not per optimizer step (:meth:`masked_upkeep`): it is
+    rebuilt after a pruning step, :meth:`enforce`, :meth:`load_state_dict` and at the start of a fit, or when
+    :meth:`upkeep_stale` says so. A subclass skips the multiply for weights whose gradient is already exactly zero
+    at every pruned entry (:meth:`gradient_mask_needed`).
+
     Args:
         amount: The final cumulative target of the schedule.
         schedule: ``"one_shot"`` or ``"gradual"``.
@@ -136,9 +141,39 @@ class PruningCallback(Callback):
 
     def enforce(self, pl_module: nn.Module) -> None:
         """Zero the pruned entries of every masked weight (after a restore); subclasses may do more."""
+        self.invalidate_upkeep()
         with torch.no_grad():
-            for weight, mask in self.masked_parameters(pl_module):
+            for weight, mask in self.masked_upkeep(pl_module):
                 weight.masked_fill_(mask == 0, 0)  # not a multiply: NaN * 0 is NaN, pruned entries become exactly 0
+
+    def masked_upkeep(self, pl_module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`masked_parameters`, cached until :meth:`invalidate_upkeep` (or :meth:`upkeep_stale`).
+
+        The gradient masking before every optimizer step reads this list instead of looking every layer up again.
+        """
+        if self._upkeep is None or self.upkeep_stale():
+            self._upkeep = self.masked_parameters(pl_module)
+        return self._upkeep
+
+    def invalidate_upkeep(self) -> None:
+        """Drop the cached :meth:`masked_upkeep` list: the masks or the model's structure changed."""
+        self._upkeep = None
+
+    def upkeep_stale(self) -> bool:
+        """Whether the cached list no longer matches the model (checked before every use; cheap). Default: never."""
+        return False
+
+    def gradient_mask_needed(self, trainer: pl.Trainer, weight: torch.Tensor) -> bool:
+        """Whether ``weight.grad`` still needs the multiply by its mask before this optimizer step (default: yes).
+
+        A subclass answers no for weights whose gradient is exactly zero at every pruned entry by construction.
+        """
+        return True
+
+    def after_gradient_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        """Called after the gradients were masked before an optimizer step (e.g. to reset per-step tracking)."""
+
+    _upkeep: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def release(self, pl_module: nn.Module) -> None:
         """Called when the callback stops (teardown or exception): undo what only holds while it runs."""
@@ -189,11 +224,15 @@ class PruningCallback(Callback):
         target = self.schedule.target_at(epoch)
         if target is None or epoch <= self.last_pruned_epoch:
             return
-        self.prune(trainer, pl_module, target)
+        try:
+            self.prune(trainer, pl_module, target)
+        finally:
+            self.invalidate_upkeep()
         self.last_pruned_epoch = epoch
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.invalidate_upkeep()
         self.enforce(pl_module)  # masks restored from a checkpoint hold in storage from the first step
 
     @override
@@ -201,16 +240,20 @@ class PruningCallback(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # With a zero gradient and zeroed optimizer state, pruned weights stay exactly zero under any usual optimizer.
-        pairs = [(w.grad, m) for w, m in self.masked_parameters(pl_module) if w.grad is not None]
+        pairs = [(w.grad, m) for w, m in self.masked_upkeep(pl_module)
+                 if w.grad is not None and self.gradient_mask_needed(trainer, w)]
         if pairs:
             torch._foreach_mul_([g for g, _ in pairs], [m for _, m in pairs])
+        self.after_gradient_masks(trainer, optimizer)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.invalidate_upkeep()
         self.release(pl_module)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.invalidate_upkeep()
         self.release(pl_module)  # Lightning skips teardown when fit raises
 
     @override
@@ -222,6 +265,7 @@ class PruningCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._resuming_fit is not False:  # validate/test/predict from a checkpoint prune nothing: no conflict
             self.check_resume_config(state_dict, self._loading_key)
+        self.invalidate_upkeep()
         self.layer_names = list(state_dict.get("layer_names", self.layer_names))
         self.last_pruned_epoch = int(state_dict.get("last_pruned_epoch", -1))
         self.history = list(state_dict.get("history", []))

@@ -209,6 +209,7 @@ class DEPrune(PruningCallback):
             register_mask_buffer(pl_module.get_submodule(name))  # type: ignore[arg-type]
         self.kinds, self.layer_names = kinds, list(kinds)
         self._float_masks.clear()
+        self.invalidate_upkeep()
         self.release(pl_module)
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._refuse_other_shapes)
 
@@ -309,6 +310,7 @@ class DEPrune(PruningCallback):
         before = _count_parameters(pl_module)
         removed, skipped = shrink_pointwise(pl_module, names, example)
         self._float_masks.clear()
+        self.invalidate_upkeep()
         after = _count_parameters(pl_module)
         self.physical_removed.extend(removed)
         self.physical_skipped.update(skipped)
@@ -364,6 +366,7 @@ class DEPrune(PruningCallback):
     def _apply(self, trainer: pl.Trainer, name: str, conv: nn.Conv2d, mask: torch.Tensor) -> None:
         getattr(conv, MASK_BUFFER).copy_(mask)
         self._float_masks.pop(name, None)
+        self.invalidate_upkeep()  # also when prune is called from a hook of the user's
         with torch.no_grad():
             conv.weight.masked_fill_(~mask, 0)  # not a multiply: a NaN in a pruned weight becomes 0 too
         self.zero_optimizer_state(trainer, conv.weight, mask)

@@ -231,6 +231,10 @@ class WinogradPruning(PruningCallback):
         self.layer_importance: dict[str, float] = {}
         self._load_hook: torch.utils.hooks.RemovableHandle | None = None
         self._factors: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        # the cached upkeep (see PruningCallback.masked_upkeep): layers, the masks it was built from, weight -> layer
+        self._layer_cache: tuple[nn.Module, dict[str, WinogradConv2d]] | None = None
+        self._upkeep_masks: list[tuple[WinogradConv2d, torch.Tensor | None, int | None]] = []
+        self._layer_of: dict[int, WinogradConv2d] = {}
 
     structural_config = ("m", "skip_first", "include", "exclude")
 
@@ -268,6 +272,7 @@ class WinogradPruning(PruningCallback):
                 f"(conversion report:\n{report})"
             )
         self.layer_names = names
+        self.invalidate_upkeep()
         if self._load_hook is not None:
             self._load_hook.remove()
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._refuse_other_tile_sizes)
@@ -315,14 +320,51 @@ class WinogradPruning(PruningCallback):
     @override
     def masked_parameters(self, pl_module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
         out: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in self._layers(pl_module).values():
+        layers = self._layers(pl_module).values()
+        for layer in layers:
             value = layer.mask_value()
             if value is not None:
                 out.append((layer.weight, value))
+        # what the cached list was built from: a mask replaced or edited in place since makes it stale
+        self._upkeep_masks = [(layer, layer.mask, None if layer.mask is None else layer.mask._version)
+                              for layer in layers]
+        self._layer_of = {id(layer.weight): layer for layer in layers}
         return out
 
     @override
+    def invalidate_upkeep(self) -> None:
+        super().invalidate_upkeep()
+        self._layer_cache = None
+        self._upkeep_masks = []
+        self._layer_of = {}
+
+    @override
+    def upkeep_stale(self) -> bool:
+        return any(layer.mask is not mask or (mask is not None and mask._version != version)
+                   for layer, mask, version in self._upkeep_masks)
+
+    @override
+    def gradient_mask_needed(self, trainer: pl.Trainer, weight: torch.Tensor) -> bool:
+        # A layer whose forward passes since the last step all ran the sparse route (or masked the weight) gave its
+        # pruned entries an exactly zero gradient: no multiply. Not under DDP, where ranks may pick other routes
+        # and the all-reduced gradient mixes them, nor while the spatial phase rewrites the gradient.
+        layer = self._layer_of.get(id(weight))
+        if layer is None or not layer.pruned_grads_zero or self.in_spatial_phase:
+            return True
+        return trainer is None or trainer.world_size > 1
+
+    @override
+    def after_gradient_masks(self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+        if optimizer is None:  # called by hand, not before a step: nothing to mark
+            return
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for layer in self._layer_of.values():
+            if id(layer.weight) in stepped:
+                layer.mark_pruned_grads_zero()
+
+    @override
     def enforce(self, pl_module: nn.Module) -> None:
+        self.invalidate_upkeep()
         for layer in self._layers(pl_module).values():
             if layer.mask is not None:
                 self._enforce(layer)
@@ -335,7 +377,7 @@ class WinogradPruning(PruningCallback):
         spatial = self.in_spatial_phase
         if spatial or self.gradient_scaling:
             with torch.no_grad():
-                for layer in self._layers(pl_module).values():
+                for layer in self._layers(pl_module).values():  # cached: no module lookups per step
                     grad = layer.weight.grad
                     if grad is None:
                         continue
@@ -360,6 +402,7 @@ class WinogradPruning(PruningCallback):
         if self.method == _SPATIAL and self.stages == 1 and self.stage >= 1:
             for name, layer in self._layers(pl_module).items():
                 _set_submodule(pl_module, name, _to_conv(layer))
+            self.invalidate_upkeep()
 
     @property
     def in_spatial_phase(self) -> bool:
@@ -379,6 +422,7 @@ class WinogradPruning(PruningCallback):
         # outside this callback nobody masks gradients: layers go back to masking in every forward pass
         for layer in self._layers(pl_module).values():
             layer.mask_in_forward = True
+        self.invalidate_upkeep()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -467,8 +511,14 @@ class WinogradPruning(PruningCallback):
         return self._policy_pattern(None if policy == "dense" else policy)
 
     def _layers(self, pl_module: nn.Module) -> dict[str, WinogradConv2d]:
+        """The selected layers, looked up once per pruning step (cached with the upkeep list)."""
+        cached = self._layer_cache
+        if cached is not None and cached[0] is pl_module:
+            return cached[1]
         layers = {n: pl_module.get_submodule(n) for n in self.layer_names}
-        return {n: mod for n, mod in layers.items() if isinstance(mod, WinogradConv2d)}
+        out = {n: mod for n, mod in layers.items() if isinstance(mod, WinogradConv2d)}
+        self._layer_cache = (pl_module, out)
+        return out
 
     @staticmethod
     def _enforce(layer: WinogradConv2d) -> None:
@@ -480,6 +530,7 @@ class WinogradPruning(PruningCallback):
         self._enforce(layer)
         assert layer.mask is not None
         self.zero_optimizer_state(trainer, layer.weight, layer.mask)
+        self.invalidate_upkeep()  # also when prune is called from a hook of the user's
 
     def _taylor(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, WinogradConv2d],
                 batches: list[Any]) -> dict[str, torch.Tensor]:

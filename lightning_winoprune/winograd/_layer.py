@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,6 +14,7 @@ from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import Backend
+from lightning_winoprune.winograd._sparse import SparsePlan, build_plan, sparse_conv
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
     capturing,
@@ -29,17 +33,73 @@ __all__ = ["Route", "WinogradConv2d", "conv_ineligibility", "winograd_layout"]
 class Route(ParsableEnum):
     """How a :class:`WinogradConv2d` computes its output. All routes are exact reformulations of the same map.
 
-    * ``auto``: ``unrolled`` when the whole output fits in one tile and that is cheaper, else ``bgemm``.
+    * ``auto``: without a mask, ``unrolled`` when the whole output fits in one tile and that is cheaper, else
+      ``bgemm``. With a mask, in training (module in train mode, autograd enabled) the layer *measures*: on the first
+      forward pass for an input shape and mask version it times forward + backward of ``bgemm``, ``sparse`` and
+      (where the rule above picks it) ``unrolled`` on detached copies of that input (median of a few repetitions)
+      and keeps the fastest for that key (:attr:`WinogradConv2d.last_route` says which one ran). In eval mode or
+      without autograd it chooses without timing: the rule above when it picks ``unrolled``, else ``sparse`` when
+      the sparse GEMMs do at most 60% of the dense multiply-adds (``Rmax * Cmax <= 0.6 * K * C``), else ``bgemm``.
     * ``bgemm``: input transform -> one GEMM per Winograd position -> output transform (an explicit autograd
       function whose tile transforms run in the native extension when available).
+    * ``sparse``: ``bgemm`` restricted to the rows and columns of every ``U[xi]`` that the mask keeps (gathered,
+      padded to the largest position, scattered back); pruned weights receive an exactly zero gradient by
+      construction. Without a mask it is ``bgemm``.
     * ``unrolled``: for single-tile geometries (small feature maps), the layer as one dense matrix product.
     * ``phase``: ``pixel_shuffle(conv2d(pad(x), E(U), stride=m))``; runs on any conv backend and exports to ONNX.
     """
 
     AUTO = "auto"
     BGEMM = "bgemm"
+    SPARSE = "sparse"
     UNROLLED = "unrolled"
     PHASE = "phase"
+
+
+#: ``auto`` outside training takes the ``sparse`` route when its GEMMs do at most this share of the dense multiply-adds.
+SPARSE_WORK_FRACTION = 0.6
+#: Timed repetitions (after one warm-up) per candidate when ``auto`` measures the routes of a masked layer.
+TIMING_REPS = 3
+
+
+def _median_time(fn: Callable[[], None], device: torch.device, reps: int = TIMING_REPS) -> float:
+    """Median wall time in seconds of ``fn()`` over ``reps`` calls after one warm-up call."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _MaskState:
+    """What a layer derives from one mask (the sparse plan, the measured route per input key); never saved.
+
+    Valid while the layer's mask is this very tensor at this version (an in-place edit bumps ``_version``). Holding
+    the tensor keeps its ``id`` from being reused by a new mask.
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self.version = mask._version
+        self.plan: SparsePlan | None = None
+        self.routes: dict[tuple[Any, ...], Route] = {}
+
+    def matches(self, mask: torch.Tensor) -> bool:
+        return self.mask is mask and self.version == mask._version
+
+    def get_plan(self) -> SparsePlan:
+        if self.plan is None:
+            self.plan = build_plan(self.mask)
+        return self.plan
 
 
 def winograd_layout(t: torch.Tensor) -> torch.Tensor:
@@ -116,11 +176,13 @@ class WinogradConv2d(nn.Module):
     ``p = m + 2``; each ``U[:, :, i, j]`` is the ``K x C`` matrix of one BGEMM position. An optional boolean
     ``mask`` buffer of the same shape prunes entries: the forward pass uses ``torch.where(mask, weight, 0)``, so
     pruned entries are absent (they contribute exactly zero, even if a NaN or inf is stored there) and receive zero
-    gradient.
+    gradient. A masked layer with ``route="auto"`` runs the structured-sparse BGEMM (``Route.SPARSE``: only the kept
+    rows and columns of every ``U[xi]``) where that is faster, see :class:`Route`; :attr:`last_route` says which
+    route the last forward pass took.
 
     A batch of size 0 gives an empty output, as ``F.conv2d`` does. While ``torch.jit.trace``, ``torch.compile`` or
-    ``torch.export`` captures the layer, the ``bgemm`` route runs as plain torch ops (the native transforms cannot
-    be traced), so the captured graph computes the same function.
+    ``torch.export`` captures the layer, the ``bgemm`` and ``sparse`` routes run as plain torch ops (the native
+    transforms cannot be traced), so the captured graph computes the same function.
 
     Build one from an existing convolution with :meth:`from_conv`, which makes the two exactly equivalent.
 
@@ -172,10 +234,15 @@ class WinogradConv2d(nn.Module):
         self.register_buffer("mask", None)
         # Float copy of the mask for the forward multiply (a bool multiply is ~8x slower); derived, never saved.
         self.register_buffer("_mask_value", None, persistent=False)
+        self._mask_value_of: tuple[torch.Tensor, int] | None = None  # the mask (and its version) it was made from
         #: When False, the forward pass uses ``weight`` as stored, trusting that its pruned entries are zero. Set by
         #: callbacks that zero them and mask every gradient before each optimizer step (cheaper than a multiply in
         #: every forward and backward); they set it back when they stop.
         self.mask_in_forward = True
+        #: The route the last forward pass ran (``None`` before the first one); see :class:`Route`.
+        self.last_route: Route | None = None
+        self._mask_cache: _MaskState | None = None  # derived from the mask, rebuilt when it changes, never saved
+        self._pruned_grads_zero = False
         self.reset_parameters()
 
     @property
@@ -240,6 +307,7 @@ class WinogradConv2d(nn.Module):
             TypeError: If the mask is not a boolean tensor.
 
         """
+        self._pruned_grads_zero = False
         if mask is None:
             self.mask = self._mask_value = None
             return
@@ -251,7 +319,9 @@ class WinogradConv2d(nn.Module):
         self._sync_mask_value()
 
     def _sync_mask_value(self) -> None:
-        self._mask_value = None if self.mask is None else self.mask.to(self.weight.dtype)
+        mask = self.mask
+        self._mask_value = None if mask is None else mask.to(self.weight.dtype)
+        self._mask_value_of = None if mask is None else (mask, mask._version)
 
     @torch.no_grad()
     def zero_pruned_(self) -> None:
@@ -264,8 +334,13 @@ class WinogradConv2d(nn.Module):
             self.weight.masked_fill_(~self.mask, 0)
 
     def mask_value(self) -> torch.Tensor | None:
-        """The mask as a tensor of the weight's dtype (1 keeps, 0 prunes), or ``None`` without a mask."""
-        if self.mask is not None and (self._mask_value is None or self._mask_value.dtype != self.weight.dtype):
+        """The mask as a tensor of the weight's dtype (1 keeps, 0 prunes), or ``None`` without a mask.
+
+        Cached; refreshed when the mask is replaced or edited in place, or the weight's dtype changes.
+        """
+        mask, value, of = self.mask, self._mask_value, self._mask_value_of
+        if mask is not None and (value is None or value.dtype != self.weight.dtype or of is None or of[0] is not mask
+                                 or of[1] != mask._version):
             self._sync_mask_value()
         return self._mask_value
 
@@ -296,10 +371,15 @@ class WinogradConv2d(nn.Module):
         if self.mask is not None:
             self.mask = winograd_layout(self.mask)
         self._sync_mask_value()
+        self._pruned_grads_zero = False
 
-    # ----------------------------------------------------------------------------------------------- forward
+    # ----------------------------------------------------------------------------------------------- routes
     def resolve_route(self, height: int, width: int) -> Route:
-        """The route ``auto`` takes for an ``height x width`` input (other settings are returned as they are)."""
+        """The route ``auto`` takes for an ``height x width`` input without a mask (another setting is returned).
+
+        With a mask, ``auto`` also considers ``sparse`` (measured in training, by the kept work fraction otherwise,
+        see :class:`Route`); :attr:`last_route` says what the last forward pass ran.
+        """
         if self.route is not Route.AUTO:
             return self.route
         geom = tile_geometry(height, width, self.padding, self.m)
@@ -307,42 +387,131 @@ class WinogradConv2d(nn.Module):
         unrolled_taps = geom.out_size[0] * geom.out_size[1] * height * width
         return Route.UNROLLED if geom.tiles == (1, 1) and unrolled_taps <= self.p * self.p else Route.BGEMM
 
+    def sparse_plan(self) -> SparsePlan | None:
+        """The gather/scatter plan of the current mask for the ``sparse`` route (``None`` without a mask).
+
+        Built on first use and cached on the layer until the mask changes (another tensor, or the same one edited in
+        place); never saved in the state dict.
+        """
+        return None if self.mask is None else self._mask_state().get_plan()
+
+    def _mask_state(self) -> _MaskState:
+        mask = self.mask
+        assert mask is not None
+        state = self._mask_cache
+        if state is None or not state.matches(mask):
+            state = self._mask_cache = _MaskState(mask)
+        return state
+
+    @property
+    def pruned_grads_zero(self) -> bool:
+        """Whether the forward passes since :meth:`mark_pruned_grads_zero` give pruned entries an exactly zero grad.
+
+        True when each of those passes ran the ``sparse`` route or masked the weight in the forward pass
+        (``mask_in_forward``); False after a pass on another route with ``mask_in_forward`` off (whose gradient
+        must still be masked), after the mask changed, and before the first mark. The pruning callbacks read it to
+        skip their gradient multiply; it covers only gradients that flow through this layer's forward pass.
+        """
+        return self._pruned_grads_zero
+
+    def mark_pruned_grads_zero(self) -> None:
+        """Start a new accumulation window for :attr:`pruned_grads_zero` (called once the gradients are used)."""
+        self._pruned_grads_zero = True
+
+    def _choose_route(self, x: torch.Tensor) -> Route:
+        """The route of this forward pass (see :class:`Route`); may time the candidates once per key in training."""
+        base = self.resolve_route(x.shape[-2], x.shape[-1])
+        if self.route is not Route.AUTO or self.mask is None or x.shape[0] == 0 or capturing():
+            return base
+        state = self._mask_state()
+        plan = state.get_plan()
+        if plan.work_fraction >= 1.0:  # nothing to skip: sparse would be bgemm with extra copies
+            return base
+        if not (self.training and torch.is_grad_enabled()):
+            if base is Route.UNROLLED:
+                return base
+            return Route.SPARSE if plan.work_fraction <= SPARSE_WORK_FRACTION else Route.BGEMM
+        key = (tuple(x.shape), x.dtype, x.device, x.requires_grad, self.mask_in_forward, self.backend)
+        route = state.routes.get(key)
+        if route is None:
+            candidates = [Route.BGEMM, Route.SPARSE] + ([Route.UNROLLED] if base is Route.UNROLLED else [])
+            route = state.routes[key] = self._measure_routes(x, candidates)
+        return route
+
+    def _measure_routes(self, x: torch.Tensor, candidates: list[Route]) -> Route:
+        """The candidate whose forward + backward on (detached copies of) ``x`` and the parameters is fastest."""
+        xd = x.detach().requires_grad_(x.requires_grad)
+        wd = self.weight.detach().requires_grad_(self.weight.requires_grad)
+        bd = None if self.bias is None else self.bias.detach().requires_grad_(self.bias.requires_grad)
+        inputs = [t for t in (xd, wd, bd) if t is not None and t.requires_grad]
+
+        def step(route: Route) -> None:
+            y = self._run(route, xd, wd, bd)
+            if inputs:
+                torch.autograd.grad(y, inputs, torch.ones_like(y))
+
+        with torch.enable_grad():
+            times = {route: _median_time(functools.partial(step, route), x.device) for route in candidates}
+        return min(candidates, key=times.__getitem__)
+
+    # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Convolve ``x`` of shape ``(N, C, H, W)``."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"WinogradConv2d expects input (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
             )
-        u = self.effective_weight()
         # The Winograd domain is numerically sensitive: under autocast it still runs in the weight's precision.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._convolve(x.to(u.dtype), u)
+            x = x.to(self.weight.dtype)
+            route = self._choose_route(x)
+            self.last_route = route
+            if (self.mask is not None and not self.mask_in_forward and route is not Route.SPARSE
+                    and torch.is_grad_enabled() and x.shape[0] > 0):
+                self._pruned_grads_zero = False  # this pass's gradient is masked by whoever turned the masking off
+            return self._run(route, x, self.weight, self.bias)
 
-    def _convolve(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def _masked(self, weight: torch.Tensor, force: bool = False) -> torch.Tensor:
+        """``weight`` with the pruned entries absent when the forward pass masks (``mask_in_forward`` or ``force``)."""
+        if self.mask is None or not (force or self.mask_in_forward):
+            return weight
+        return torch.where(self.mask, weight, 0.0)
+
+    def _run(self, route: Route, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[-2:]
         geom = tile_geometry(h, w, self.padding, self.m)
-        route = self.resolve_route(h, w)
         if route is Route.UNROLLED and geom.tiles != (1, 1):
             raise ValueError(
                 f"route='unrolled' needs the output to fit in one {self.m}x{self.m} tile, got {geom.out_size}"
             )
-        if x.shape[0] == 0:  # an empty batch, like F.conv2d (pixel_shuffle's backward refuses one)
-            return self._bgemm_torch(x, u, geom)
-        if route is Route.BGEMM:
-            if capturing():  # a tracer / compiler must see every op: no custom autograd function, no native calls
-                return self._bgemm_torch(x, u, geom)
-            return _BGEMMConv.apply(x, u, self.bias, self.m, geom, self.backend)
+        sparse = route is Route.SPARSE and self.mask is not None  # the sparse route always applies the mask
+        gemm = route in (Route.BGEMM, Route.SPARSE)
+        # an empty batch, like F.conv2d (pixel_shuffle's backward refuses one); a tracer / compiler must see every
+        # op: no custom autograd function, no native calls
+        if x.shape[0] == 0 or (gemm and capturing()):
+            return self._bgemm_torch(x, self._masked(weight, sparse), bias, geom)
+        if sparse:
+            plan = self._mask_state().get_plan()
+            return sparse_conv(x, weight, bias, plan, self.m, geom, self.backend)
+        u = self._masked(weight)
+        if gemm:
+            out: torch.Tensor = _BGEMMConv.apply(x, u, bias, self.m, geom, self.backend)
+            return out
         if route is Route.UNROLLED:
-            return self._unrolled(x, u, geom)
-        return self._phase(x, u, geom)
+            return self._unrolled(x, u, bias, geom)
+        return self._phase(x, u, bias, geom)
 
-    def _bgemm_torch(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+    def _bgemm_torch(
+        self, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, geom: TileGeometry
+    ) -> torch.Tensor:
         """The ``bgemm`` route as plain differentiable torch ops (no custom autograd function, no native calls)."""
         v = input_transform(x, self.m, geom, Backend.TORCH)
         mm = torch.bmm(_bgemm_view(u), v)
-        return output_transform(mm, self.m, geom, x.shape[0], self.bias, Backend.TORCH)
+        return output_transform(mm, self.m, geom, x.shape[0], bias, Backend.TORCH)
 
-    def _unrolled(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+    def _unrolled(
+        self, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, geom: TileGeometry
+    ) -> torch.Tensor:
         n, c, h, w = x.shape
         k, p = self.out_channels, self.p
         (ph, pw), (ho, wo) = geom.pad, geom.out_size
@@ -351,15 +520,15 @@ class WinogradConv2d(nn.Module):
         e = (_bgemm_view(u).reshape(p * p, k * c).T @ r).view(k, c, ho * wo, h * w)
         e = e.permute(0, 2, 1, 3).reshape(k * ho * wo, c * h * w)
         y = F.linear(x.reshape(n, c * h * w), e).view(n, k, ho, wo)
-        return y if self.bias is None else y + self.bias.view(1, k, 1, 1)
+        return y if bias is None else y + bias.view(1, k, 1, 1)
 
-    def _phase(self, x: torch.Tensor, u: torch.Tensor, geom: TileGeometry) -> torch.Tensor:
+    def _phase(self, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, geom: TileGeometry) -> torch.Tensor:
         _, _, h, w = x.shape
         m = self.m
         (ph, pw), (ho, wo), (th, tw) = geom.pad, geom.out_size, geom.tiles
         xp = F.pad(x, (pw, tw * m + 2 - w - pw, ph, th * m + 2 - h - ph))
         y = F.pixel_shuffle(F.conv2d(xp, _phase_kernels(u, m), stride=m), m)[:, :, :ho, :wo]
-        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         s = f"{self.in_channels}, {self.out_channels}, m={self.m}, padding={self.padding}"

@@ -67,7 +67,11 @@ def test_model_without_depthwise_conv_is_refused(data):
 def test_dcp_bh_on_mobilenetv2(data):
     module = mobilenet()
     cb = DEPrune(method="dcp-bh", dw_amount=0.5, pw_amount=0.3, tile=32, calibration_batches=1, verbose=0)
+    builds = []
+    masked_parameters = cb.masked_parameters
+    cb.masked_parameters = lambda pl_module: builds.append(1) or masked_parameters(pl_module)  # type: ignore[method-assign]
     trainer([cb], max_epochs=2).fit(module, data)
+    assert len(builds) == 2  # the masked list: at fit start and after the pruning step, not at each of the 4 steps
     dw = [n for n, k in cb.kinds.items() if k == "dw"]
     pw = [n for n, k in cb.kinds.items() if k == "pw"]
     assert dw and pw and all(is_depthwise(module.get_submodule(n)) for n in dw)

@@ -35,6 +35,7 @@ from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.importance import NativeLatencyTable, TorchLatencyTable
 from lightning_winoprune.kernels import native_available
 from lightning_winoprune.recipes import ImageClassifier
+from lightning_winoprune.winograd import Route
 
 pytestmark = QUIET_FITS
 
@@ -606,6 +607,80 @@ def test_masks_still_hold_in_plain_pytorch_after_a_failed_fit(datamodule):
     assert cb.history and cb.layer_names
     _plain_torch_steps(module, datamodule)
     assert_masks_honoured(module, cb.layer_names)
+
+
+class CountingPruning(WinogradPruning):
+    """Counts the builds of the masked-weight list and, per optimizer step, the gradients it multiplied."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.builds = 0
+        self.multiplied: list[int] = []
+        self._needed: list[bool] = []
+
+    def masked_parameters(self, pl_module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        self.builds += 1
+        return super().masked_parameters(pl_module)
+
+    def gradient_mask_needed(self, trainer: L.Trainer, weight: torch.Tensor) -> bool:
+        needed = super().gradient_mask_needed(trainer, weight)
+        self._needed.append(needed)
+        return needed
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        self._needed = []
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.multiplied.append(sum(self._needed))
+
+
+def assert_pruned_zero(module: nn.Module, names: list[str]) -> None:
+    for name in names:
+        layer = module.get_submodule(name)
+        assert torch.count_nonzero(layer.weight.detach()[~layer.mask]) == 0, name
+
+
+def test_masked_list_is_built_once_per_pruning_step_not_per_optimizer_step(datamodule):
+    module = make_module()
+    cb = CountingPruning(**{**GRADUAL, "route": "bgemm"})
+    make_trainer([cb], max_epochs=3, limit_train_batches=4, limit_val_batches=0).fit(module, datamodule)
+    assert len(cb.multiplied) == 12 and len(cb.history) == 3
+    assert cb.builds == 3  # one per pruning step (built at the first optimizer step after it), not 12
+    # the dense route with mask_in_forward off: every masked gradient is multiplied at every step
+    assert cb.multiplied == [len(cb.layer_names)] * 12
+    assert_pruned_zero(module, cb.layer_names)
+    layer = module.get_submodule(cb.layer_names[0])
+    cached = cb.masked_upkeep(module)  # rebuilt once after the fit (teardown dropped it), then kept
+    assert cb.masked_upkeep(module) is cached and cb.builds == 4
+    layer.mask[0] = False  # a mask edited outside the callback: the cached list notices
+    rebuilt = cb.masked_upkeep(module)
+    assert rebuilt is not cached and cb.builds == 5
+    assert not {id(w): m for w, m in rebuilt}[id(layer.weight)][0].any()  # and multiplies by the edited mask
+
+
+def test_sparse_route_layers_skip_the_gradient_multiply_through_fit_and_resume(tmp_path, datamodule):
+    kwargs = {"method": "bwsp", "amount": 0.7, "route": "sparse", "verbose": 0}
+    module = make_module()
+    cb = CountingPruning(**kwargs)
+    trainer = make_trainer([cb], max_epochs=2, limit_train_batches=3, limit_val_batches=0)
+    trainer.fit(module, datamodule)
+    n = len(cb.layer_names)
+    # the first step after the pruning step multiplies (the masks just changed); the sparse route's gradients are
+    # exactly zero at pruned entries afterwards, so nothing is multiplied
+    assert cb.multiplied == [n, 0, 0, 0, 0, 0] and cb.builds == 1
+    assert all(module.get_submodule(name).last_route is Route.SPARSE for name in cb.layer_names)
+    assert_pruned_zero(module, cb.layer_names)
+    path = tmp_path / "sparse.ckpt"
+    trainer.save_checkpoint(path)
+
+    module2 = make_module()
+    cb2 = CountingPruning(**kwargs)
+    make_trainer([cb2], max_epochs=4, limit_train_batches=3, limit_val_batches=0).fit(module2, datamodule,
+                                                                                      ckpt_path=path)
+    assert cb2.multiplied == [n, 0, 0, 0, 0, 0] and cb2.builds == 1  # the restored masks: once, then never
+    assert [h["epoch"] for h in cb2.history] == [0]
+    assert_pruned_zero(module2, cb2.layer_names)
+    assert_masks_honoured(module2, cb2.layer_names)
 
 
 # --------------------------------------------------------------------------------------- 6. checkpoint and resume

@@ -18,7 +18,7 @@ from lightning_winoprune.winograd import Route, get_transforms, tile_geometry, w
 # float32 relative tolerances (max|diff| / max|ref|) per tile size. F(6x6, 3x3) has transform entries up to ~10^2
 # and its float32 rounding error is about an order of magnitude above F(4x4, 3x3)'s, so it gets a looser bound.
 TOL = {2: 1e-5, 4: 1e-4, 6: 5e-4}
-ROUTES = ["auto", "bgemm", "phase", "unrolled"]
+ROUTES = ["auto", "bgemm", "sparse", "phase", "unrolled"]
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -247,7 +247,7 @@ def _masked_pair(route: str, m: int = 2, seed: int = 0):
     return layer, mask
 
 
-@pytest.mark.parametrize("route", ["auto", "bgemm", "phase", "unrolled"])
+@pytest.mark.parametrize("route", ["auto", "bgemm", "sparse", "phase", "unrolled"])
 @pytest.mark.parametrize("m", [2, 4])
 def test_mask_semantics(route: str, m: int) -> None:
     layer, mask = _masked_pair(route, m)
@@ -368,7 +368,7 @@ def test_state_dict_mask_restored_and_removed(tmp_path, route: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- autocast / optimizer
-@pytest.mark.parametrize("route", ["auto", "bgemm", "phase", "unrolled"])
+@pytest.mark.parametrize("route", ["auto", "bgemm", "sparse", "phase", "unrolled"])
 @pytest.mark.parametrize("m", [2, 4])
 def test_autocast_bfloat16_computes_in_float32(route: str, m: int) -> None:
     conv = nn.Conv2d(4, 5, 3, padding=1)
@@ -488,7 +488,7 @@ def test_nan_or_inf_in_a_pruned_weight_never_reaches_the_output(route: str, pois
 
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("route", ["auto", "bgemm", "phase"])
+@pytest.mark.parametrize("route", ["auto", "bgemm", "sparse", "phase"])
 def test_torch_jit_trace_computes_what_eager_does_on_new_inputs(route: str, backend: str) -> None:
     # before: tracing a native model under no_grad failed or replayed stale native buffers (NaN, garbage)
     torch.manual_seed(0)
