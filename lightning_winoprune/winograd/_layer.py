@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import statistics
 import time
@@ -14,6 +15,7 @@ from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import Backend
+from lightning_winoprune.winograd._mask import keep_bits, masked
 from lightning_winoprune.winograd._sparse import SparsePlan, build_plan, sparse_conv
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
@@ -45,7 +47,9 @@ class Route(ParsableEnum):
     * ``sparse``: ``bgemm`` restricted to the rows and columns of every ``U[xi]`` that the mask keeps (gathered,
       padded to the largest position, scattered back); pruned weights receive an exactly zero gradient by
       construction. Without a mask it is ``bgemm``.
-    * ``unrolled``: for single-tile geometries (small feature maps), the layer as one dense matrix product.
+    * ``unrolled``: for single-tile geometries (small feature maps), the layer as one dense matrix product over the
+      Winograd positions that reach the output; like ``sparse`` it always applies the mask itself, so pruned
+      entries (and the positions it leaves out) get an exactly zero gradient by construction.
     * ``phase``: ``pixel_shuffle(conv2d(pad(x), E(U), stride=m))``; runs on any conv backend and exports to ONNX.
     """
 
@@ -92,9 +96,25 @@ class _MaskState:
         self.version = mask._version
         self.plan: SparsePlan | None = None
         self.routes: dict[tuple[Any, ...], Route] = {}
+        self._bits: dict[torch.dtype, torch.Tensor] = {}
+
+    def bits(self, dtype: torch.dtype) -> torch.Tensor:
+        """The mask's bit pattern for floats of ``dtype`` (:func:`keep_bits`), in the mask's layout."""
+        if dtype not in self._bits:
+            self._bits[dtype] = keep_bits(self.mask, dtype)
+        return self._bits[dtype]
 
     def matches(self, mask: torch.Tensor) -> bool:
         return self.mask is mask and self.version == mask._version
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _MaskState:
+        # A copied tensor starts at version 0: a state that was current stays current for the copied mask (so a
+        # deep copy keeps the measured routes and computes exactly what the original does), a stale one stays stale.
+        new = _MaskState.__new__(_MaskState)
+        for key, value in self.__dict__.items():
+            setattr(new, key, copy.deepcopy(value, memo))
+        new.version = new.mask._version if self.matches(self.mask) else -1
+        return new
 
     def get_plan(self) -> SparsePlan:
         if self.plan is None:
@@ -109,6 +129,10 @@ def winograd_layout(t: torch.Tensor) -> torch.Tensor:
     GEMM matrices ``U[xi]`` are views and neither the forward nor the backward pass copies the weight.
     """
     return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
+
+
+#: Routes that apply the mask themselves whatever ``mask_in_forward`` says (pruned entries get exactly zero grad).
+_MASKING_ROUTES = (Route.SPARSE, Route.UNROLLED)
 
 
 def _bgemm_view(u: torch.Tensor) -> torch.Tensor:
@@ -353,7 +377,7 @@ class WinogradConv2d(nn.Module):
         """``torch.where(mask, weight, 0)`` when a mask is set (pruned entries are absent, whatever they store)."""
         if self.mask is None or not self.mask_in_forward:
             return self.weight
-        return torch.where(self.mask, self.weight, 0.0)
+        return masked(self.weight, self.mask, self._keep_bits(self.weight.dtype))
 
     def _load_from_state_dict(
         self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any], strict: bool,
@@ -395,6 +419,10 @@ class WinogradConv2d(nn.Module):
         """
         return None if self.mask is None else self._mask_state().get_plan()
 
+    def _keep_bits(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The cached bit pattern of the mask for :func:`masked` (``None`` while a graph is captured: no cache)."""
+        return None if self.mask is None or capturing() else self._mask_state().bits(dtype)
+
     def _mask_state(self) -> _MaskState:
         mask = self.mask
         assert mask is not None
@@ -407,7 +435,7 @@ class WinogradConv2d(nn.Module):
     def pruned_grads_zero(self) -> bool:
         """Whether the forward passes since :meth:`mark_pruned_grads_zero` give pruned entries an exactly zero grad.
 
-        True when each of those passes ran the ``sparse`` route or masked the weight in the forward pass
+        True when each of those passes ran the ``sparse`` or ``unrolled`` route or masked the weight in the forward pass
         (``mask_in_forward``); False after a pass on another route with ``mask_in_forward`` off (whose gradient
         must still be masked), after the mask changed, and before the first mark. The pruning callbacks read it to
         skip their gradient multiply; it covers only gradients that flow through this layer's forward pass.
@@ -439,16 +467,25 @@ class WinogradConv2d(nn.Module):
         return route
 
     def _measure_routes(self, x: torch.Tensor, candidates: list[Route]) -> Route:
-        """The candidate whose forward + backward on (detached copies of) ``x`` and the parameters is fastest."""
+        """The candidate whose forward + backward on (detached copies of) ``x`` and the parameters is fastest.
+
+        With ``mask_in_forward`` off, a route other than ``sparse`` and ``unrolled`` leaves the weight's gradient to be
+        masked by whoever turned the masking off (a pruning callback, once per step); that multiply is part of its
+        cost here.
+        """
         xd = x.detach().requires_grad_(x.requires_grad)
         wd = self.weight.detach().requires_grad_(self.weight.requires_grad)
         bd = None if self.bias is None else self.bias.detach().requires_grad_(self.bias.requires_grad)
         inputs = [t for t in (xd, wd, bd) if t is not None and t.requires_grad]
+        grad_mask = self.mask_value() if wd.requires_grad and not self.mask_in_forward else None
+        w_at = next((i for i, t in enumerate(inputs) if t is wd), -1)
 
         def step(route: Route) -> None:
             y = self._run(route, xd, wd, bd)
             if inputs:
-                torch.autograd.grad(y, inputs, torch.ones_like(y))
+                grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
+                if grad_mask is not None and route not in _MASKING_ROUTES:
+                    grads[w_at].mul_(grad_mask)
 
         with torch.enable_grad():
             times = {route: _median_time(functools.partial(step, route), x.device) for route in candidates}
@@ -466,7 +503,7 @@ class WinogradConv2d(nn.Module):
             x = x.to(self.weight.dtype)
             route = self._choose_route(x)
             self.last_route = route
-            if (self.mask is not None and not self.mask_in_forward and route is not Route.SPARSE
+            if (self.mask is not None and not self.mask_in_forward and route not in _MASKING_ROUTES
                     and torch.is_grad_enabled() and x.shape[0] > 0):
                 self._pruned_grads_zero = False  # this pass's gradient is masked by whoever turned the masking off
             return self._run(route, x, self.weight, self.bias)
@@ -475,7 +512,7 @@ class WinogradConv2d(nn.Module):
         """``weight`` with the pruned entries absent when the forward pass masks (``mask_in_forward`` or ``force``)."""
         if self.mask is None or not (force or self.mask_in_forward):
             return weight
-        return torch.where(self.mask, weight, 0.0)
+        return masked(weight, self.mask, self._keep_bits(weight.dtype))
 
     def _run(self, route: Route, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -498,7 +535,7 @@ class WinogradConv2d(nn.Module):
             out: torch.Tensor = _BGEMMConv.apply(x, u, bias, self.m, geom, self.backend)
             return out
         if route is Route.UNROLLED:
-            return self._unrolled(x, u, bias, geom)
+            return self._unrolled(x, weight, bias, geom)  # masks by itself, on the positions it uses
         return self._phase(x, u, bias, geom)
 
     def _bgemm_torch(
@@ -512,12 +549,32 @@ class WinogradConv2d(nn.Module):
     def _unrolled(
         self, x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, geom: TileGeometry
     ) -> torch.Tensor:
+        """The layer as one matrix product; only the positions that reach the output, the mask always applied.
+
+        Positions whose coefficients onto the cropped output are all zero (12 of 16 for F(2,3) on a 1x1 map) are
+        left out, so their gradient is exactly zero and costs nothing; the kept positions are masked here, so
+        pruned entries get an exactly zero gradient by construction, as on the ``sparse`` route.
+        """
         n, c, h, w = x.shape
         k, p = self.out_channels, self.p
         (ph, pw), (ho, wo) = geom.pad, geom.out_size
         r = _phase_coefficients(self.m, u.dtype, u.device)[:, :, :ho, :wo, ph : ph + h, pw : pw + w]
         r = r.reshape(p * p, ho * wo * h * w)
-        e = (_bgemm_view(u).reshape(p * p, k * c).T @ r).view(k, c, ho * wo, h * w)
+        u_view = _bgemm_view(u)
+        mask_view = bits_view = None
+        if self.mask is not None:
+            mask_view, bits = _bgemm_view(self.mask), self._keep_bits(u.dtype)
+            bits_view = None if bits is None else _bgemm_view(bits)
+        if not capturing():  # a data-dependent position list would make a captured graph's shapes dynamic
+            support = (r != 0).any(dim=1).nonzero().flatten()
+            if support.numel() < p * p:
+                r, u_view = r.index_select(0, support), u_view.index_select(0, support)
+                if mask_view is not None:
+                    mask_view = mask_view.index_select(0, support)
+                    bits_view = None if bits_view is None else bits_view.index_select(0, support)
+        if mask_view is not None:
+            u_view = masked(u_view, mask_view, bits_view)
+        e = (u_view.reshape(-1, k * c).T @ r).view(k, c, ho * wo, h * w)
         e = e.permute(0, 2, 1, 3).reshape(k * ho * wo, c * h * w)
         y = F.linear(x.reshape(n, c * h * w), e).view(n, k, ho, wo)
         return y if bias is None else y + bias.view(1, k, 1, 1)

@@ -15,12 +15,13 @@ when a NaN or an inf is stored in the pruned weight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from lightning_winoprune.kernels._backend import Backend
+from lightning_winoprune.winograd._mask import keep_bits, masked, masked_
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
     input_transform,
@@ -65,6 +66,13 @@ class SparsePlan:
     cols: torch.Tensor | None
     elems: torch.Tensor | None
     mask: torch.Tensor
+    _bits: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    def bits(self, dtype: torch.dtype) -> torch.Tensor:
+        """The gathered mask's bit pattern for floats of ``dtype`` (see :func:`keep_bits`), cached."""
+        if dtype not in self._bits:
+            self._bits[dtype] = keep_bits(self.mask, dtype)
+        return self._bits[dtype]
 
     @property
     def work_fraction(self) -> float:
@@ -80,7 +88,7 @@ class SparsePlan:
             g = uv.reshape(self.p2 * self.k, self.c).index_select(0, self.rows).view(self.p2, self.rmax, self.c)
         else:
             g = uv
-        return torch.where(self.mask, g, 0.0)
+        return masked(g, self.mask, self.bits(g.dtype))
 
 
 def _keep_order(kept: torch.Tensor, count: int) -> torch.Tensor:
@@ -161,7 +169,7 @@ class _SparseBGEMMConv(torch.autograd.Function):
                 plan.p2, plan.c, t)
             dx = input_transform_adjoint(dv, ctx.m, ctx.geom, ctx.x_shape, ctx.backend)
         if ctx.needs_input_grad[1]:
-            dug = torch.where(plan.mask, torch.bmm(dmg, vg.transpose(1, 2)), 0.0)
+            dug = masked_(torch.bmm(dmg, vg.transpose(1, 2)), plan.bits(vg.dtype))  # pruned: exactly +0
             p = round(plan.p2**0.5)
             if plan.elems is not None:
                 flat = dug.new_zeros(plan.p2 * plan.k * plan.c).index_copy_(0, plan.elems, dug.reshape(-1))

@@ -72,7 +72,7 @@ def _case(m: int, n: int, c: int, k: int, h: int, w: int, pad: tuple[int, int], 
 
 
 def _check(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
-    for name, a, e in zip(("V", "dx", "y", "dM"), actual, expected):
+    for name, a, e in zip(("V", "dx", "y", "dM"), actual, expected, strict=True):
         assert a.shape == e.shape, (name, a.shape, e.shape)
         if e.numel():
             scale = max(1.0, e.abs().max().item())
@@ -142,7 +142,7 @@ def test_concurrent_calls_from_threads() -> None:
     for i in range(8):
         assert len(results[i]) == 10
         for got in results[i]:
-            for a, b in zip(got, serial[i]):
+            for a, b in zip(got, serial[i], strict=True):
                 assert torch.equal(a, b)
 
 

@@ -230,6 +230,34 @@ def test_sparse_route_masks_even_when_mask_in_forward_is_off() -> None:
     assert layer.pruned_grads_zero
 
 
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize(("h", "w", "pad"), [(1, 1, 1), (2, 2, 1), (1, 3, (1, 0)), (3, 3, 0)])
+def test_unrolled_route_masks_by_itself_on_the_positions_it_uses(m: int, h: int, w: int, pad) -> None:
+    """``unrolled`` (single-tile maps) uses only positions that reach the output and masks them itself: the
+    output and dX equal the dense reference, and dU is exactly zero at pruned entries and at unused positions."""
+    gen = torch.Generator().manual_seed(m * 100 + h * 10 + w)
+    layer = WinogradConv2d(5, 7, m=m, padding=pad, route="unrolled")
+    ref = WinogradConv2d(5, 7, m=m, padding=pad, route="bgemm", backend="torch")
+    ref.load_state_dict(layer.state_dict())
+    mask = family_mask("elements", 7, 5, m + 2, gen)
+    layer.set_mask(mask)
+    layer.mask_in_forward = False  # a callback's setting: the unrolled route masks anyway
+    with torch.no_grad():
+        ref.weight.copy_(torch.where(mask, layer.weight, 0.0))
+        layer.weight[~mask] = float("nan")
+    x = torch.randn(3, 5, h, w, generator=gen, requires_grad=True)
+    y, y_ref = layer(x), ref(x)
+    assert layer.last_route is Route.UNROLLED and rel_err(y, y_ref) < TOL[m]
+    dx, du = torch.autograd.grad(y.square().sum(), (x, layer.weight))
+    dx_ref, du_ref = torch.autograd.grad(y_ref.square().sum(), (x, ref.weight))
+    assert rel_err(dx, dx_ref) < TOL[m]
+    assert torch.count_nonzero(du[~mask]) == 0
+    assert rel_err(du, torch.where(mask, du_ref, 0.0)) < TOL[m]
+    layer.mark_pruned_grads_zero()
+    layer(x)
+    assert layer.pruned_grads_zero  # nothing left for a callback to multiply
+
+
 # ----------------------------------------------------------------------------------------------- the cached plan
 def test_plan_is_cached_and_follows_the_mask() -> None:
     _, layer, mask = _masked_model("sparse")
