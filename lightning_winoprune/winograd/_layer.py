@@ -398,8 +398,13 @@ class WinogradConv2d(nn.Module):
         self._pruned_grads_zero = False
 
     # ----------------------------------------------------------------------------------------------- routes
-    def resolve_route(self, height: int, width: int) -> Route:
+    def resolve_route(self, height: int, width: int, batch: int | None = None) -> Route:
         """The route ``auto`` takes for an ``height x width`` input without a mask (another setting is returned).
+
+        ``unrolled`` needs the whole output in one tile and at most ``p * p`` taps (``Ho * Wo * H * W``) per
+        ``(k, c)``. Given the ``batch``, it must also be cheaper than the BGEMM counting the cost of building the
+        unrolled matrix once per call: ``taps * (batch + p * p) < p * p * batch`` (on a 1x1 map from a batch of 2
+        on; never on a 2x2 map, where ``taps == p * p`` for F(2,3)).
 
         With a mask, ``auto`` also considers ``sparse`` (measured in training, by the kept work fraction otherwise,
         see :class:`Route`); :attr:`last_route` says what the last forward pass ran.
@@ -408,8 +413,12 @@ class WinogradConv2d(nn.Module):
             return self.route
         geom = tile_geometry(height, width, self.padding, self.m)
         # One tile: the unrolled matrix has Ho*Wo*H*W taps per (k, c) against the BGEMM's p*p, without transforms.
-        unrolled_taps = geom.out_size[0] * geom.out_size[1] * height * width
-        return Route.UNROLLED if geom.tiles == (1, 1) and unrolled_taps <= self.p * self.p else Route.BGEMM
+        taps, p2 = geom.out_size[0] * geom.out_size[1] * height * width, self.p * self.p
+        if geom.tiles != (1, 1) or taps > p2:
+            return Route.BGEMM
+        if batch is not None and taps * (batch + p2) >= p2 * batch:
+            return Route.BGEMM
+        return Route.UNROLLED
 
     def sparse_plan(self) -> SparsePlan | None:
         """The gather/scatter plan of the current mask for the ``sparse`` route (``None`` without a mask).
@@ -448,7 +457,7 @@ class WinogradConv2d(nn.Module):
 
     def _choose_route(self, x: torch.Tensor) -> Route:
         """The route of this forward pass (see :class:`Route`); may time the candidates once per key in training."""
-        base = self.resolve_route(x.shape[-2], x.shape[-1])
+        base = self.resolve_route(x.shape[-2], x.shape[-1], x.shape[0])
         if self.route is not Route.AUTO or self.mask is None or x.shape[0] == 0 or capturing():
             return base
         state = self._mask_state()

@@ -147,6 +147,9 @@ def test_auto_route_choice(m: int) -> None:
     layer = WinogradConv2d(2, 3, m=m, padding=1)
     assert layer.resolve_route(2, 2) is Route.UNROLLED  # one tile, Ho*Wo*H*W = 16 <= p*p
     assert layer.resolve_route(m + 5, m + 5) is Route.BGEMM
+    # given the batch, building the unrolled matrix must pay off: 1x1 maps from a batch of 2, 2x2 never for F(2,3)
+    assert layer.resolve_route(1, 1, batch=1) is Route.BGEMM and layer.resolve_route(1, 1, batch=2) is Route.UNROLLED
+    assert layer.resolve_route(2, 2, batch=10_000) is (Route.BGEMM if m == 2 else Route.UNROLLED)
     assert WinogradConv2d(2, 3, m=m, route="phase").resolve_route(2, 2) is Route.PHASE
 
 

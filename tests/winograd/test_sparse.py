@@ -349,7 +349,7 @@ def test_auto_measures_once_per_input_shape_and_mask_version(monkeypatch, winner
     layer.mask[:, :, 2, 2] = False  # another mask version: every key again
     model(x)
     assert len(timer.calls) == 6
-    model(torch.randn(1, 6, 2, 2))  # one tile at a 2x2 map: unrolled is a candidate too
+    model(torch.randn(2, 6, 1, 1))  # one tile at a 1x1 map (and a batch of 2): unrolled is a candidate too
     assert timer.calls[-3:] == [Route.BGEMM, Route.SPARSE, Route.UNROLLED]
 
     # no timing: without autograd, in eval mode, without a mask
@@ -360,7 +360,7 @@ def test_auto_measures_once_per_input_shape_and_mask_version(monkeypatch, winner
     assert layer.sparse_plan().work_fraction <= layer_module.SPARSE_WORK_FRACTION  # type: ignore[union-attr]
     model.eval()
     model(torch.randn(5, 6, 7, 7)).sum().backward()
-    model(torch.randn(1, 6, 2, 2))
+    model(torch.randn(2, 6, 1, 1))
     assert layer.last_route is Route.UNROLLED  # where the mask-less rule unrolls, the eval rule does too
     model.train()
     layer.set_mask(None)
