@@ -107,14 +107,22 @@ class _MaskState:
     def matches(self, mask: torch.Tensor) -> bool:
         return self.mask is mask and self.version == mask._version
 
+    # A copied or unpickled tensor starts at version 0: a state that was current stays current for the copied mask
+    # (so a copy keeps the measured routes and computes exactly what the original does), a stale one stays stale.
     def __deepcopy__(self, memo: dict[int, Any]) -> _MaskState:
-        # A copied tensor starts at version 0: a state that was current stays current for the copied mask (so a
-        # deep copy keeps the measured routes and computes exactly what the original does), a stale one stays stale.
         new = _MaskState.__new__(_MaskState)
         for key, value in self.__dict__.items():
             setattr(new, key, copy.deepcopy(value, memo))
         new.version = new.mask._version if self.matches(self.mask) else -1
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "version": "current" if self.matches(self.mask) else -1}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if state["version"] == "current":
+            self.version = self.mask._version
 
     def get_plan(self) -> SparsePlan:
         if self.plan is None:

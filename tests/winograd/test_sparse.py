@@ -393,3 +393,20 @@ def test_median_time_is_a_median() -> None:
     calls = []
     assert layer_module._median_time(lambda: calls.append(1), torch.device("cpu"), reps=5) >= 0.0
     assert len(calls) == 6  # one warm-up
+
+
+def test_copies_and_pickles_keep_the_measured_routes() -> None:
+    """A deep copy or an unpickled layer computes exactly what the original does: it keeps the measured route
+    (a fresh measurement could pick another route, equal only up to float rounding)."""
+    _, layer, _ = _masked_model("auto")
+    x = torch.randn(3, 6, 6, 5)
+    layer(x)
+    key_routes = dict(layer._mask_cache.routes)  # type: ignore[union-attr]
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin._mask_cache is not None and twin._mask_cache.matches(twin.mask)
+        assert twin._mask_cache.routes == key_routes
+        assert torch.equal(twin(x), layer(x))
+    with torch.no_grad():
+        layer.mask[0, 0, 0, 0] = ~layer.mask[0, 0, 0, 0]  # stale from here on, in the copies too
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert not twin._mask_cache.matches(twin.mask)  # type: ignore[union-attr]
