@@ -39,9 +39,11 @@ class Route(ParsableEnum):
       ``bgemm``. With a mask, in training (module in train mode, autograd enabled) the layer *measures*: on the first
       forward pass for an input shape and mask version it times forward + backward of ``bgemm``, ``sparse`` and
       (where the rule above picks it) ``unrolled`` on detached copies of that input (median of a few repetitions)
-      and keeps the fastest for that key (:attr:`WinogradConv2d.last_route` says which one ran). In eval mode or
-      without autograd it chooses without timing: the rule above when it picks ``unrolled``, else ``sparse`` when
-      the sparse GEMMs do at most 60% of the dense multiply-adds (``Rmax * Cmax <= 0.6 * K * C``), else ``bgemm``.
+      and keeps the fastest for that key (:attr:`WinogradConv2d.last_route` says which one ran). In eval mode,
+      without autograd, or under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``:
+      timed choices could differ between runs, and routes agree only up to float rounding) it chooses without
+      timing: the rule above when it picks ``unrolled``, else ``sparse`` when the sparse GEMMs do at most 60% of
+      the dense multiply-adds (``Rmax * Cmax <= 0.6 * K * C``), else ``bgemm``.
     * ``bgemm``: input transform -> one GEMM per Winograd position -> output transform (an explicit autograd
       function whose tile transforms run in the native extension when available).
     * ``sparse``: ``bgemm`` restricted to the rows and columns of every ``U[xi]`` that the mask keeps (gathered,
@@ -472,7 +474,7 @@ class WinogradConv2d(nn.Module):
         plan = state.get_plan()
         if plan.work_fraction >= 1.0:  # nothing to skip: sparse would be bgemm with extra copies
             return base
-        if not (self.training and torch.is_grad_enabled()):
+        if not (self.training and torch.is_grad_enabled()) or torch.are_deterministic_algorithms_enabled():
             if base is Route.UNROLLED:
                 return base
             return Route.SPARSE if plan.work_fraction <= SPARSE_WORK_FRACTION else Route.BGEMM

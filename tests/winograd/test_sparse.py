@@ -410,3 +410,20 @@ def test_copies_and_pickles_keep_the_measured_routes() -> None:
         layer.mask[0, 0, 0, 0] = ~layer.mask[0, 0, 0, 0]  # stale from here on, in the copies too
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert not twin._mask_cache.matches(twin.mask)  # type: ignore[union-attr]
+
+
+def test_deterministic_mode_chooses_without_timing(monkeypatch) -> None:
+    """Under ``torch.use_deterministic_algorithms(True)`` a run must not depend on timings: the fixed rule decides."""
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("auto timed routes in deterministic mode")
+
+    monkeypatch.setattr(layer_module, "_median_time", no_timing)
+    model, layer, _ = _masked_model("auto")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        model(torch.randn(4, 6, 7, 7)).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert layer.last_route is Route.SPARSE  # the kept work is at most 60% of the dense GEMMs
