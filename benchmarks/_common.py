@@ -52,10 +52,11 @@ class PrunedAccuracy(L.Callback):
             self.acc = accuracy(module, self.data)
 
 
-def train_dense(model: str, image_size: int, epochs: int, console: Console) -> tuple[ImageClassifier, DigitsDataModule,
-                                                                                      float]:
-    """Train ``model`` dense on the digits once; return it, the data and its test accuracy."""
-    L.seed_everything(0, verbose=False)
+def train_dense(model: str, image_size: int, epochs: int, console: Console,
+                seed: int = 0) -> tuple[ImageClassifier, DigitsDataModule, float]:
+    """Train ``model`` dense on the digits once (initialisation and batch order from ``seed``); return it, the data
+    and its test accuracy."""
+    L.seed_everything(seed, verbose=False)
     data = DigitsDataModule(image_size=image_size, batch_size=64)
     dense = ImageClassifier(model, num_classes=10, in_chans=1, lr=0.05)
     console.print(f"training {model} dense on digits {image_size}x{image_size}, {epochs} epochs")

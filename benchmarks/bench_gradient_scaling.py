@@ -7,7 +7,8 @@ start of fine-tuning and fine-tuned for the same epochs, once with ``gradient_sc
 ``spatial-winograd`` runs too (``--spatial``: stage 1 at the first epoch, stage 2 one epoch later, always with the
 factor; ``--stage1 0.4 0.6``: stage 1 alone to those Winograd-domain sparsities, then spatial training only).
 
-    python benchmarks/bench_gradient_scaling.py [--m 2] [--epochs 4] [--finetune 3] [--spatial] [--json out.json]
+    python benchmarks/bench_gradient_scaling.py [--m 2] [--epochs 4] [--finetune 3] [--spatial] [--seed 0]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class EpochAccuracy(L.Callback):
 
 
 def run(dense: ImageClassifier, data: DigitsDataModule, pruner: WinogradPruning, lr: float,
-        epochs: int) -> tuple[float, list[float], float]:
+        epochs: int, seed: int = 1) -> tuple[float, list[float], float]:
     """Fine-tune a pruned copy; return the accuracy right after pruning, after each epoch, and the sparsity."""
-    L.seed_everything(1, verbose=False)
+    L.seed_everything(seed, verbose=False)
     module = copy.deepcopy(dense)
     module.hparams["lr"] = lr
     module.hparams["lr_schedule"] = "constant"
@@ -63,11 +64,13 @@ def main() -> None:
     ap.add_argument("--spatial", action="store_true", help="also run spatial-winograd (stage 2 one epoch later)")
     ap.add_argument("--stage1", type=float, nargs="*", default=[],
                     help="also run spatial-winograd's stage 1 alone (stages=1) to these sparsities, dense LR")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the dense training; every fine-tuning run uses seed + 1 (the data order)")
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args()
     console = quiet()
-    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console)
+    console.print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, seed {args.seed}")
+    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console, seed=args.seed)
     rows = []
     runs: list[tuple[str, float, float, bool | None]] = [
         (method, amount, lr, scaled) for amount in args.amounts for method in args.methods
@@ -85,7 +88,7 @@ def main() -> None:
         cb = WinogradPruning(method=method, amount=amount, m=args.m, gradient_scaling=scaled, verbose=0,
                              calibration_batches=4, **extra)
         t0 = time.perf_counter()
-        acc_pruned, per_epoch, sparsity = run(dense, data, cb, lr, args.finetune)
+        acc_pruned, per_epoch, sparsity = run(dense, data, cb, lr, args.finetune, seed=args.seed + 1)
         method = "spatial-winograd stage 1" if extra.get("stages") == 1 else method
         rows.append({"method": method, "amount": amount, "lr": lr, "gradient_scaling": bool(scaled),
                      "sparsity": sparsity, "acc_pruned": acc_pruned, "acc_per_epoch": per_epoch,

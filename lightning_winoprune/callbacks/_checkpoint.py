@@ -14,6 +14,7 @@ from lightning_winoprune.callbacks._deprune import (
     register_mask_buffer,
     replay_shrink,
 )
+from lightning_winoprune.callbacks._winograd_pruning import load_spatial
 from lightning_winoprune.winograd._convert import winogradize
 from lightning_winoprune.winograd._layer import WinogradConv2d, conv_ineligibility
 
@@ -28,7 +29,10 @@ def load_pruned_checkpoint(
     The callbacks' saved state says which layers were converted to the Winograd domain and with which tile size;
     those layers are converted on ``model`` (in place). When ``DEPrune(physical=True)`` shrank the model before the
     checkpoint was written (``trainer.save_checkpoint(path)`` after ``fit``), the same channels are removed from
-    ``model`` (this needs ``torch-pruning``). Then the weights, biases and masks are loaded. Use it for inference::
+    ``model`` (this needs ``torch-pruning``). Then the weights, biases and masks are loaded. A
+    ``WinogradPruning(method="spatial-winograd", stages=1)`` checkpoint holds its layers as plain 3x3 kernels (the
+    spatial model): they are converted with the checkpoint's tile size too, and the border positions of every
+    kernel whose eight outer entries are exactly zero (the pruned rings) are masked. Use it for inference::
 
         model = MyLightningModule(...)            # or the bare network, with prefix="model."
         load_pruned_checkpoint(model, "last.ckpt").eval()
@@ -90,6 +94,13 @@ def load_pruned_checkpoint(
                 register_mask_buffer(conv)
                 masked.append(conv)
     weights = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    for state in wino:
+        for full in state["layer_names"]:
+            if full.startswith(prefix) and _saved_spatial(state, state_dict, full):
+                name = full[len(prefix):]
+                layer = model.get_submodule(name)
+                assert isinstance(layer, WinogradConv2d)
+                load_spatial(weights, f"{name}.", weights[f"{name}.weight"], layer)
     model.load_state_dict(weights, strict=strict)
     with torch.no_grad():  # pruned weights are absent: a NaN or inf stored there must not reach the output
         for mod in model.modules():
@@ -121,9 +132,16 @@ def _mismatch(model: nn.Module, state_dict: dict[str, Any], wino: list[dict[str,
                 if reason is not None:
                     return f"the checkpoint's Winograd layer {full!r} cannot be converted in the model: {reason}"
                 assert isinstance(mod, nn.Conv2d)
-                shapes[f"{name}.weight"] = (mod.out_channels, mod.in_channels, p, p)
+            assert isinstance(mod, (nn.Conv2d, WinogradConv2d))
+            # a spatial-Winograd stages=1 checkpoint saves the 3x3 kernels (converted after loading), no mask
+            spatial = _saved_spatial(state, state_dict, full)
+            winograd = (mod.out_channels, mod.in_channels, p, p)
+            if spatial:
+                shapes[f"{name}.weight"] = (mod.out_channels, mod.in_channels, 3, 3)
+            elif not isinstance(mod, WinogradConv2d):
+                shapes[f"{name}.weight"] = winograd
             optional.add(f"{name}.mask")
-            shapes[f"{name}.mask"] = shapes[f"{name}.weight"]
+            shapes[f"{name}.mask"] = winograd if spatial else shapes[f"{name}.weight"]
     for state in deprune:
         for full in state["layer_names"]:
             if not full.startswith(prefix):
@@ -164,6 +182,13 @@ def _better_prefix(model: nn.Module, state_dict: dict[str, Any], wino: list[dict
         if _mismatch(model, state_dict, wino, deprune, cand, strict, check_shapes=not physical) is None:
             return cand
     return None
+
+
+def _saved_spatial(state: dict[str, Any], state_dict: dict[str, Any], name: str) -> bool:
+    """Whether a spatial-Winograd checkpoint holds layer ``name`` as 3x3 kernels (what ``stages=1`` saves)."""
+    saved = state_dict.get(f"{name}.weight")
+    return (state.get("method") == "spatial-winograd" and isinstance(saved, torch.Tensor) and saved.dim() == 4
+            and tuple(saved.shape[-2:]) == (3, 3))
 
 
 def _submodule(model: nn.Module, name: str) -> nn.Module | None:

@@ -40,9 +40,11 @@ from lightning_winoprune.pruning._methods import (
     spatial_stage_mask,
     spatial_weight,
     winograd_mask,
+    zero_positions,
 )
 from lightning_winoprune.winograd._convert import winogradize
 from lightning_winoprune.winograd._layer import Route, WinogradConv2d
+from lightning_winoprune.winograd._tiles import filter_transform
 from lightning_winoprune.winograd._transforms import SUPPORTED_M
 
 __all__ = ["WinogradPruning"]
@@ -126,7 +128,9 @@ class WinogradPruning(PruningCallback):
         spatial_epochs: ``spatial-winograd``: epochs of spatial-domain training between the stages (0: both stages
             at ``start_epoch``).
         stages: ``spatial-winograd``: 2 (both stages) or 1 (stop after stage 1: at the end of the fit the pruned
-            layers become plain ``nn.Conv2d`` again, whose kernels have zero rings).
+            layers become plain ``nn.Conv2d`` again, whose kernels have zero rings; every checkpoint of the fit holds
+            those plain 3x3 weights, no masks, so it loads into the unconverted model, and a resume converts them
+            back).
     """
 
     def __init__(
@@ -230,6 +234,8 @@ class WinogradPruning(PruningCallback):
         self.layer_amounts: dict[str, float] = {}
         self.layer_importance: dict[str, float] = {}
         self._load_hook: torch.utils.hooks.RemovableHandle | None = None
+        #: stages=1: per-layer state-dict hooks that save the 3x3 kernels instead of U and its mask
+        self._save_hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._factors: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
         # the cached upkeep (see PruningCallback.masked_upkeep): layers, the masks it was built from, weight -> layer
         self._layer_cache: tuple[nn.Module, dict[str, WinogradConv2d]] | None = None
@@ -276,12 +282,22 @@ class WinogradPruning(PruningCallback):
         if self._load_hook is not None:
             self._load_hook.remove()
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._refuse_other_tile_sizes)
+        self._remove_save_hooks()
+        if self._plain_spatial:
+            for name in names:
+                layer = pl_module.get_submodule(name)
+                register = getattr(layer, "register_state_dict_post_hook", None) or layer._register_state_dict_hook
+                self._save_hooks.append(register(_save_spatial))
         if self.verbose and report.converted:
             print_rich(report)
 
     def _refuse_other_tile_sizes(self, module: nn.Module, state_dict: dict[str, Any], prefix: str,
                                  *args: Any) -> None:
-        """``load_state_dict`` pre-hook: a short error naming both tile sizes instead of a size-mismatch dump."""
+        """``load_state_dict`` pre-hook: a short error naming both tile sizes instead of a size-mismatch dump.
+
+        ``spatial-winograd``: saved 3x3 kernels (a ``stages=1`` checkpoint) are converted to the layer's Winograd
+        weights, and the kernels with a zero ring get the stage-1 mask of their border positions.
+        """
         for name in self.layer_names:
             key, layer = f"{prefix}{name}.weight", module.get_submodule(name)
             saved = state_dict.get(key)
@@ -289,6 +305,9 @@ class WinogradPruning(PruningCallback):
                 continue
             size = saved.shape[-1]
             if size == layer.p:
+                continue
+            if self.method == _SPATIAL and tuple(saved.shape[-2:]) == (3, 3):
+                load_spatial(state_dict, f"{prefix}{name}.", saved, layer)
                 continue
             way_out = ("start a new run from the pruned checkpoint: lightning_winoprune.load_pruned_checkpoint(model, "
                        "path) converts with the checkpoint's m; then fit without ckpt_path")
@@ -399,10 +418,21 @@ class WinogradPruning(PruningCallback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.method == _SPATIAL and self.stages == 1 and self.stage >= 1:
+        if self._plain_spatial:
             for name, layer in self._layers(pl_module).items():
                 _set_submodule(pl_module, name, _to_conv(layer))
+            self._remove_save_hooks()
             self.invalidate_upkeep()
+
+    @property
+    def _plain_spatial(self) -> bool:
+        """``spatial-winograd`` with ``stages=1``: the model (and every checkpoint) stays an ordinary spatial net."""
+        return self.method == _SPATIAL and self.stages == 1
+
+    def _remove_save_hooks(self) -> None:
+        for handle in self._save_hooks:
+            handle.remove()
+        self._save_hooks = []
 
     @property
     def in_spatial_phase(self) -> bool:
@@ -423,6 +453,7 @@ class WinogradPruning(PruningCallback):
         for layer in self._layers(pl_module).values():
             layer.mask_in_forward = True
         self.invalidate_upkeep()
+        self._remove_save_hooks()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -478,7 +509,12 @@ class WinogradPruning(PruningCallback):
             for name, layer in layers.items():
                 mask, result = spatial_stage_mask(layer.weight, self.spatial_amount, self._stage_pattern(),
                                                   self._saliency(saliency, name))
-                self._apply(trainer, layer, self._broadcast(trainer, mask, layer))
+                mask = self._broadcast(trainer, mask, layer)
+                # prune the kernels' rings themselves: U = G (keep * g) G^T. Zeroing only U's border positions
+                # would leave the ring entries' share of the inner positions, a U of no 3x3 kernel.
+                with torch.no_grad():
+                    layer.weight.copy_(project_spatial(layer.weight, _ring_keep(mask)))
+                self._apply(trainer, layer, mask)
                 results[name] = result
             self.stage = 1
         both = self.stages == 2 and self.spatial_epochs == 0
@@ -675,11 +711,50 @@ class _StagedSchedule(PruningSchedule):
 
 def _spatial_keep(layer: WinogradConv2d) -> torch.Tensor | None:
     """The 3x3 kernel entries a spatial-Winograd stage-1 mask keeps: rings of kernels whose border is pruned go."""
-    if layer.mask is None:
-        return None
-    ring_pruned = ~layer.mask[:, :, 0, 0]  # stage-1 masks prune whole borders, corner (0, 0) included
-    ring = SPATIAL_GROUPS["ring"].to(layer.mask.device)
+    return None if layer.mask is None else _ring_keep(layer.mask)
+
+
+def _ring_keep(mask: torch.Tensor) -> torch.Tensor:
+    """``(K, C, 3, 3)`` kernel entries kept by the Winograd mask ``mask`` of stage 1 (whole borders pruned)."""
+    ring_pruned = ~mask[:, :, 0, 0]  # stage-1 masks prune whole borders, corner (0, 0) included
+    ring = SPATIAL_GROUPS["ring"].to(mask.device)
     return ~(ring_pruned[:, :, None, None] & ring)
+
+
+def _spatial_kernels(layer: WinogradConv2d) -> torch.Tensor:
+    """The 3x3 kernels ``g`` with ``G g G^T = U`` (least squares), stage-1 rings exactly zero."""
+    with torch.no_grad():
+        g = spatial_weight(layer.weight.detach())
+        keep = _spatial_keep(layer)
+        return g if keep is None else g.masked_fill(~keep, 0)
+
+
+def _save_spatial(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """State-dict hook of a ``stages=1`` layer: save what ``nn.Conv2d`` would (3x3 kernels, bias), no mask.
+
+    A module-level function, not a method: a deep copy of the model must not copy the callback.
+    """
+    assert isinstance(module, WinogradConv2d)
+    state_dict[prefix + "weight"] = _spatial_kernels(module)
+    state_dict.pop(prefix + "mask", None)
+
+
+def load_spatial(state_dict: dict[str, Any], prefix: str, g: torch.Tensor, layer: WinogradConv2d) -> None:
+    """Turn saved 3x3 kernels into ``layer``'s Winograd weights (in ``state_dict``), with the stage-1 mask.
+
+    A kernel whose eight outer entries are all exactly zero (a pruned ring) gets its border positions masked: their
+    Winograd weights are exactly zero (:func:`~lightning_winoprune.pruning.zero_positions`).
+    """
+    w = layer.weight
+    g64 = g.detach().to(device=w.device, dtype=torch.float64)
+    state_dict[prefix + "weight"] = filter_transform(g64, layer.m, Backend.TORCH).to(w.dtype)
+    ring = SPATIAL_GROUPS["ring"].to(g64.device)
+    ring_zero = (g64[:, :, ring] == 0).all(dim=-1)
+    if not bool(ring_zero.any()):
+        state_dict.pop(prefix + "mask", None)
+        return
+    border = zero_positions(layer.m, SPATIAL_GROUPS["ring"]).to(g64.device)
+    state_dict[prefix + "mask"] = ~(ring_zero[:, :, None, None] & border)
 
 
 def _to_conv(layer: WinogradConv2d) -> nn.Conv2d:
@@ -688,9 +763,7 @@ def _to_conv(layer: WinogradConv2d) -> nn.Conv2d:
     conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=layer.padding, bias=layer.bias is not None,
                      device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        g = spatial_weight(w)
-        keep = _spatial_keep(layer)
-        conv.weight.copy_(g if keep is None else g.masked_fill(~keep, 0))
+        conv.weight.copy_(_spatial_kernels(layer))
         if layer.bias is not None:
             assert conv.bias is not None
             conv.bias.copy_(layer.bias)
