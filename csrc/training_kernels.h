@@ -62,45 +62,50 @@ inline void store_part(float* dst, wp_vf v, index_t nt) {
   for (index_t l = 0; l < nt; ++l) dst[l] = buf[l];
 }
 
-template <int P>
-void input(const float* x, const TileGeometry& g, float* V, int threads) {
+// Runs body(cg, ti, t0, c0, c1) for every work item (a lane group of VW tiles from t0 x the channels [c0, c1)), in
+// parallel; ti describes the group's tiles (see tile_info), cg the geometry the tile machinery reads.
+template <int P, typename Body>
+inline void for_each_item(const TileGeometry& g, bool output_side, int threads, Body body) {
   const index_t T = g.N * g.th * g.tw, groups = (T + VW - 1) / VW, chunks = (g.C + channel_chunk - 1) / channel_chunk;
-  const ConvGeometry cg = conv_geometry<P>(g, false);
-  const index_t plane = g.H * g.W, CT = g.C * T;
+  const ConvGeometry cg = conv_geometry<P>(g, output_side);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (index_t item = 0; item < groups * chunks; ++item) {
-    const index_t grp = item / chunks, c0 = (item % chunks) * channel_chunk, c1 = std::min(g.C, c0 + channel_chunk);
+    const index_t grp = item / chunks, c0 = (item % chunks) * channel_chunk;
     TileInfo ti;
     tile_info<P>(cg, g.C, g.C, g.th, g.tw, grp * VW, VW, T, ti);
+    body(cg, ti, grp * VW, c0, std::min(g.C, c0 + channel_chunk));
+  }
+}
+
+template <int P>
+void input(const float* x, const TileGeometry& g, float* V, int threads) {
+  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, CT = g.C * T;
+  for_each_item<P>(g, false, threads, [&](const ConvGeometry& cg, const TileInfo& ti, index_t t0, index_t c0,
+                                          index_t c1) {
     for (index_t c = c0; c < c1; ++c) {
       wp_vf dv[P][P];
       load_tiles<P>(x + c * plane, cg, ti, 0, dv);
-      float* vc = V + c * T + grp * VW;
+      float* vc = V + c * T + t0;
       input_tiles<P>(dv, [&](int xi, wp_vf v) { store_part(vc + xi * CT, v, ti.nt); });
     }
-  }
+  });
 }
 
 template <int P>
 void output(const float* M, const TileGeometry& g, const float* bias, float* y, int threads) {
   constexpr int m = P - 2;
-  const index_t T = g.N * g.th * g.tw, groups = (T + VW - 1) / VW, chunks = (g.C + channel_chunk - 1) / channel_chunk;
-  const ConvGeometry cg = conv_geometry<P>(g, true);
-  const index_t plane = g.H * g.W, KT = g.C * T;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (index_t item = 0; item < groups * chunks; ++item) {
-    const index_t grp = item / chunks, k0 = (item % chunks) * channel_chunk, k1 = std::min(g.C, k0 + channel_chunk);
-    TileInfo ti;
-    tile_info<P>(cg, g.C, g.C, g.th, g.tw, grp * VW, VW, T, ti);
+  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, KT = g.C * T;
+  for_each_item<P>(g, true, threads, [&](const ConvGeometry& cg, const TileInfo& ti, index_t t0, index_t k0,
+                                         index_t k1) {
     for (index_t k = k0; k < k1; ++k) {
-      const float* mk = M + k * T + grp * VW;
+      const float* mk = M + k * T + t0;
       wp_vf mv[P][P], ov[m][m];
 #pragma GCC unroll 8
       for (int xi = 0; xi < P * P; ++xi) mv[xi / P][xi % P] = load_part(mk + xi * KT, ti.nt);
       output_tiles<P>(mv, splat(bias ? bias[k] : 0.0f), ov);
       store_tiles<m>(ov, y + k * plane, cg, ti, 0);
     }
-  }
+  });
 }
 
 // d[a][b] of the VW output tiles of a lane group (zero outside Ho x Wo and beyond ti.nt): the inverse of store_tiles.
@@ -140,15 +145,10 @@ inline void load_out_tiles(const float* yk, const ConvGeometry& g, const TileInf
 template <int P>
 void output_adjoint(const float* dy, const TileGeometry& g, float* dM, int threads) {
   constexpr int m = P - 2;
-  const index_t T = g.N * g.th * g.tw, groups = (T + VW - 1) / VW, chunks = (g.C + channel_chunk - 1) / channel_chunk;
-  const ConvGeometry cg = conv_geometry<P>(g, true);
-  const index_t plane = g.H * g.W, KT = g.C * T;
+  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, KT = g.C * T;
   constexpr const Transposed<P>& tr = transposed<P>;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (index_t item = 0; item < groups * chunks; ++item) {
-    const index_t grp = item / chunks, k0 = (item % chunks) * channel_chunk, k1 = std::min(g.C, k0 + channel_chunk);
-    TileInfo ti;
-    tile_info<P>(cg, g.C, g.C, g.th, g.tw, grp * VW, VW, T, ti);
+  for_each_item<P>(g, true, threads, [&](const ConvGeometry& cg, const TileInfo& ti, index_t t0, index_t k0,
+                                         index_t k1) {
     for (index_t k = k0; k < k1; ++k) {
       wp_vf d[m][m], tmp[P][m];
       load_out_tiles<m>(dy + k * plane, cg, ti, d);
@@ -156,14 +156,14 @@ void output_adjoint(const float* dy, const TileGeometry& g, float* dM, int threa
       for (int i = 0; i < P; ++i)  // A d
 #pragma GCC unroll 8
         for (int b = 0; b < m; ++b) tmp[i][b] = combine(tr.AT[i], [&](int a) { return d[a][b]; });
-      float* mk = dM + k * T + grp * VW;
+      float* mk = dM + k * T + t0;
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i)  // (A d) A^T
 #pragma GCC unroll 8
         for (int j = 0; j < P; ++j)
           store_part(mk + (i * P + j) * KT, combine(tr.AT[j], [&](int b) { return tmp[i][b]; }), ti.nt);
     }
-  }
+  });
 }
 
 // Adds s[u][v] of VW side-by-side tiles (lane l at columns m * l + v of row u) into dst rows; the tiles overlap by

@@ -17,6 +17,7 @@ from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.winograd._mask import keep_bits, masked
 from lightning_winoprune.winograd._sparse import SparsePlan, build_plan, sparse_conv
+from lightning_winoprune.winograd._sparse import positions_view as _bgemm_view  # (K, C, p, p) -> (P2, K, C)
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
     capturing,
@@ -143,11 +144,6 @@ def winograd_layout(t: torch.Tensor) -> torch.Tensor:
 
 #: Routes that apply the mask themselves whatever ``mask_in_forward`` says (pruned entries get exactly zero grad).
 _MASKING_ROUTES = (Route.SPARSE, Route.UNROLLED)
-
-
-def _bgemm_view(u: torch.Tensor) -> torch.Tensor:
-    k, c, p, _ = u.shape
-    return u.permute(2, 3, 0, 1).reshape(p * p, k, c)
 
 
 class _BGEMMConv(torch.autograd.Function):

@@ -30,10 +30,10 @@ from lightning_winoprune.winograd._tiles import (
     output_transform_adjoint,
 )
 
-__all__ = ["SparsePlan", "build_plan", "sparse_conv"]
+__all__ = ["SparsePlan", "build_plan", "positions_view", "sparse_conv"]
 
 
-def _positions_view(t: torch.Tensor) -> torch.Tensor:
+def positions_view(t: torch.Tensor) -> torch.Tensor:
     """``(K, C, p, p) -> (P2, K, C)`` (a view for position-major tensors, see ``winograd_layout``)."""
     k, c, p, _ = t.shape
     return t.permute(2, 3, 0, 1).reshape(p * p, k, c)
@@ -81,7 +81,7 @@ class SparsePlan:
 
     def gather_weight(self, u: torch.Tensor) -> torch.Tensor:
         """``where(mask_g, U gathered, 0)`` of shape ``(P2, rmax, cmax)`` for a ``(K, C, p, p)`` weight."""
-        uv = _positions_view(u)
+        uv = positions_view(u)
         if self.elems is not None:
             g = uv.reshape(-1).index_select(0, self.elems).view(self.p2, self.rmax, self.cmax)
         elif self.rows is not None:
@@ -101,7 +101,7 @@ def build_plan(mask: torch.Tensor) -> SparsePlan:
     """The :class:`SparsePlan` of a ``(K, C, p, p)`` boolean keep-mask (``True`` keeps)."""
     if mask.dtype != torch.bool or mask.dim() != 4:
         raise ValueError(f"mask must be a 4-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
-    mv = _positions_view(mask)
+    mv = positions_view(mask)
     p2, k, c = mv.shape
     kept_rows, kept_cols = mv.any(dim=2), mv.any(dim=1)  # (P2, K), (P2, C)
     rmax = int(kept_rows.sum(dim=1).max()) if p2 else 0
