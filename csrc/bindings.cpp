@@ -189,8 +189,31 @@ void input_transform_adjoint(const py::handle& dV_obj, const py::handle& BT_obj,
   winoprune::input_transform_adjoint(vp, g, bp, p, xp);
 }
 
+// The optional row map of output_transform / its adjoint (see tile_row in isa.h): int64 (P2, K), every entry in
+// [-1, R) for M / dM of R rows; with `distinct` (the adjoint writes through it) no row may appear twice. Returns its
+// data (nullptr when rows_obj is None) and fills `used` (R flags) when given.
+const std::int64_t* row_map(const py::object& rows_obj, carray<std::int64_t>& holder, index_t p2, index_t K,
+                            index_t R, bool distinct, std::vector<char>* used) {
+  if (rows_obj.is_none()) return nullptr;
+  holder = as_array<std::int64_t>(rows_obj, "rows");
+  expect_shape(holder, {p2, K}, "rows");
+  std::vector<char> seen(distinct || used ? static_cast<std::size_t>(R) : 0, 0);
+  const std::int64_t* r = holder.data();
+  for (index_t i = 0; i < p2 * K; ++i) {
+    if (r[i] < -1 || r[i] >= R)
+      throw py::value_error("rows[" + std::to_string(i / K) + ", " + std::to_string(i % K) + "] = " +
+                            std::to_string(r[i]) + " is outside [-1, " + std::to_string(R) + ")");
+    if (r[i] < 0 || seen.empty()) continue;
+    if (distinct && seen[r[i]])
+      throw py::value_error("rows maps row " + std::to_string(r[i]) + " twice (each row may be written once)");
+    seen[r[i]] = 1;
+  }
+  if (used) *used = std::move(seen);
+  return r;
+}
+
 void output_transform(const py::handle& M_obj, const py::handle& AT_obj, const py::object& bias_obj, index_t th,
-                      index_t tw, const py::handle& out_obj, const py::object& isa) {
+                      index_t tw, const py::handle& out_obj, const py::object& isa, const py::object& rows_obj) {
   auto M = as_array<float>(M_obj, "M");
   auto AT = as_array<float>(AT_obj, "AT");
   auto out = as_array<float>(out_obj, "out", true);
@@ -203,7 +226,15 @@ void output_transform(const py::handle& M_obj, const py::handle& AT_obj, const p
   if (g.H > th * (p - 2) || g.W > tw * (p - 2))
     throw py::value_error("out's spatial size " + shape_str(out) + " does not fit in " + std::to_string(th) + " x " +
                           std::to_string(tw) + " tiles of " + std::to_string(p - 2));
-  expect_shape(M, {p * p, g.C, g.N * th * tw}, "M");
+  carray<std::int64_t> rows_arr;
+  const std::int64_t* rows = nullptr;
+  if (rows_obj.is_none()) {
+    expect_shape(M, {p * p, g.C, g.N * th * tw}, "M");
+  } else {
+    expect_ndim(M, 2, "M (with rows)");
+    expect_shape(M, {M.shape(0), g.N * th * tw}, "M (with rows)");
+    rows = row_map(rows_obj, rows_arr, p * p, g.C, M.shape(0), false, nullptr);
+  }
   const float* bias = nullptr;
   carray<float> b;
   if (!bias_obj.is_none()) {
@@ -216,12 +247,12 @@ void output_transform(const py::handle& M_obj, const py::handle& AT_obj, const p
   float* yp = out.mutable_data();
   const auto* tab = train_table(isa, table_AT, ap, p, (p - 2) * p);
   py::gil_scoped_release release;
-  if (tab && tab->train_output(mp, g, bias, p, yp, winoprune::max_threads())) return;
-  winoprune::output_transform(mp, g, ap, bias, p, yp);
+  if (tab && tab->train_output(mp, g, bias, rows, p, yp, winoprune::max_threads())) return;
+  winoprune::output_transform(mp, g, ap, bias, rows, p, yp);
 }
 
 void output_transform_adjoint(const py::handle& dy_obj, const py::handle& AT_obj, index_t th, index_t tw,
-                              const py::handle& out_obj, const py::object& isa) {
+                              const py::handle& out_obj, const py::object& isa, const py::object& rows_obj) {
   auto dy = as_array<float>(dy_obj, "dy");
   auto AT = as_array<float>(AT_obj, "AT");
   auto out = as_array<float>(out_obj, "out", true);
@@ -234,14 +265,26 @@ void output_transform_adjoint(const py::handle& dy_obj, const py::handle& AT_obj
   if (g.H > th * (p - 2) || g.W > tw * (p - 2))
     throw py::value_error("dy's spatial size " + shape_str(dy) + " does not fit in " + std::to_string(th) + " x " +
                           std::to_string(tw) + " tiles of " + std::to_string(p - 2));
-  expect_shape(out, {p * p, g.C, g.N * th * tw}, "out");
+  carray<std::int64_t> rows_arr;
+  const std::int64_t* rows = nullptr;
+  std::vector<char> used;
+  const index_t T = g.N * th * tw;
+  if (rows_obj.is_none()) {
+    expect_shape(out, {p * p, g.C, T}, "out");
+  } else {
+    expect_ndim(out, 2, "out (with rows)");
+    expect_shape(out, {out.shape(0), T}, "out (with rows)");
+    rows = row_map(rows_obj, rows_arr, p * p, g.C, out.shape(0), true, &used);
+  }
   const float* dp = dy.data();
   const float* ap = AT.data();
   float* mp = out.mutable_data();
   const auto* tab = train_table(isa, table_AT, ap, p, (p - 2) * p);
   py::gil_scoped_release release;
-  if (tab && tab->train_output_adjoint(dp, g, p, mp, winoprune::max_threads())) return;
-  winoprune::output_transform_adjoint(dp, g, ap, p, mp);
+  for (std::size_t r = 0; r < used.size(); ++r)  // rows no (xi, k) maps to: zero, as in the dense dM
+    if (!used[r]) std::fill(mp + r * T, mp + (r + 1) * T, 0.0f);
+  if (tab && tab->train_output_adjoint(dp, g, rows, p, mp, winoprune::max_threads())) return;
+  winoprune::output_transform_adjoint(dp, g, ap, rows, p, mp);
 }
 
 winoprune::Isa parse_isa(const py::object& isa) {
@@ -710,9 +753,13 @@ PYBIND11_MODULE(_C, mod) {
           py::arg("pad_left"), py::arg("th"), py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(),
           "Transpose of input_transform: scatter-adds B dV B^T into out (N, C, H, W), which it overwrites.");
   mod.def("output_transform", &output_transform, py::arg("M"), py::arg("AT"), py::arg("bias"), py::arg("th"),
-          py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(), "y = A^T M A (+ bias) for every tile, cropped into out (N, K, Ho, Wo).");
+          py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(), py::arg("rows") = py::none(),
+          "y = A^T M A (+ bias) for every tile, cropped into out (N, K, Ho, Wo). M is (p*p, K, T), or (R, T) with "
+          "rows: int64 (p*p, K), the row of M of each (position, channel), -1 for an all-zero row.");
   mod.def("output_transform_adjoint", &output_transform_adjoint, py::arg("dy"), py::arg("AT"), py::arg("th"),
-          py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(), "Transpose of output_transform (without bias): out (p*p, K, T).");
+          py::arg("tw"), py::arg("out"), py::arg("isa") = py::none(), py::arg("rows") = py::none(),
+          "Transpose of output_transform (without bias): out (p*p, K, T), or (R, T) with rows (each row at most "
+          "once; -1 entries are not written, rows no entry maps to are zeroed).");
   mod.def("isa", [] { return isa_name(winoprune::detect_isa()); },
           "The ISA the kernels dispatch to: the widest this CPU supports, capped by $WINOPRUNE_ISA.");
   mod.def("supported_isas", &supported_isas, "ISAs this CPU (and this build) can run.");

@@ -57,6 +57,13 @@ struct TileGeometry {
   index_t th, tw;              // tiles per column / row
 };
 
+// Row (of T floats) of M / dM that holds Winograd position xi of output channel k. Without a row map, the dense
+// (P2, K, T) layout: xi * K + k. With one (the sparse training route's gathered M), rows[xi * K + k], or -1 for an
+// absent row: all zero, read as zeros and never written.
+inline index_t tile_row(const std::int64_t* rows, int xi, index_t K, index_t k) {
+  return rows ? static_cast<index_t>(rows[xi * K + k]) : xi * K + k;
+}
+
 struct ConvGeometry {
   index_t N, H, W;        // input batch and spatial size (channels come from the plan)
   index_t pad_top, pad_left;
@@ -103,8 +110,11 @@ struct KernelTable {
   const float* (*train_AT)(int p);  // (p - 2, p)
   bool (*train_input)(const float* x, const TileGeometry& g, int p, float* V, int threads);
   bool (*train_input_adjoint)(const float* dV, const TileGeometry& g, int p, float* dx, int threads);
-  bool (*train_output)(const float* M, const TileGeometry& g, const float* bias, int p, float* y, int threads);
-  bool (*train_output_adjoint)(const float* dy, const TileGeometry& g, int p, float* dM, int threads);
+  // rows: optional row map of M / dM (see tile_row).
+  bool (*train_output)(const float* M, const TileGeometry& g, const float* bias, const std::int64_t* rows, int p,
+                       float* y, int threads);
+  bool (*train_output_adjoint)(const float* dy, const TileGeometry& g, const std::int64_t* rows, int p, float* dM,
+                               int threads);
 };
 
 #define WINOPRUNE_DECLARE_ISA(NS) \

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 
 namespace training_detail {
 
@@ -36,7 +37,6 @@ inline constexpr Transposed<P> transposed{};
 
 constexpr index_t channel_chunk = 16;  // channels per work item
 
-// Geometry the inference tile machinery understands. For an output-side tensor g.H x g.W is Ho x Wo.
 template <int P>
 inline ConvGeometry conv_geometry(const TileGeometry& g, bool output_side) {
   if (output_side) return ConvGeometry{g.N, g.H, g.W, 0, 0, g.H, g.W};
@@ -92,16 +92,19 @@ void input(const float* x, const TileGeometry& g, float* V, int threads) {
 }
 
 template <int P>
-void output(const float* M, const TileGeometry& g, const float* bias, float* y, int threads) {
+void output(const float* M, const TileGeometry& g, const float* bias, const std::int64_t* rows, float* y,
+            int threads) {
   constexpr int m = P - 2;
-  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, KT = g.C * T;
+  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W;
   for_each_item<P>(g, true, threads, [&](const ConvGeometry& cg, const TileInfo& ti, index_t t0, index_t k0,
                                          index_t k1) {
     for (index_t k = k0; k < k1; ++k) {
-      const float* mk = M + k * T + t0;
       wp_vf mv[P][P], ov[m][m];
 #pragma GCC unroll 8
-      for (int xi = 0; xi < P * P; ++xi) mv[xi / P][xi % P] = load_part(mk + xi * KT, ti.nt);
+      for (int xi = 0; xi < P * P; ++xi) {
+        const index_t r = tile_row(rows, xi, g.C, k);
+        mv[xi / P][xi % P] = r < 0 ? wp_vf{} : load_part(M + r * T + t0, ti.nt);
+      }
       output_tiles<P>(mv, splat(bias ? bias[k] : 0.0f), ov);
       store_tiles<m>(ov, y + k * plane, cg, ti, 0);
     }
@@ -143,9 +146,9 @@ inline void load_out_tiles(const float* yk, const ConvGeometry& g, const TileInf
 }
 
 template <int P>
-void output_adjoint(const float* dy, const TileGeometry& g, float* dM, int threads) {
+void output_adjoint(const float* dy, const TileGeometry& g, const std::int64_t* rows, float* dM, int threads) {
   constexpr int m = P - 2;
-  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, KT = g.C * T;
+  const index_t T = g.N * g.th * g.tw, plane = g.H * g.W;
   constexpr const Transposed<P>& tr = transposed<P>;
   for_each_item<P>(g, true, threads, [&](const ConvGeometry& cg, const TileInfo& ti, index_t t0, index_t k0,
                                          index_t k1) {
@@ -156,12 +159,13 @@ void output_adjoint(const float* dy, const TileGeometry& g, float* dM, int threa
       for (int i = 0; i < P; ++i)  // A d
 #pragma GCC unroll 8
         for (int b = 0; b < m; ++b) tmp[i][b] = combine(tr.AT[i], [&](int a) { return d[a][b]; });
-      float* mk = dM + k * T + t0;
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i)  // (A d) A^T
 #pragma GCC unroll 8
-        for (int j = 0; j < P; ++j)
-          store_part(mk + (i * P + j) * KT, combine(tr.AT[j], [&](int b) { return tmp[i][b]; }), ti.nt);
+        for (int j = 0; j < P; ++j) {
+          const index_t r = tile_row(rows, i * P + j, g.C, k);
+          if (r >= 0) store_part(dM + r * T + t0, combine(tr.AT[j], [&](int b) { return tmp[i][b]; }), ti.nt);
+        }
     }
   });
 }
@@ -272,10 +276,12 @@ inline bool train_input(const float* x, const TileGeometry& g, int p, float* V, 
 inline bool train_input_adjoint(const float* dV, const TileGeometry& g, int p, float* dx, int threads) {
   WINOPRUNE_TRAIN_DISPATCH(input_adjoint, (dV, g, dx, threads))
 }
-inline bool train_output(const float* M, const TileGeometry& g, const float* bias, int p, float* y, int threads) {
-  WINOPRUNE_TRAIN_DISPATCH(output, (M, g, bias, y, threads))
+inline bool train_output(const float* M, const TileGeometry& g, const float* bias, const std::int64_t* rows, int p,
+                         float* y, int threads) {
+  WINOPRUNE_TRAIN_DISPATCH(output, (M, g, bias, rows, y, threads))
 }
-inline bool train_output_adjoint(const float* dy, const TileGeometry& g, int p, float* dM, int threads) {
-  WINOPRUNE_TRAIN_DISPATCH(output_adjoint, (dy, g, dM, threads))
+inline bool train_output_adjoint(const float* dy, const TileGeometry& g, const std::int64_t* rows, int p, float* dM,
+                                 int threads) {
+  WINOPRUNE_TRAIN_DISPATCH(output_adjoint, (dy, g, rows, dM, threads))
 }
 #undef WINOPRUNE_TRAIN_DISPATCH

@@ -99,7 +99,8 @@ void input_transform_adjoint_p(const float* dV, const TileGeometry& g, const flo
 
 // y = A^T M A per tile (+ bias[k] when bias != nullptr). Here g.C is K and g.H, g.W are Ho, Wo.
 template <int P>
-void output_transform_p(const float* M, const TileGeometry& g, const float* AT, const float* bias, float* y) {
+void output_transform_p(const float* M, const TileGeometry& g, const float* AT, const float* bias,
+                        const std::int64_t* rows, float* y) {
   constexpr int m = P - 2;
   const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, n_planes = g.N * g.C;
   WINOPRUNE_PARALLEL_FOR
@@ -107,14 +108,17 @@ void output_transform_p(const float* M, const TileGeometry& g, const float* AT, 
     const index_t n = nk / g.C, k = nk % g.C;
     float* yp = y + nk * plane;
     const float b = bias ? bias[k] : 0.0f;
-    const float* mbase = M + k * T + n * g.th * g.tw;
+    const index_t t_n = n * g.th * g.tw;
     for (index_t ty = 0; ty < g.th; ++ty)
       for (index_t tx = 0; tx < g.tw; ++tx) {
-        const index_t t = ty * g.tw + tx;
+        const index_t t = t_n + ty * g.tw + tx;
         float tmp[m][P];  // A^T M
         float mm[P][P];
         for (int i = 0; i < P; ++i)
-          for (int j = 0; j < P; ++j) mm[i][j] = mbase[(i * P + j) * g.C * T + t];
+          for (int j = 0; j < P; ++j) {
+            const index_t r = tile_row(rows, i * P + j, g.C, k);
+            mm[i][j] = r < 0 ? 0.0f : M[r * T + t];
+          }
         for (int a = 0; a < m; ++a)
           for (int j = 0; j < P; ++j) {
             float s = 0.0f;
@@ -137,14 +141,15 @@ void output_transform_p(const float* M, const TileGeometry& g, const float* AT, 
 }
 
 template <int P>
-void output_transform_adjoint_p(const float* dy, const TileGeometry& g, const float* AT, float* dM) {
+void output_transform_adjoint_p(const float* dy, const TileGeometry& g, const float* AT, const std::int64_t* rows,
+                                float* dM) {
   constexpr int m = P - 2;
   const index_t T = g.N * g.th * g.tw, plane = g.H * g.W, n_planes = g.N * g.C;
   WINOPRUNE_PARALLEL_FOR
   for (index_t nk = 0; nk < n_planes; ++nk) {
     const index_t n = nk / g.C, k = nk % g.C;
     const float* yp = dy + nk * plane;
-    float* mbase = dM + k * T + n * g.th * g.tw;
+    const index_t t_n = n * g.th * g.tw;
     for (index_t ty = 0; ty < g.th; ++ty)
       for (index_t tx = 0; tx < g.tw; ++tx) {
         float d[m][m];
@@ -160,12 +165,14 @@ void output_transform_adjoint_p(const float* dy, const TileGeometry& g, const fl
             for (int a = 0; a < m; ++a) s += AT[a * P + i] * d[a][bb];
             tmp[i][bb] = s;
           }
-        const index_t t = ty * g.tw + tx;
+        const index_t t = t_n + ty * g.tw + tx;
         for (int i = 0; i < P; ++i)
           for (int j = 0; j < P; ++j) {
+            const index_t r = tile_row(rows, i * P + j, g.C, k);
+            if (r < 0) continue;
             float s = 0.0f;
             for (int bb = 0; bb < m; ++bb) s += tmp[i][bb] * AT[bb * P + j];
-            mbase[(i * P + j) * g.C * T + t] = s;
+            dM[r * T + t] = s;
           }
       }
   }
@@ -190,14 +197,15 @@ inline bool input_transform_adjoint(const float* dV, const TileGeometry& g, cons
   WINOPRUNE_DISPATCH_P(p, WINOPRUNE_CALL)
 #undef WINOPRUNE_CALL
 }
-inline bool output_transform(const float* M, const TileGeometry& g, const float* AT, const float* bias, int p,
-                             float* y) {
-#define WINOPRUNE_CALL(P) output_transform_p<P>(M, g, AT, bias, y)
+inline bool output_transform(const float* M, const TileGeometry& g, const float* AT, const float* bias,
+                             const std::int64_t* rows, int p, float* y) {
+#define WINOPRUNE_CALL(P) output_transform_p<P>(M, g, AT, bias, rows, y)
   WINOPRUNE_DISPATCH_P(p, WINOPRUNE_CALL)
 #undef WINOPRUNE_CALL
 }
-inline bool output_transform_adjoint(const float* dy, const TileGeometry& g, const float* AT, int p, float* dM) {
-#define WINOPRUNE_CALL(P) output_transform_adjoint_p<P>(dy, g, AT, dM)
+inline bool output_transform_adjoint(const float* dy, const TileGeometry& g, const float* AT,
+                                     const std::int64_t* rows, int p, float* dM) {
+#define WINOPRUNE_CALL(P) output_transform_adjoint_p<P>(dy, g, AT, rows, dM)
   WINOPRUNE_DISPATCH_P(p, WINOPRUNE_CALL)
 #undef WINOPRUNE_CALL
 }

@@ -545,12 +545,12 @@ class WinogradConv2d(nn.Module):
         if sparse:
             plan = self._mask_state().get_plan()
             return sparse_conv(x, weight, bias, plan, self.m, geom, self.backend)
+        if route is Route.UNROLLED:
+            return self._unrolled(x, weight, bias, geom)  # masks by itself, on the positions it uses
         u = self._masked(weight)
         if gemm:
             out: torch.Tensor = _BGEMMConv.apply(x, u, bias, self.m, geom, self.backend)
             return out
-        if route is Route.UNROLLED:
-            return self._unrolled(x, weight, bias, geom)  # masks by itself, on the positions it uses
         return self._phase(x, u, bias, geom)
 
     def _bgemm_torch(

@@ -3,11 +3,14 @@
 With a mask, the GEMM of Winograd position ``xi`` only needs the rows ``R_xi`` of ``U[xi]`` (``K x C``) that keep an
 entry and the columns ``C_xi`` that keep one: every other row of ``M[xi] = U[xi] @ V[xi]`` is zero, and every other
 row of ``V[xi]`` is multiplied by zeros. The route gathers those rows and columns, runs one batched GEMM of shape
-``(P2, Rmax, Cmax) @ (P2, Cmax, T)`` and scatters the result into a zero ``M``. Positions with fewer kept rows
+``(P2, Rmax, Cmax) @ (P2, Cmax, T)`` and hands the result to the output transform with a row map (which row of the
+result holds each position of each channel; every other row of ``M`` is zero), so no dense ``M`` is ever built.
+Positions with fewer kept rows
 (columns) than ``Rmax`` (``Cmax``) are padded with distinct pruned rows (columns) of that position: their gathered
 weights are masked to zero, so they write zeros into rows that are zero anyway, and no two gathered rows collide.
 
-The backward pass is built the same way: ``dM`` rows are gathered, ``dV = U_g^T dM_g`` (scattered into zero rows
+The backward pass is built the same way: the output transform's adjoint writes only the gathered rows ``dM_g``
+through the same row map, ``dV = U_g^T dM_g`` (scattered into zero rows
 where columns were gathered) and ``dU_g = dM_g V_g^T`` masked with the gathered mask and scattered into a zero
 ``dU``. A pruned entry of ``dU`` is therefore exactly zero by construction (never computed, never multiplied), even
 when a NaN or an inf is stored in the pruned weight.
@@ -54,6 +57,8 @@ class SparsePlan:
         elems: Flat indices into ``(P2 * K * C)`` of the gathered weights, ``(P2 * rmax * cmax,)``; ``None`` when
             columns are not gathered (then ``rows`` alone addresses them).
         mask: The mask gathered like the weights, ``(P2, rmax, cmax)`` bool.
+        rowmap: ``(P2, K)`` int64, the row of the gathered GEMM result ``(P2 * rmax, T)`` holding each position of
+            each output channel, ``-1`` for the rows not gathered; ``None`` when ``rows`` is.
 
     """
 
@@ -66,6 +71,7 @@ class SparsePlan:
     cols: torch.Tensor | None
     elems: torch.Tensor | None
     mask: torch.Tensor
+    rowmap: torch.Tensor | None
     _bits: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def bits(self, dtype: torch.dtype) -> torch.Tensor:
@@ -117,7 +123,12 @@ def build_plan(mask: torch.Tensor) -> SparsePlan:
         cols = (pos[:, None] * c + col_idx).reshape(-1).contiguous()
         elems = ((pos[:, None, None] * k + row_idx[:, :, None]) * c + col_idx[:, None, :]).reshape(-1).contiguous()
     gathered = mv[pos[:, None, None], row_idx[:, :, None], col_idx[:, None, :]]
-    return SparsePlan(p2, k, c, rmax, cmax, rows, cols, elems, gathered.contiguous())
+    rowmap = None
+    if rows is not None:
+        rowmap = torch.full((p2 * k,), -1, dtype=torch.int64, device=dev)
+        rowmap[rows] = torch.arange(rows.numel(), device=dev)
+        rowmap = rowmap.view(p2, k)
+    return SparsePlan(p2, k, c, rmax, cmax, rows, cols, elems, gathered.contiguous(), rowmap)
 
 
 def _scatter_rows(src: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
@@ -146,9 +157,10 @@ class _SparseBGEMMConv(torch.autograd.Function):
             plan.p2, plan.cmax, t)
         ug = plan.gather_weight(u)
         mg = torch.bmm(ug, vg)
-        mm = mg if plan.rows is None else _scatter_rows(mg.view(-1, t), plan.rows, plan.p2 * plan.k).view(
-            plan.p2, plan.k, t)
-        y = output_transform(mm, m, geom, x.shape[0], bias, backend)
+        if plan.rowmap is None:
+            y = output_transform(mg, m, geom, x.shape[0], bias, backend)
+        else:
+            y = output_transform(mg.view(-1, t), m, geom, x.shape[0], bias, backend, rows=plan.rowmap)
         ctx.save_for_backward(ug, vg)
         ctx.plan, ctx.m, ctx.geom, ctx.backend = plan, m, geom, backend
         ctx.x_shape, ctx.has_bias, ctx.u_dtype = tuple(x.shape), bias is not None, u.dtype
@@ -158,10 +170,12 @@ class _SparseBGEMMConv(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         ug, vg = ctx.saved_tensors
         plan: SparsePlan = ctx.plan
-        dm = output_transform_adjoint(dy.contiguous(), ctx.m, ctx.geom, ctx.backend)
-        t = dm.shape[-1]
-        dmg = dm if plan.rows is None else dm.view(plan.p2 * plan.k, t).index_select(0, plan.rows).view(
-            plan.p2, plan.rmax, t)
+        t = vg.shape[-1]
+        if plan.rowmap is None:
+            dmg = output_transform_adjoint(dy.contiguous(), ctx.m, ctx.geom, ctx.backend)
+        else:
+            dmg = output_transform_adjoint(dy.contiguous(), ctx.m, ctx.geom, ctx.backend, rows=plan.rowmap,
+                                           num_rows=plan.p2 * plan.rmax).view(plan.p2, plan.rmax, t)
         dx = du = dbias = None
         if ctx.needs_input_grad[0]:
             dvg = torch.bmm(ug.transpose(1, 2), dmg)

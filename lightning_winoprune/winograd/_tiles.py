@@ -10,6 +10,11 @@ Winograd positions ``xi`` one GEMM ``M[xi] (K x T) = U[xi] (K x C) @ V[xi] (C x 
 * :func:`output_transform`: ``M (P2, K, T) -> y (N, K, Ho, Wo)`` (+ bias)
 * :func:`output_transform_adjoint`: ``dy (N, K, Ho, Wo) -> dM (P2, K, T)``
 
+Both output-side maps also take a *row map* ``rows`` (int64 ``(P2, K)``): then ``M`` / ``dM`` are ``(R, T)`` and hold
+only the rows that ``rows`` names, ``rows[xi, k]`` being the row of position ``xi`` of channel ``k``, or ``-1`` for a
+row that is all zero. The sparse training route uses it to read its gathered GEMM result, and to write the gathered
+``dM`` directly, without a dense ``(P2, K, T)`` tensor in between.
+
 The adjoints are the exact transposes of the forward maps; the Winograd layer's backward pass is built from them.
 
 While ``torch.jit.trace``, ``torch.compile`` or ``torch.export`` records the ops (:func:`capturing`), every op takes
@@ -170,45 +175,110 @@ def input_transform_adjoint(
     return full[:, :, ph : ph + h, pw : pw + w]
 
 
+def _check_rows(rows: object, p2: int, k: int | None) -> torch.Tensor:
+    """Validate a row map's type and shape (see the module docstring): int64 ``(P2, K)``."""
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(f"rows must be a torch.Tensor, got {type(rows).__name__}")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"rows must be an int64 tensor, got {rows.dtype}")
+    if rows.dim() != 2 or rows.shape[0] != p2 or (k is not None and rows.shape[1] != k):
+        want = f"({p2}, {'K' if k is None else k})"
+        raise ValueError(f"rows must have shape {want}, got {tuple(rows.shape)}")
+    return rows
+
+
+def _check_row_values(rows: torch.Tensor, num_rows: int, distinct: bool) -> None:
+    """Entries in ``[-1, num_rows)``, with ``distinct`` none named twice (the native kernels check the same)."""
+    if rows.numel() and (int(rows.min()) < -1 or int(rows.max()) >= num_rows):
+        raise ValueError(f"rows must lie in [-1, {num_rows}), got [{int(rows.min())}, {int(rows.max())}]")
+    if distinct:
+        used = rows[rows >= 0]
+        if used.numel() != used.unique().numel():
+            raise ValueError("rows must not name a row twice (each row of dM is written once)")
+
+
 def output_transform(
     mm: torch.Tensor, m: int, geom: TileGeometry, batch: int, bias: torch.Tensor | None = None,
-    backend: Backend | str = Backend.AUTO,
+    backend: Backend | str = Backend.AUTO, rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Output tiles ``y = A^T M A`` (+ bias), cropped to ``(N, K, Ho, Wo)``."""
-    _check_tensor(mm, "M", 3)
+    """Output tiles ``y = A^T M A`` (+ bias), cropped to ``(N, K, Ho, Wo)``.
+
+    Args:
+        mm: ``M`` of shape ``(P2, K, T)``; with ``rows``, its rows ``(R, T)``.
+        m: Output tile size.
+        geom: Tile geometry.
+        batch: ``N``.
+        bias: Optional ``(K,)`` bias.
+        backend: Implementation to use.
+        rows: Optional row map ``(P2, K)`` (see the module docstring).
+
+    """
     t = get_transforms(m, mm.dtype, mm.device)
-    k = mm.shape[1]
     ho, wo = geom.out_size
     th, tw = geom.tiles
-    if tuple(mm.shape) != (t.p * t.p, k, batch * th * tw):
-        raise ValueError(f"M must have shape {(t.p * t.p, k, batch * th * tw)}, got {tuple(mm.shape)}")
+    n_tiles = batch * th * tw
+    if rows is None:
+        _check_tensor(mm, "M", 3)
+        k = mm.shape[1]
+        if tuple(mm.shape) != (t.p * t.p, k, n_tiles):
+            raise ValueError(f"M must have shape {(t.p * t.p, k, n_tiles)}, got {tuple(mm.shape)}")
+    else:
+        _check_tensor(mm, "M", 2)
+        if mm.shape[1] != n_tiles:
+            raise ValueError(f"M must have shape (R, {n_tiles}) with rows, got {tuple(mm.shape)}")
+        k = _check_rows(rows, t.p * t.p, None).shape[1]
     if bias is not None and tuple(bias.shape) != (k,):
         raise ValueError(f"bias must have shape {(k,)}, got {tuple(bias.shape)}")
     if _resolve(backend, mm, *(() if bias is None else (bias,))) is Backend.NATIVE:
         out = torch.empty((batch, k, ho, wo), dtype=torch.float32)
         native_module().output_transform(
-            _np(mm), _np(t.AT), None if bias is None else _np(bias), th, tw, out.numpy()
+            _np(mm), _np(t.AT), None if bias is None else _np(bias), th, tw, out.numpy(),
+            rows=None if rows is None else _np(rows),
         )
         return out
+    if rows is not None:  # the dense M: the mapped rows, zeros elsewhere
+        _check_row_values(rows, mm.shape[0], False)
+        flat, kept = rows.reshape(-1), (rows.reshape(-1) >= 0).nonzero().flatten()
+        mm = mm.new_zeros(t.p * t.p * k, n_tiles).index_copy(0, kept, mm.index_select(0, flat[kept]))
     y = torch.einsum("ai,ijkntw,bj->nktawb", t.AT, mm.reshape(t.p, t.p, k, batch, th, tw), t.AT)
     y = y.reshape(batch, k, th * m, tw * m)[:, :, :ho, :wo]
     return y if bias is None else y + bias.view(1, k, 1, 1)
 
 
 def output_transform_adjoint(
-    dy: torch.Tensor, m: int, geom: TileGeometry, backend: Backend | str = Backend.AUTO
+    dy: torch.Tensor, m: int, geom: TileGeometry, backend: Backend | str = Backend.AUTO,
+    rows: torch.Tensor | None = None, num_rows: int | None = None,
 ) -> torch.Tensor:
-    """Transpose of :func:`output_transform` (bias excluded): ``dy (N, K, Ho, Wo) -> dM (P2, K, T)``."""
+    """Transpose of :func:`output_transform` (bias excluded): ``dy (N, K, Ho, Wo) -> dM (P2, K, T)``.
+
+    With a row map ``rows`` (see the module docstring; no row named twice), ``dM`` is ``(num_rows, T)``: row
+    ``rows[xi, k]`` holds position ``xi`` of channel ``k``, entries ``-1`` are not computed into it, and rows that no
+    entry names are zero.
+    """
     _check_tensor(dy, "dy", 4)
     t = get_transforms(m, dy.dtype, dy.device)
     n, k, ho, wo = dy.shape
     th, tw = geom.tiles
+    n_tiles = n * th * tw
     if (ho, wo) != geom.out_size:
         raise ValueError(f"dy must have spatial size {geom.out_size}, got {(ho, wo)}")
+    shape: tuple[int, ...] = (t.p * t.p, k, n_tiles)
+    if rows is not None:
+        if not isinstance(num_rows, int) or num_rows < 0:
+            raise ValueError(f"num_rows must be an int >= 0 with rows, got {num_rows!r}")
+        _check_rows(rows, t.p * t.p, k)
+        shape = (num_rows, n_tiles)
     if _resolve(backend, dy) is Backend.NATIVE:
-        out = torch.empty((t.p * t.p, k, n * th * tw), dtype=torch.float32)
-        native_module().output_transform_adjoint(_np(dy), _np(t.AT), th, tw, out.numpy())
+        out = torch.empty(shape, dtype=torch.float32)
+        native_module().output_transform_adjoint(
+            _np(dy), _np(t.AT), th, tw, out.numpy(), rows=None if rows is None else _np(rows)
+        )
         return out
     dyp = F.pad(dy, (0, tw * m - wo, 0, th * m - ho)).reshape(n, k, th, m, tw, m)
-    dm = torch.einsum("ai,nktawb,bj->ijkntw", t.AT, dyp, t.AT)
-    return dm.reshape(t.p * t.p, k, n * th * tw)
+    dm = torch.einsum("ai,nktawb,bj->ijkntw", t.AT, dyp, t.AT).reshape(t.p * t.p, k, n_tiles)
+    if rows is None:
+        return dm
+    _check_row_values(rows, shape[0], True)
+    flat = rows.reshape(-1)
+    kept = (flat >= 0).nonzero().flatten()
+    return dm.new_zeros(shape).index_copy(0, flat[kept], dm.reshape(-1, n_tiles).index_select(0, kept))

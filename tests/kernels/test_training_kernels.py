@@ -71,13 +71,17 @@ def _case(m: int, n: int, c: int, k: int, h: int, w: int, pad: tuple[int, int], 
     return (x, pad, dv, mm, b, dy), expected
 
 
+def _check_one(name: str, a: torch.Tensor, e: torch.Tensor) -> None:
+    assert a.shape == e.shape, (name, a.shape, e.shape)
+    if e.numel():
+        scale = max(1.0, e.abs().max().item())
+        err = (a.double() - e).abs().max().item()
+        assert err <= 2e-5 * scale, f"{name}: max abs error {err:.3e} (scale {scale:.2e})"
+
+
 def _check(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
     for name, a, e in zip(("V", "dx", "y", "dM"), actual, expected, strict=True):
-        assert a.shape == e.shape, (name, a.shape, e.shape)
-        if e.numel():
-            scale = max(1.0, e.abs().max().item())
-            err = (a.double() - e).abs().max().item()
-            assert err <= 2e-5 * scale, f"{name}: max abs error {err:.3e} (scale {scale:.2e})"
+        _check_one(name, a, e)
 
 
 @st.composite
@@ -157,3 +161,90 @@ def test_bad_isa_and_shapes_raise() -> None:
         c_.input_transform(x, t.BT.numpy(), 1, 1, 2, 2, np.zeros((16, 1, 5), np.float32))
     with pytest.raises(ValueError, match="tile counts"):
         c_.output_transform_adjoint(np.zeros((1, 1, 4, 4), np.float32), t.AT.numpy(), 0, 2, out)
+
+
+def _row_map(p2: int, k: int, extra: int, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+    """A random row map: about half the (position, channel) pairs mapped to distinct rows, plus ``extra`` unused."""
+    kept = torch.rand(p2 * k, generator=gen) < 0.5
+    n_rows = int(kept.sum()) + extra
+    rows = torch.full((p2 * k,), -1, dtype=torch.int64)
+    rows[kept] = torch.randperm(n_rows, generator=gen)[: int(kept.sum())]
+    return rows.view(p2, k), n_rows
+
+
+@pytest.mark.parametrize("isa", _isas())
+@settings(max_examples=25, deadline=None)
+@given(training_shapes(), st.integers(0, 3))
+def test_row_map_equals_the_dense_layout(isa: str, case, extra: int) -> None:
+    """With a row map, M / dM hold only the mapped rows: the result equals the dense layout's with zeros elsewhere."""
+    m, n, _, k, h, w, pad, seed, with_bias = case
+    gen = torch.Generator().manual_seed(seed)
+    geom = tile_geometry(h, w, pad, m)
+    th, tw = geom.tiles
+    p2, t = (m + 2) ** 2, n * th * tw
+    rows, n_rows = _row_map(p2, k, extra, gen)
+    flat = rows.reshape(-1)
+    mapped = (flat >= 0).nonzero().flatten()
+    mg = torch.randn(n_rows, t, generator=gen)
+    dense = torch.zeros(p2 * k, t, dtype=torch.float64)
+    dense[mapped] = mg.double()[flat[mapped]]
+    bias = torch.randn(k, generator=gen) if with_bias else None
+    tr = get_transforms(m, torch.float32)
+    y = torch.full((n, k, *geom.out_size), float("nan"))
+    _native().output_transform(mg.numpy(), tr.AT.numpy(), None if bias is None else bias.numpy(), th, tw, y.numpy(),
+                               isa=isa, rows=rows.numpy())
+    ref = output_transform(dense.view(p2, k, t), m, geom, n, None if bias is None else bias.double(), "torch")
+    _check_one("y", y, ref)
+    dy = torch.randn(n, k, *geom.out_size, generator=gen)
+    dmg = torch.full((n_rows, t), float("nan"))
+    _native().output_transform_adjoint(dy.numpy(), tr.AT.numpy(), th, tw, dmg.numpy(), isa=isa, rows=rows.numpy())
+    full = output_transform_adjoint(dy.double(), m, geom, "torch").reshape(p2 * k, t)
+    expected = torch.zeros(n_rows, t, dtype=torch.float64)
+    expected[flat[mapped]] = full[mapped]
+    _check_one("dM", dmg, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_row_map_through_the_python_api(backend: str) -> None:
+    """``output_transform(..., rows=)`` and its adjoint agree between backends, F(6,3) (scalar reference) included."""
+    gen = torch.Generator().manual_seed(3)
+    for m in (2, 4, 6):
+        geom = tile_geometry(7, 9, (1, 1), m)
+        p2, t, k = (m + 2) ** 2, 2 * geom.tiles[0] * geom.tiles[1], 5
+        rows, n_rows = _row_map(p2, k, 2, gen)
+        mg, dy = torch.randn(n_rows, t, generator=gen), torch.randn(2, k, *geom.out_size, generator=gen)
+        flat = rows.reshape(-1)
+        mapped = (flat >= 0).nonzero().flatten()
+        dense = torch.zeros(p2 * k, t)
+        dense[mapped] = mg[flat[mapped]]
+        y = output_transform(mg, m, geom, 2, None, backend, rows=rows)
+        torch.testing.assert_close(y, output_transform(dense.view(p2, k, t), m, geom, 2, None, "torch"))
+        dmg = output_transform_adjoint(dy, m, geom, backend, rows=rows, num_rows=n_rows)
+        expected = torch.zeros(n_rows, t)
+        expected[flat[mapped]] = output_transform_adjoint(dy, m, geom, "torch").reshape(p2 * k, t)[mapped]
+        torch.testing.assert_close(dmg, expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_bad_row_maps_raise(backend: str) -> None:
+    geom = tile_geometry(4, 4, (1, 1), 2)
+    mg, dy = torch.randn(3, 8), torch.randn(2, 2, 4, 4)
+    good = torch.tensor([[0, -1]] * 16)
+    good[1, 1], good[2, 0] = 1, 2
+    with pytest.raises(TypeError, match="int64"):
+        output_transform(mg, 2, geom, 2, None, backend, rows=good.int())
+    with pytest.raises(ValueError, match=r"rows must have shape \(16, 2\)"):
+        output_transform_adjoint(dy, 2, geom, backend, rows=good[:4], num_rows=3)
+    with pytest.raises(ValueError, match=r"M must have shape \(R, 8\)"):
+        output_transform(torch.randn(3, 9), 2, geom, 2, None, backend, rows=good)
+    with pytest.raises(ValueError, match="num_rows"):
+        output_transform_adjoint(dy, 2, geom, backend, rows=good)
+    bad = good.clone()
+    bad[5, 0] = 3
+    with pytest.raises(ValueError, match=r"outside \[-1, 3\)|lie in \[-1, 3\)"):
+        output_transform(mg, 2, geom, 2, None, backend, rows=bad)
+    dup = good.clone()
+    dup[6, 1] = 1
+    output_transform(mg, 2, geom, 2, None, backend, rows=dup)  # reading a row twice is fine
+    with pytest.raises(ValueError, match="twice"):
+        output_transform_adjoint(dy, 2, geom, backend, rows=dup, num_rows=3)
