@@ -11,7 +11,8 @@ every variant back to back (interleaved, so drift in machine load hits all alike
 Then, unless ``--no-upkeep``, a short Lightning fit with the ``WinogradPruning`` callback measures the mask upkeep:
 the time the callback's per-step hooks take, as a fraction of the step.
 
-Prints medians, p10/p90 and the ratios to ``dense``; ``--json`` writes them.
+Prints medians, p10/p90 and the ratios to ``dense``; ``--json`` writes them. ``--per-layer`` also times every pruned
+layer alone on each route it can take (forward + backward at its input shape in the model, interleaved).
 
     python benchmarks/bench_winograd_training.py [--size 32] [--batch 64] [--m 2] [--amount 0.7] [--method bwsp]
 """
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_winoprune as lw
 from lightning_winoprune.pruning import method_pattern, winograd_mask
-from lightning_winoprune.winograd import iter_winograd_layers
+from lightning_winoprune.winograd import Route, iter_winograd_layers
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
@@ -67,6 +68,40 @@ def prune_layers(model: torch.nn.Module, method: str, amount: float) -> float:
 def routes(model: torch.nn.Module) -> dict[str, str]:
     return {name: (getattr(layer, "last_route", None) or layer.route).value
             for name, layer in iter_winograd_layers(model)}
+
+
+def per_layer_routes(model: torch.nn.Module, x: torch.Tensor, reps: int) -> dict[str, dict[str, float]]:
+    """Median ms of one forward + backward of every Winograd layer alone, per route, at its input shape in ``model``."""
+    shapes: dict[str, torch.Size] = {}
+    hooks = [layer.register_forward_pre_hook(lambda _m, a, n=name: shapes.setdefault(n, a[0].shape) and None)
+             for name, layer in iter_winograd_layers(model)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    out: dict[str, dict[str, float]] = {}
+    for name, layer in iter_winograd_layers(model):
+        xin = torch.randn(shapes[name], requires_grad=True)
+        saved = layer.route
+        layer.route = Route.AUTO
+        candidates = [Route.BGEMM] + ([Route.SPARSE] if layer.mask is not None else [])
+        if layer.resolve_route(xin.shape[-2], xin.shape[-1], xin.shape[0]) is Route.UNROLLED:
+            candidates.append(Route.UNROLLED)
+        times: dict[str, list[float]] = {r.value: [] for r in candidates}
+        for i in range(reps + 2):
+            for route in candidates:
+                layer.route = route
+                layer.weight.grad = xin.grad = None
+                t0 = time.perf_counter()
+                y = layer(xin)
+                y.backward(torch.ones_like(y))
+                if i >= 2:
+                    times[route.value].append(time.perf_counter() - t0)
+        layer.route = saved
+        layer.weight.grad = None
+        out[name] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        print(f"  {name:<16} {tuple(shapes[name])!s:<20} " + "  ".join(f"{k} {v:.2f} ms" for k, v in out[name].items()))
+    return out
 
 
 class _Module(pl.LightningModule):
@@ -143,6 +178,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--no-upkeep", action="store_true", help="skip the Lightning fit that measures mask upkeep")
     ap.add_argument("--upkeep-steps", type=int, default=12, help="training steps per epoch of that fit")
+    ap.add_argument("--per-layer", action="store_true", help="also time every pruned layer alone on each route")
     ap.add_argument("--json", help="write the results to this JSON file")
     args = ap.parse_args()
 
@@ -183,6 +219,10 @@ def main() -> None:
         print(f"{k:<10} {med[k]:>10.2f} {q[0]:>8.2f} {q[-1]:>8.2f} {ratio[k]:>8.3f}")
     print(f"goals: winograd/dense <= 1.2 (now {ratio['winograd']:.3f}), pruned/dense <= 0.9 "
           f"(now {ratio['pruned']:.3f})")
+    layers = None
+    if args.per_layer:
+        print("per pruned layer, forward + backward alone (medians):")
+        layers = per_layer_routes(pruned, x, args.reps)
     upkeep = None
     if not args.no_upkeep:
         upkeep = measure_upkeep(copy.deepcopy(dense), x, y, args)
@@ -191,7 +231,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "median_ms": med, "ratio": ratio, "rel_err": err, "sparsity": sparsity,
-                       "routes": routes(pruned), "upkeep": upkeep, "torch": torch.__version__,
+                       "routes": routes(pruned), "per_layer_ms": layers, "upkeep": upkeep, "torch": torch.__version__,
                        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
                       fh, indent=2)
 
