@@ -34,11 +34,16 @@ import warnings
 from pathlib import Path
 
 MODELS = ("resnet18", "resnet50", "vgg16_bn", "mobilenetv2_100", "efficientnet_b0")
-RUNTIMES = ("ours", "ours-dense", "eager", "jit.freeze", "compile", "ort", "openvino", "openvino-bf16")
+RUNTIMES = ("ours", "ours-dense", "eager", "jit.freeze", "compile", "ort", "openvino", "openvino-bf16", "ours-rest",
+            "openvino-rest")
 #: The float32 dense runtimes: the headline ratio is against the fastest of these. OpenVINO's default on CPUs with
 #: bfloat16 support runs in bfloat16 (another precision: relative errors near 1e-2); it is shown, not the baseline.
 DENSE_RUNTIMES = ("eager", "jit.freeze", "compile", "ort", "openvino", "ours-dense")
 OUT = Path(__file__).resolve().parent / "results" / "deploy"
+#: The layer kinds of ``deploy``'s report that hold pruned layers, and the ops they run: ``ours-rest`` runs the
+#: shipped graph with their compute taken out.
+PRUNED_KINDS = ("winograd", "depthwise")
+PRUNED_OPS = ("winograd_conv", "depthwise_conv")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -95,12 +100,15 @@ def example(batch: int):  # type: ignore[no-untyped-def]
 
 
 # ------------------------------------------------------------------------------------------------ prepare
-def prepare(name: str, batch: int, threads: int) -> dict:
+def prepare(name: str, batch: int, threads: int, arena: bool = True) -> dict:
     """Build and save the artifacts of one (model, batch): the deployed .pt2 files, the ONNX file, a check."""
     import torch
 
     import lightning_winoprune as lw
+    from lightning_winoprune.deploy import keep_freed_memory
 
+    if arena:
+        keep_freed_memory()  # where routes are tuned: as in the processes that time them
     torch.set_num_threads(threads)
     folder = OUT / f"{name}-b{batch}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -115,8 +123,8 @@ def prepare(name: str, batch: int, threads: int) -> dict:
         info[f"{tag}_deploy_s"] = time.perf_counter() - start
         info[f"{tag}_max_error"] = deployed.deploy_report.max_error
         info[f"{tag}_routes"] = {r.name: r.route for r in deployed.deploy_report.layers}
-        info[f"{tag}_layers"] = [{"name": r.name, "route": r.route, "ms": r.ms, "dense_ms": r.dense_ms,
-                                  "shape": r.shape} for r in deployed.deploy_report.layers]
+        info[f"{tag}_layers"] = [{"name": r.name, "kind": r.kind, "route": r.route, "ms": r.ms,
+                                  "dense_ms": r.dense_ms, "shape": r.shape} for r in deployed.deploy_report.layers]
         program = torch.export.export(deployed, (ex2,), dynamic_shapes={"x": {0: dim}})
         torch.export.save(program, folder / f"{tag}.pt2")
         with torch.no_grad():
@@ -132,18 +140,94 @@ def prepare(name: str, batch: int, threads: int) -> dict:
                               input_names=["x"], output_names=["y"])
         except Exception as err:
             info["onnx_error"] = f"{type(err).__name__}: {err}"[:300]
+        pruned_names = [r["name"] for r in info["ours_layers"] if r["kind"] in PRUNED_KINDS]
+        try:
+            torch.onnx.export(without_pruned_layers(build(name, False), pruned_names), (x,),
+                              str(folder / "dense-rest.onnx"), dynamo=False, opset_version=17, input_names=["x"],
+                              output_names=["y"])
+        except Exception as err:
+            info["onnx_rest_error"] = f"{type(err).__name__}: {err}"[:300]
     (folder / "info.json").write_text(json.dumps(info, indent=1))
     return info
 
 
 # ------------------------------------------------------------------------------------------------ workers
-def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warmup: int) -> float | str:
+def without_pruned_compute(graph_module, pruned: set[str]):  # type: ignore[no-untyped-def]
+    """``graph_module`` (a loaded ``.pt2``) with the op of every layer named in ``pruned`` replaced by a zero output
+    of its shape (an unpruned conv on our dense Winograd route keeps its op).
+
+    What is left is the time of everything the pruned layers do not cover (the unpruned convs, pooling, residual
+    adds, the head) plus writing the pruned layers' outputs: the time the deployed model would take if our kernels
+    took none, so ``best dense / ours-rest`` bounds the ratio that faster pruned kernels alone could reach.
+    """
+    import torch
+
+    targets = {getattr(torch.ops.winoprune, op).default for op in PRUNED_OPS}
+    swapped = 0
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target not in targets:
+            continue
+        plan = node.args[1]  # the layer's plan_meta buffer: "<layer>.plan_meta"
+        if getattr(plan, "op", None) == "get_attr" and str(plan.target).rsplit(".", 1)[0] in pruned:
+            node.target = _zero_output(node.target)
+            swapped += 1
+    if not swapped:  # a pruned layer that deploy put on a dense route stays: it is part of the rest
+        raise SystemExit(f"ours-rest: none of the {len(pruned)} pruned layers runs our kernels in the graph")
+    graph_module.recompile()
+    return graph_module
+
+
+def without_pruned_layers(model, names: list[str]):  # type: ignore[no-untyped-def]
+    """The dense ``model`` with the convs named in ``names`` replaced by the cheapest op of the same output shape.
+
+    The stand-in subsamples by the conv's stride and repeats or drops channels: about the cost of writing the conv's
+    output. OpenVINO's time on this model (``openvino-rest``), subtracted from its time on the whole dense model, is
+    what the best dense runtime spends on the layers we prune.
+    """
+    import torch
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, conv: torch.nn.Conv2d) -> None:
+            super().__init__()
+            self.cin, self.cout, self.stride = conv.in_channels, conv.out_channels, tuple(conv.stride)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.stride != (1, 1):
+                x = x[:, :, :: self.stride[0], :: self.stride[1]]
+            if self.cout > self.cin:
+                x = x.repeat(1, -(-self.cout // self.cin), 1, 1)
+            return x[:, : self.cout] if x.shape[1] != self.cout else x
+
+    for name in names:
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, StandIn(model.get_submodule(name)))
+    return model
+
+
+def _zero_output(op):  # type: ignore[no-untyped-def]
+    """A stand-in for ``op`` that returns zeros of its output shape (found by running ``op`` once per input shape)."""
+    import torch
+
+    shapes: dict = {}
+
+    def free(x, *args):  # type: ignore[no-untyped-def]
+        key = tuple(x.shape)
+        if key not in shapes:
+            shapes[key] = tuple(op(x, *args).shape)
+        return torch.zeros(shapes[key])
+
+    return free
+
+
+def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warmup: int,
+           arena: bool = True) -> float | str:
     """Median ms of one runtime, in this process; or a string saying why it cannot run here."""
     folder = OUT / f"{name}-b{batch}"
     x = example(batch)
-    if runtime in ("ort", "openvino", "openvino-bf16"):
-        if not (folder / "dense.onnx").is_file():
-            return "no ONNX file (export failed)"
+    if runtime in ("ort", "openvino", "openvino-bf16", "openvino-rest"):
+        onnx_file = folder / ("dense-rest.onnx" if runtime == "openvino-rest" else "dense.onnx")
+        if not onnx_file.is_file():
+            return f"no {onnx_file.name} (export failed)"
         import numpy as np
 
         arr = x.numpy()
@@ -156,7 +240,7 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(str(folder / "dense.onnx"), opts, providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
             fn = lambda: sess.run(None, {"x": arr})  # noqa: E731
         else:
             try:
@@ -164,8 +248,8 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
             except ImportError:
                 return "openvino not installed (pip install 'lightning-winoprune[bench]')"
             core = ov.Core()
-            precision = "bf16" if runtime == "openvino-bf16" else "f32"
-            compiled = core.compile_model(str(folder / "dense.onnx"), "CPU",
+            precision = "bf16" if runtime == "openvino-bf16" else "f32"  # -rest: f32, like openvino
+            compiled = core.compile_model(str(onnx_file), "CPU",
                                           {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
                                            "INFERENCE_PRECISION_HINT": precision})
             request = compiled.create_infer_request()
@@ -174,11 +258,17 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
     else:
         import torch
 
-        import lightning_winoprune  # noqa: F401  (registers the winoprune:: ops)
+        from lightning_winoprune.deploy import keep_freed_memory  # (and registers the winoprune:: ops)
 
+        if arena:
+            keep_freed_memory()
         torch.set_num_threads(threads)
-        if runtime in ("ours", "ours-dense"):
-            model = torch.export.load(str(folder / f"{runtime}.pt2")).module()
+        if runtime in ("ours", "ours-dense", "ours-rest"):
+            model = torch.export.load(str(folder / f"{runtime.replace('-rest', '')}.pt2")).module()
+            if runtime == "ours-rest":
+                info = json.loads((folder / "info.json").read_text())
+                model = without_pruned_compute(model, {r["name"] for r in info["ours_layers"]
+                                                       if r.get("kind") in PRUNED_KINDS})
         else:
             model = build(name, False)
             if runtime == "jit.freeze":
@@ -204,6 +294,7 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
 def run_worker(args: argparse.Namespace, name: str, batch: int, runtime: str) -> float | str:
     cmd = [sys.executable, __file__, "--worker", runtime, "--models", name, "--batches", str(batch),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    cmd += ["--no-arena"] if args.no_arena else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -223,26 +314,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-prepare", action="store_true", help="reuse the artifacts of an earlier run")
+    parser.add_argument("--no-arena", action="store_true",
+                        help="leave glibc's malloc as it is (by default every torch process calls "
+                             "lightning_winoprune.deploy.keep_freed_memory: no page faults on large activations)")
     parser.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.models[0], args.batches[0], args.worker, args.threads,
-                                            args.repeats, args.warmup)))
+                                            args.repeats, args.warmup, not args.no_arena)))
         return
     if args.prepare_only:
-        print("RESULT " + json.dumps(prepare(args.models[0], args.batches[0], args.threads)))
+        print("RESULT " + json.dumps(prepare(args.models[0], args.batches[0], args.threads, not args.no_arena)))
         return
     import torch
 
-    results: dict = {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds, "rows": []}
+    results: dict = {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+                     "keep_freed_memory": not args.no_arena, "rows": []}
     for name in args.models:
         for batch in args.batches:
             info: dict = {}
             if not args.skip_prepare:
                 print(f"[{name} batch {batch}] deploying and exporting ...", flush=True)
                 cmd = [sys.executable, __file__, "--prepare-only", "--models", name, "--batches", str(batch),
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads)] + (["--no-arena"] if args.no_arena else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
                 if out.returncode != 0:
                     print(out.stderr[-3000:])
@@ -265,6 +360,10 @@ def main() -> None:
             row = {"model": name, "batch": batch, "median_ms": med, "notes": notes,
                    "best_dense": best, "ratio_vs_best_dense": (dense[best] / med["ours"]) if best and "ours" in med
                    else None, "ratio_vs_eager": med["eager"] / med["ours"] if {"eager", "ours"} <= med.keys() else None,
+                   "bound_vs_best_dense": (dense[best] / med["ours-rest"]) if best and "ours-rest" in med else None,
+                   # time on the pruned layers: the whole model minus the model without them
+                   "pruned_layers_ms": {r: med[r] - med[f"{r}-rest"] for r in ("ours", "openvino")
+                                        if {r, f"{r}-rest"} <= med.keys()},
                    "max_error": info.get("ours_pt2_error"), "slower_layers": info.get("slower_layers", [])}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -272,14 +371,21 @@ def main() -> None:
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     cols = [r for r in RUNTIMES if r in args.runtimes]
     print(f"\ntorch {results['torch']}, {args.threads} threads, 224x224, median of {args.rounds} rounds "
-          f"(each the median of {args.repeats} runs in its own process)\n")
-    print("| model | batch | " + " | ".join(cols) + " | best dense | ours vs best dense |")
-    print("|---|---|" + "---|" * len(cols) + "---|---|")
+          f"(each the median of {args.repeats} runs in its own process), torch processes "
+          + ("with keep_freed_memory()" if not args.no_arena else "with glibc's default malloc") + "\n")
+    print("| model | batch | " + " | ".join(cols) + " | best dense | ours vs best dense | bound (ours-rest) |")
+    print("|---|---|" + "---|" * len(cols) + "---|---|---|")
     for row in results["rows"]:
         cells = [f"{row['median_ms'][c]:.1f}" if c in row["median_ms"] else "n/a" for c in cols]
-        ratio = row["ratio_vs_best_dense"]
+        ratio, bound = row["ratio_vs_best_dense"], row["bound_vs_best_dense"]
         print(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) +
-              f" | {row['best_dense']} | {'-' if ratio is None else f'**{ratio:.2f}x**'} |")
+              f" | {row['best_dense']} | {'-' if ratio is None else f'**{ratio:.2f}x**'} | "
+              f"{'-' if bound is None else f'{bound:.2f}x'} |")
+    print("\nbound: best dense / ours-rest, the ratio if the pruned layers' kernels took no time at all")
+    for row in results["rows"]:
+        if row["pruned_layers_ms"]:
+            print(f"{row['model']} batch {row['batch']}: time on the pruned layers (whole model minus the model "
+                  "without them): " + ", ".join(f"{r} {v:.1f} ms" for r, v in row["pruned_layers_ms"].items()))
     for row in results["rows"]:
         for runtime, note in row["notes"].items():
             print(f"note: {row['model']} batch {row['batch']} {runtime}: {note}")

@@ -3,11 +3,13 @@
 * :func:`deploy`: fold BatchNorms, fuse activations and route every conv to its fastest accurate kernel.
 * :class:`PackedWinogradConv`, :class:`PackedDepthwiseConv`, :class:`DenseConv`: the deployed layers (state in
   buffers; traceable, compilable, exportable).
+* :func:`keep_freed_memory`: a memory arena for the process (no page faults on large activations).
 * The ``winoprune::winograd_conv``, ``winoprune::depthwise_conv`` and ``winoprune::conv2d_act`` torch custom ops,
   registered when this package is imported.
 """
 
 from lightning_winoprune.deploy._deploy import DeployMismatchError, DeployReport, LayerRoute, deploy
+from lightning_winoprune.deploy._memory import keep_freed_memory
 from lightning_winoprune.deploy._ops import Activation
 from lightning_winoprune.deploy._packed import (
     DenseConv,
@@ -30,4 +32,5 @@ __all__ = [
     "PackedWinogradConv",
     "SparseForm",
     "deploy",
+    "keep_freed_memory",
 ]

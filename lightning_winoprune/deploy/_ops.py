@@ -9,7 +9,9 @@ deployed model is inference only (train the :class:`~lightning_winoprune.winogra
 * ``winoprune::winograd_conv``: a 3x3 stride-1 conv from packed Winograd-domain weights (dense, structured or CSR).
 * ``winoprune::depthwise_conv``: a depthwise conv from the kept taps of each channel.
 * ``winoprune::conv2d_act``: a dense conv with a fused activation on oneDNN (``mkldnn._convolution_pointwise``), with
-  ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs.
+  ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs. The weight
+  stays a plain tensor (what is saved and exported); its oneDNN-blocked copy is made on first use and cached per
+  weight tensor and input shape, and made again when the weight changes in place.
 * ``winoprune::conv1x1_act``: a 1x1 conv as one matrix product per image, bias and activation in place.
 * ``winoprune::max_pool2d``: max pooling of NCHW planes (PyTorch's is slow at small batches).
 
@@ -18,6 +20,8 @@ Importing :mod:`lightning_winoprune` registers them, so a saved ``.pt2`` loads i
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -153,14 +157,55 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+#: id(weight) -> (weak reference to it, its version counter, {conv key: oneDNN-blocked copy}). An entry is used only
+#: while the reference still points to that very tensor, unchanged; it is dropped when the tensor is freed.
+_PACKED: dict[int, tuple[weakref.ref, int, dict[tuple, Tensor]]] = {}
+_PACKED_LOCK = threading.Lock()
+_PACKED_SHAPES = 4  # blocked copies kept per weight (one per input shape seen; a dynamic batch may bring a few)
+
+
+def _weight_version(weight: Tensor) -> int | None:
+    try:
+        return int(weight._version)
+    except RuntimeError:  # an inference tensor has no version counter: it cannot be cached safely
+        return None
+
+
+def _packed_weight(x: Tensor, weight: Tensor, pad: list[int], stride: list[int], groups: int) -> Tensor:
+    """``weight`` reordered into oneDNN's blocked format for this conv (cached; the plain weight where it can't be)."""
+    version = _weight_version(weight)
+    if version is None or weight.requires_grad:
+        return weight
+    key = (tuple(x.shape), tuple(pad), tuple(stride), groups)
+    entry = _PACKED.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == version:
+        hit = entry[2].get(key)
+        if hit is not None:
+            return hit
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, pad, stride, [1, 1], groups, list(x.shape))
+    with _PACKED_LOCK:
+        entry = _PACKED.get(id(weight))
+        if entry is None or entry[0]() is not weight or entry[1] != version:
+            wid = id(weight)
+            ref = weakref.ref(weight, lambda _, wid=wid: _PACKED.pop(wid, None))  # type: ignore[misc]
+            entry = (ref, version, {})
+            _PACKED[wid] = entry
+        if len(entry[2]) >= _PACKED_SHAPES:
+            entry[2].pop(next(iter(entry[2])))
+        entry[2][key] = packed
+    return packed
+
+
 def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                groups: int, act: int) -> Tensor:
     """A dense conv with a fused activation on oneDNN (``F.conv2d`` and the activation where oneDNN is absent)."""
     x = _cpu_float(x, "conv2d_act")
     if onednn_available():
         attr, scalars = _ONEDNN[act]
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [pad_h, pad_w], [stride_h, stride_w], [1, 1],
-                                                       groups, attr, scalars or [], "")
+        pad, stride = [pad_h, pad_w], [stride_h, stride_w]
+        y = torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(x, weight, pad, stride, groups), bias, pad,
+                                                    stride, [1, 1], groups, attr, scalars or [], "")
+        return y.contiguous()  # a blocked weight gives a channels-last output: the op's contract is NCHW
     return apply_activation(F.conv2d(x, weight, bias, (stride_h, stride_w), (pad_h, pad_w), 1, groups), act)
 
 
