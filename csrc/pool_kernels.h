@@ -23,7 +23,22 @@ inline std::vector<float>& scratch() {
 // max(a, b) that propagates NaN (as PyTorch's pooling does); written as a select so that loops vectorise.
 inline float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
+// 2x2 stride 2 without padding (VGG's pools): every window lies inside the plane, so each output is the maximum of
+// two adjacent pairs of two rows; no padded copy, no scratch.
+inline bool plane_2x2(const PoolGeometry& g, const float* __restrict xp, float* __restrict yp) {
+  if (g.kh != 2 || g.kw != 2 || g.stride_h != 2 || g.stride_w != 2 || g.pad_top != 0 || g.pad_left != 0) return false;
+  for (index_t oh = 0; oh < g.Ho; ++oh) {
+    const float* __restrict r0 = xp + 2 * oh * g.W;
+    const float* __restrict r1 = r0 + g.W;
+    float* __restrict yr = yp + oh * g.Wo;
+    for (index_t ow = 0; ow < g.Wo; ++ow)
+      yr[ow] = nan_max(nan_max(r0[2 * ow], r0[2 * ow + 1]), nan_max(r1[2 * ow], r1[2 * ow + 1]));
+  }
+  return true;
+}
+
 inline void plane(const PoolGeometry& g, const float* __restrict xp, float* __restrict yp, std::vector<float>& s) {
+  if (plane_2x2(g, xp, yp)) return;
   const float lowest = -std::numeric_limits<float>::infinity();
   const index_t sw = g.stride_w, kw = g.kw;
   const index_t Wp = std::max<index_t>((g.Wo - 1) * sw + kw, g.pad_left + g.W) + sw;  // padded row, -inf outside

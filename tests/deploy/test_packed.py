@@ -492,6 +492,20 @@ def test_native_max_pool_matches_torch(n, c, h, w, k, stride, pad, nan, seed):
     torch.testing.assert_close(got, F.max_pool2d(x, k, stride, pad), equal_nan=True, rtol=0, atol=0)
 
 
+@needs_ext
+@pytest.mark.parametrize(("h", "w"), [(2, 2), (7, 9), (16, 16), (33, 18)])
+@pytest.mark.parametrize("nan_at", [None, (0, 0), (1, 1), (-1, -1)])
+def test_native_2x2_stride_2_pool_matches_torch(h, w, nan_at):
+    """VGG's pools take a direct path (no padded row copy): odd sizes drop the last row / column, NaN propagates."""
+    from lightning_winoprune.deploy import NativeMaxPool2d
+
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    if nan_at is not None:
+        x[1, 2, nan_at[0], nan_at[1]] = float("nan")
+    got = NativeMaxPool2d(2, 2, 0)(x)
+    torch.testing.assert_close(got, F.max_pool2d(x, 2, 2, 0), equal_nan=True, rtol=0, atol=0)
+
+
 def test_native_max_pool_refuses_what_it_cannot_run():
     from lightning_winoprune.deploy import NativeMaxPool2d
 
