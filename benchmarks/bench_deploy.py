@@ -4,13 +4,21 @@ For each timm model (random weights: latency does not depend on their values, on
 
 * **ours**: the pruned model through ``lightning_winoprune.deploy`` (BN folded, activations fused, the fastest route
   per layer), saved with ``torch.export`` and loaded back from the ``.pt2``: exactly what a user ships.
-  resnet18 / resnet50 / vgg16_bn: every stride-1 3x3 conv but the stem in the Winograd domain F(2,3), BWSP 70%.
+  resnet18 / resnet50 / vgg16_bn: every stride-1 3x3 conv but the first (``skip_first``) in the Winograd domain F(2,3),
+  BWSP 70%.
   mobilenetv2_100 / efficientnet_b0: DEPrune-BH, depthwise 70%, pointwise filters 30% removed physically
   (torch-pruning).
 * the **dense** model on torch eager, ``torch.jit.freeze``, ``torch.compile`` (inductor, freezing), ONNX Runtime and
   OpenVINO (the optional ``bench`` extra; skipped with a note when absent), and through our own ``deploy``. Every
   runtime computes in float32; OpenVINO's bfloat16 default (on CPUs with bfloat16 support) is shown as an extra
   column, not as the baseline, because it changes the model's numerics.
+* where the time goes: **ours-rest** (the shipped ``.pt2`` with the pruned layers' ops replaced by a zero output of
+  their shape) and **openvino-rest** (OpenVINO on the dense model with those layers replaced by a stand-in of their
+  output shape). Whole model minus rest is the time spent on the pruned layers; ``best dense / ours-rest`` bounds
+  what faster pruned kernels alone could reach.
+
+Every torch process first calls ``lightning_winoprune.deploy.keep_freed_memory()`` (``--no-arena``: not), the arena
+that ONNX Runtime and OpenVINO have of their own.
 
 Runtimes with spinning thread pools distort whatever else runs in the same process, so every (model, batch,
 runtime) is timed in its own process, and the runtimes take turns over ``--rounds`` rounds; the figure is the median

@@ -2,9 +2,10 @@
 
 Covers the 3x3 stride-1 layers of ResNet-18 and VGG-16 at ImageNet resolution (batch 1 and 8): dense Winograd
 F(2,3) / F(4,3), and BWSP / WSP-R / WSP-C / WWP at 50/70/90% (masks from the project's own pruning engine), the
-depthwise layers of MobileNetV2 and EfficientNet-B0 (DEPrune DCP-BH at 50/70/90%), and timm ``resnet18`` end to
-end at 224x224, batch 1, 70% BWSP. Every number is a median of interleaved runs after warm-up with preallocated
-outputs; ratios are torch time / our time (> 1 is faster than PyTorch).
+depthwise layers of MobileNetV2 and EfficientNet-B0 (DEPrune DCP-BH at 50/70/90%), the max pools of ResNet and
+VGG-16 (our pooling kernel against ``F.max_pool2d``), and timm ``resnet18`` end to end at 224x224, batch 1, 70%
+BWSP. Every number is a median of interleaved runs after warm-up with preallocated outputs; ratios are torch time
+/ our time (> 1 is faster than PyTorch).
 
 Threads are pinned: the script re-executes itself with ``OMP_PROC_BIND=close OMP_PLACES=cores`` unless they are
 set. Run on a quiet machine::
@@ -12,6 +13,7 @@ set. Run on a quiet machine::
     python benchmarks/bench_kernels.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_kernels.py --quick         # batch 1, 70% only, fewer repeats (about 2 minutes)
     python benchmarks/bench_kernels.py --section depthwise --repeats 50
+    python benchmarks/bench_kernels.py --section pooling
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv
+from lightning_winoprune.deploy import NativeMaxPool2d, PackedDepthwiseConv, PackedWinogradConv
 from lightning_winoprune.kernels import native_available, native_isa
 from lightning_winoprune.pruning._depthwise import depthwise_mask
 from lightning_winoprune.pruning._methods import method_pattern, winograd_mask
@@ -53,6 +55,9 @@ DEPTHWISE = [
     ("effb0.dw144k5s2", 144, 5, 2, 56), ("effb0.dw240k5", 240, 5, 1, 28), ("effb0.dw480k5", 480, 5, 1, 14),
     ("effb0.dw672k5", 672, 5, 1, 14), ("effb0.dw1152k5", 1152, 5, 1, 7), ("effb0.dw1152", 1152, 3, 1, 7),
 ]
+# (name, C, H, kernel, stride, padding): the max pools at 224x224 input
+POOLS = [("resnet.stem_pool", 64, 112, 3, 2, 1), ("vgg16.pool1", 64, 224, 2, 2, 0), ("vgg16.pool2", 128, 112, 2, 2, 0),
+         ("vgg16.pool3", 256, 56, 2, 2, 0), ("vgg16.pool4", 512, 28, 2, 2, 0), ("vgg16.pool5", 512, 14, 2, 2, 0)]
 METHODS = ["bwsp", "wsp-r", "wsp-c", "wwp"]
 GOALS = {"F(2,3) BWSP/WSP-R 70% on big layers": 2.5, "F(4,3) BWSP/WSP-R 70% on big layers": 3.5,
          "dense F(4,3)": 1.2, "pruned depthwise 70%": 1.5, "resnet18 end to end 70% BWSP": 2.0}
@@ -147,6 +152,24 @@ def bench_depthwise(console: Console, batches: list[int], amounts: list[float], 
     return rows
 
 
+def bench_pooling(console: Console, batches: list[int], repeats: int, threads: int) -> list[dict]:
+    rows = []
+    gen = torch.Generator().manual_seed(2)
+    for name, c, h, k, s, p in POOLS:
+        for n in batches:
+            x = torch.randn(n, c, h, h, generator=gen)
+            pool = NativeMaxPool2d(k, s, p, threads=threads)
+            assert torch.equal(pool(x), F.max_pool2d(x, k, s, p)), name
+            med = medians({"torch": lambda x=x, k=k, s=s, p=p: F.max_pool2d(x, k, s, p),
+                           "ours": lambda pool=pool, x=x: pool(x)}, repeats, budget_s=10.0)
+            row = {"layer": name, "C": c, "H": h, "kernel": k, "stride": s, "padding": p, "batch": n,
+                   "torch_ms": med["torch"], "ms": med["ours"], "ratio": med["torch"] / med["ours"]}
+            rows.append(row)
+            console.print(f"{name} {c}x{h}x{h} k{k} s{s} p{p} b{n}: torch {med['torch']:.3f} ms, ours "
+                          f"{med['ours']:.3f} ms, {row['ratio']:.2f}x")
+    return rows
+
+
 def bench_end_to_end(console: Console, repeats: int, threads: int) -> dict:
     import timm
 
@@ -185,14 +208,16 @@ def summary_table(console: Console, wino: list[dict], dw: list[dict],
     for r in wino:
         t.add_row(r["layer"], str(r["batch"]), str(r["m"]), f"{r['torch_ms']:.2f}",
                   *[f"{r['ratio'][c]:.2f}" if c in r["ratio"] else "-" for c in cols])
-    console.print(t)
+    if wino:
+        console.print(t)
     t2 = Table(title="Pruned depthwise (DEPrune DCP-BH) against torch depthwise conv")
     dcols = sorted({k for r in dw for k in r["ratio"]}, key=lambda k: (k != "dense", k))
     for c in ["layer", "batch", "torch ms", *dcols]:
         t2.add_column(c, justify="left" if c == "layer" else "right")
     for r in dw:
         t2.add_row(r["layer"], str(r["batch"]), f"{r['torch_ms']:.3f}", *[f"{r['ratio'][c]:.2f}" for c in dcols])
-    console.print(t2)
+    if dw:
+        console.print(t2)
 
     # "big" layers: at least 0.4 GFLOP as a dense direct conv (all of VGG-16's; ResNet-18's at batch 8)
     big = [r for r in wino if 2 * 9 * r["C"] * r["K"] * r["H"] * r["H"] * r["batch"] >= 4e8]
@@ -228,7 +253,7 @@ def summary_table(console: Console, wino: list[dict], dw: list[dict],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--section", choices=["all", "winograd", "depthwise", "end-to-end"], default="all")
+    ap.add_argument("--section", choices=["all", "winograd", "depthwise", "pooling", "end-to-end"], default="all")
     ap.add_argument("--quick", action="store_true", help="batch 1, 70%% only, 10 repeats")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per median (default 30, quick 10)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -250,13 +275,17 @@ def main() -> None:
         wino = bench_winograd(console, batches, amounts, repeats, args.threads, RESNET18 + VGG16)
     if args.section in ("all", "depthwise"):
         dw = bench_depthwise(console, batches, amounts, repeats, args.threads)
+    pools: list[dict] = []
+    if args.section in ("all", "pooling"):
+        pools = bench_pooling(console, batches, repeats, args.threads)
     if args.section in ("all", "end-to-end"):
         e2e = bench_end_to_end(console, repeats, args.threads)
     achieved = summary_table(console, wino, dw, e2e)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": args.threads, "isa": native_isa(), "torch": torch.__version__,
-                               "winograd": wino, "depthwise": dw, "end_to_end": e2e, "goals": achieved}, indent=1))
+                               "winograd": wino, "depthwise": dw, "pooling": pools, "end_to_end": e2e,
+                               "goals": achieved}, indent=1))
     console.print(f"results written to {out}")
 
 
