@@ -32,7 +32,7 @@ from torch import Tensor
 from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import native_module
 
-__all__ = ["ACTIVATION_CODES", "Activation", "apply_activation"]
+__all__ = ["ACTIVATION_CODES", "Activation", "activate_fresh", "apply_activation", "apply_activation_"]
 
 
 class Activation(ParsableEnum):
@@ -67,6 +67,11 @@ def apply_activation(y: Tensor, act: int) -> Tensor:
     if act == 4:
         return F.hardswish(y)
     raise ValueError(f"act must be one of {sorted(_BY_CODE)}, got {act!r}")
+
+
+def activate_fresh(y: Tensor, act: int) -> Tensor:
+    """The activation on ``y``, a tensor the caller just made: in place (one pass over memory less) unless recorded."""
+    return apply_activation(y, act) if y.requires_grad else apply_activation_(y, act)
 
 
 def _cpu_float(x: Tensor, op: str) -> Tensor:
@@ -206,7 +211,7 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, st
         y = torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(x, weight, pad, stride, groups), bias, pad,
                                                     stride, [1, 1], groups, attr, scalars or [], "")
         return y.contiguous()  # a blocked weight gives a channels-last output: the op's contract is NCHW
-    return apply_activation(F.conv2d(x, weight, bias, (stride_h, stride_w), (pad_h, pad_w), 1, groups), act)
+    return activate_fresh(F.conv2d(x, weight, bias, (stride_h, stride_w), (pad_h, pad_w), 1, groups), act)
 
 
 def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int,
@@ -217,7 +222,7 @@ def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: i
 
 
 # ------------------------------------------------------------------------------------------------- conv1x1_act
-def _activate_(y: Tensor, act: int) -> Tensor:
+def apply_activation_(y: Tensor, act: int) -> Tensor:
     """``y`` through the activation with native code ``act``, in place."""
     if act == 1:
         return y.relu_()
@@ -244,7 +249,7 @@ def conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: int) -> Ten
             torch.mm(mat, x[i].reshape(c, h * w), out=out[i].view(k, h * w))
         else:
             torch.addmm(bias.unsqueeze(1), mat, x[i].reshape(c, h * w), out=out[i].view(k, h * w))
-    return _activate_(out, act)
+    return apply_activation_(out, act)
 
 
 def _conv1x1_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, act: int) -> Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
-from lightning_winoprune.deploy._ops import ACTIVATION_CODES, Activation, apply_activation, onednn_available
+from lightning_winoprune.deploy._ops import ACTIVATION_CODES, Activation, activate_fresh, onednn_available
 from lightning_winoprune.kernels._backend import Backend, native_module, resolve_backend
 from lightning_winoprune.pruning._depthwise import DEFAULT_DR_TILE, dr_column_masks
 from lightning_winoprune.winograd._layer import WinogradConv2d
@@ -261,7 +261,7 @@ class PackedWinogradConv(_Packed):
                                                      self.bias,
                                                      self.out_channels, self.padding[0], self.padding[1],
                                                      self.act_code, self.threads)
-        return apply_activation(self._torch_forward(x), self.act_code)
+        return activate_fresh(self._torch_forward(x), self.act_code)
 
     def _compacted(self) -> dict[str, Any]:
         """Index form of the mask for the torch path: kept rows (or columns) per position when they are whole."""
@@ -449,7 +449,7 @@ class PackedDepthwiseConv(_Packed):
                                                       self.threads)
         w = self.weight.to(device=x.device, dtype=x.dtype)
         b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        return apply_activation(F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels), self.act_code)
+        return activate_fresh(F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels), self.act_code)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO,
@@ -533,9 +533,9 @@ class DenseConv(nn.Module):
             return torch.ops.winoprune.conv1x1_act(x, self.weight, self.bias, self.act_code)
         if self.route is DenseRoute.LINEAR and tuple(x.shape[2:]) == self.kernel_size:
             y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
-            return apply_activation(y.reshape(x.shape[0], self.out_channels, 1, 1), self.act_code)
+            return activate_fresh(y.reshape(x.shape[0], self.out_channels, 1, 1), self.act_code)
         y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        return apply_activation(y, self.act_code)
+        return activate_fresh(y, self.act_code)
 
 
 class NativeMaxPool2d(nn.Module):

@@ -102,3 +102,18 @@ def test_outputs_are_contiguous_nchw_like_the_fake_kernel_says():
     x, w = torch.randn(2, 8, 6, 6), torch.randn(16, 8, 3, 3)
     for _ in range(2):
         assert conv_act(x, w, None).is_contiguous()
+
+
+@pytest.mark.parametrize("act", [0, 1, 2, 3, 4])
+def test_activate_fresh_works_in_place_unless_autograd_records(act):
+    y = torch.randn(2, 3, 4, 4)
+    expected = _ops.apply_activation(y.clone(), act)
+    out = _ops.activate_fresh(y, act)
+    torch.testing.assert_close(out, expected)
+    assert out.data_ptr() == y.data_ptr()  # in place: no second pass over fresh memory
+    z = torch.randn(2, 3, 4, 4, requires_grad=True)
+    fresh = z * 1.0
+    out = _ops.activate_fresh(fresh, act)
+    out.sum().backward()  # out of place, so autograd sees the activation's input intact
+    torch.testing.assert_close(out, _ops.apply_activation(z.detach(), act))
+    assert z.grad is not None
