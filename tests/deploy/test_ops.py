@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -89,11 +89,8 @@ def test_many_threads_with_many_weights_always_get_their_own_results():
             if not torch.allclose(conv_act(inputs[j], weights[i], None), expected[i, j], rtol=1e-5, atol=1e-5):
                 errors.append(f"thread {tid} rep {rep}")
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))  # re-raises a worker's exception
     assert not errors
 
 

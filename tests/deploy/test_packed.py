@@ -3,6 +3,8 @@ Winograd and pruned depthwise, fused activations, bad input, thread safety."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -423,13 +425,8 @@ def test_one_layer_hammered_from_four_threads_is_always_right(omp):
                 if not all(torch.equal(a, b) for a, b in zip(got, expected[i], strict=True)):
                     errors.append(f"thread {tid} rep {rep} input {i}")
 
-    import threading
-
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(4) as workers:
+        list(workers.map(worker, range(4)))  # re-raises a worker's exception
     assert not errors, errors[:5]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -138,11 +138,8 @@ def test_concurrent_calls_from_threads() -> None:
         for _ in range(10):
             results[i].append(_run_all(None, 2 if i % 2 else 4, *cases[i][0]))
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(work, range(8)))  # re-raises a worker's exception
     for i in range(8):
         assert len(results[i]) == 10
         for got in results[i]:
