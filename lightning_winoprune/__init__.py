@@ -14,7 +14,14 @@ The public API is deliberately small; building blocks live in the subpackages:
 * :mod:`lightning_winoprune.recipes`: the classification module and runnable jobs.
 """
 
-from lightning_winoprune.callbacks import DEPrune, LatencyValidation, WinogradPruning, load_pruned_checkpoint
+from lightning_winoprune._io import CheckpointError, UntrustedCheckpointError
+from lightning_winoprune.callbacks import (
+    DEPrune,
+    LatencyValidation,
+    SafeCheckpointIO,
+    WinogradPruning,
+    load_pruned_checkpoint,
+)
 from lightning_winoprune.deploy import DeployReport, deploy
 from lightning_winoprune.kernels import Backend, extension_status, native_available
 from lightning_winoprune.latency import LatencyReport, measure_latency
@@ -24,11 +31,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "CheckpointError",
     "DEPrune",
     "DeployReport",
     "LatencyReport",
     "LatencyValidation",
     "Route",
+    "SafeCheckpointIO",
+    "UntrustedCheckpointError",
     "WinogradConv2d",
     "WinogradPruning",
     "WinogradizeReport",

@@ -1,7 +1,8 @@
-"""Lightning callbacks: pruning during fine-tuning, latency validation at the end, loading pruned checkpoints."""
+"""Lightning callbacks: pruning during fine-tuning, latency validation at the end, safe pruned checkpoints."""
 
 from lightning_winoprune.callbacks._base import PruningCallback
 from lightning_winoprune.callbacks._checkpoint import load_pruned_checkpoint
+from lightning_winoprune.callbacks._checkpoint_io import SafeCheckpointIO
 from lightning_winoprune.callbacks._deprune import DEPrune
 from lightning_winoprune.callbacks._latency import LatencyValidation
 from lightning_winoprune.callbacks._schedule import PruningSchedule
@@ -12,6 +13,7 @@ __all__ = [
     "LatencyValidation",
     "PruningCallback",
     "PruningSchedule",
+    "SafeCheckpointIO",
     "WinogradPruning",
     "load_pruned_checkpoint",
 ]

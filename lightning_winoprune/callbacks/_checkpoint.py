@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_winoprune._io import load_checkpoint
 from lightning_winoprune.callbacks._deprune import (
     MASK_BUFFER,
     _require_torch_pruning,
@@ -22,7 +23,8 @@ __all__ = ["load_pruned_checkpoint"]
 
 
 def load_pruned_checkpoint(
-    model: nn.Module, checkpoint: str | Path | dict[str, Any], prefix: str = "", strict: bool = True
+    model: nn.Module, checkpoint: str | Path | dict[str, Any], prefix: str = "", strict: bool = True,
+    trust: bool = False,
 ) -> nn.Module:
     """Rebuild the pruned structure on ``model`` and load a checkpoint written by a Trainer with pruning callbacks.
 
@@ -48,20 +50,28 @@ def load_pruned_checkpoint(
             state-dict keys starting with it are loaded into ``model`` without it.
         strict: Passed to ``load_state_dict``; with ``False`` missing and unexpected keys are allowed (shapes must
             still match).
+        trust: Unpickle the file without restrictions. By default only tensors, containers, strings and numbers are
+            read (``torch.load(weights_only=True)``), so a file someone else made cannot run code on load; pass
+            ``True`` only for a file you made yourself that needs more.
 
     Returns:
         ``model``, converted and loaded.
 
     Raises:
+        CheckpointError: If the file is missing, truncated or not a checkpoint (a ``ValueError``), or
+            ``UntrustedCheckpointError`` if its pickle needs more than tensors and plain data (the file's code never
+            runs).
         ValueError: If the checkpoint holds no pruning-callback state (``WinogradPruning`` or ``DEPrune``), if it
             does not fit ``model`` (the message names the first mismatching key and, when another ``prefix`` would
             make the keys match, suggests it), or if a physically shrunk one has layers that are not under
             ``prefix``.
         MisconfigurationException: If the checkpoint was physically shrunk and ``torch-pruning`` is not installed.
     """
-    ckpt = checkpoint if isinstance(checkpoint, dict) else torch.load(checkpoint, map_location="cpu",
-                                                                      weights_only=False)
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, trust=trust)
     callbacks = ckpt.get("callbacks", {})
+    if not isinstance(callbacks, dict):
+        raise ValueError(f"the checkpoint's 'callbacks' entry is a {type(callbacks).__name__}, not a dict: it was not "
+                         "written by a Lightning Trainer")
     wino = [v for k, v in callbacks.items() if k.startswith("WinogradPruning")]
     deprune = [v for k, v in callbacks.items() if k.startswith("DEPrune")]
     if not wino and not deprune:

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lightning_winoprune._io import load_checkpoint
 from lightning_winoprune.callbacks._base import check_choice, check_positive_int, print_rich
 from lightning_winoprune.deploy import deploy
 from lightning_winoprune.kernels._backend import Backend
@@ -60,9 +61,9 @@ def _best_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[pl
         return pl_module, "the model at the end of fit"
     best = copy.deepcopy(pl_module)
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_checkpoint(ckpt)["state_dict"]
         best.load_state_dict(state)
-    except (RuntimeError, KeyError, OSError) as err:
+    except (RuntimeError, KeyError, OSError, ValueError) as err:
         rank_zero_warn(f"LatencyValidation: the best checkpoint {ckpt} does not load into the fitted model ({err}); "
                        "deploying the model at the end of fit instead")
         return pl_module, "the model at the end of fit"

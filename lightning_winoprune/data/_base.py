@@ -2,11 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sized
+
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["SplitDataModule"]
+__all__ = ["EpochShuffle", "SplitDataModule"]
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffling sampler whose order depends only on a seed and the epoch, so a resumed run sees the same batches.
+
+    ``RandomSampler`` draws from the process's global generator, whose state a checkpoint does not hold: a run
+    resumed at epoch ``e`` would see other batches than the uninterrupted run, and (for a schedule that prunes after
+    ``e``) other masks. Here epoch ``e`` is the permutation of a generator seeded with ``seed + e``; the Trainer calls
+    :meth:`set_epoch` before every epoch (as it does for a ``DistributedSampler``). Iterated again without a
+    :meth:`set_epoch` in between (inside Lightning's distributed wrapper), it moves on to the next epoch by itself.
+
+    Args:
+        data: The dataset (its length is what is shuffled).
+        seed: The base seed; ``None`` takes ``torch.initial_seed()``, which ``seed_everything`` sets.
+    """
+
+    def __init__(self, data: Sized, seed: int | None = None) -> None:
+        self._n = len(data)
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.epoch = 0
+        self._fresh = True  # no iteration since the epoch was set
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shuffle for ``epoch`` from now on."""
+        self.epoch, self._fresh = int(epoch), True
+
+    def __iter__(self) -> Iterator[int]:
+        if not self._fresh:
+            self.epoch += 1
+        self._fresh = False
+        gen = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
+        return iter(torch.randperm(self._n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self._n
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -32,11 +69,14 @@ class SplitDataModule(L.LightningDataModule):
         return self._splits[name]
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        data = self.split(name)
+        sampler = EpochShuffle(data) if shuffle and isinstance(data, Sized) else None
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle if sampler is None else None,
+                          sampler=sampler, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Shuffled training batches (:class:`EpochShuffle`: the order depends on the seed and the epoch only)."""
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader:

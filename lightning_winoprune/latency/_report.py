@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
+from lightning_winoprune._io import atomic_write
+
 __all__ = ["GpuLatency", "LayerLatency", "LatencyReport", "ModelLatency"]
 
 
@@ -207,8 +209,8 @@ class LatencyReport:
     def to_json(self, path: str | Path) -> Path:
         """Write :meth:`to_dict` to ``path`` (parents created); returns the path."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2))
+        with atomic_write(path, "w") as f:  # a run killed mid-write leaves the previous report, never half a file
+            f.write(json.dumps(self.to_dict(), indent=2))
         self.json_path = path
         return path
 
@@ -285,7 +287,8 @@ class LatencyReport:
                      f"ISA {self.isa or 'torch'}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        with atomic_write(path) as f:
+            fig.savefig(f, dpi=110, format="png")
         plt.close(fig)
         self.png_path = path
         return path

@@ -32,13 +32,15 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from typing_extensions import override
 
-from lightning_winoprune.callbacks import DEPrune, LatencyValidation, PruningCallback
+from lightning_winoprune._io import CheckpointError, load_checkpoint
+from lightning_winoprune.callbacks import DEPrune, LatencyValidation, PruningCallback, SafeCheckpointIO
 from lightning_winoprune.recipes._callbacks import FitSummary, prune_epochs, trainer_callbacks
 from lightning_winoprune.recipes._deploy_cmd import deploy_command
 from lightning_winoprune.recipes._module import ImageClassifier
@@ -69,12 +71,17 @@ def configure_wandb_mode() -> str:
 
     Runs before any ``WandbLogger`` starts a run, so a machine without network or W&B account never waits on a
     login prompt or a connection: the run is written locally and can be uploaded later with ``wandb sync``.
+    An explicit ``WANDB_MODE=online`` without credentials would end the run with a login error after the fit has
+    started; it is written offline too, with a warning that says how to upload it.
     """
     mode = os.environ.get("WANDB_MODE")
-    if mode:
+    if mode and not (mode == "online" and not _wandb_has_credentials()):
         return mode
-    if _wandb_has_credentials():
+    if not mode and _wandb_has_credentials():
         return "online"
+    if mode == "online":
+        sys.stderr.write("warning: WANDB_MODE=online but no W&B credentials were found (WANDB_API_KEY, netrc): the "
+                         "run is written offline; `wandb login`, then `wandb sync <run dir>` uploads it\n")
     os.environ["WANDB_MODE"] = "offline"
     return "offline"
 
@@ -99,11 +106,16 @@ class RecipeConfigCallback(SaveConfigCallback):
         if trainer.is_global_zero:
             config = self.parser.dump(self.config, skip_none=False, format="yaml")
             for logger in wandb_loggers:
-                run_files = Path(logger.experiment.dir)
-                (run_files / self.config_filename).write_text(config)
+                if not _tracking_off(logger.experiment):  # a disabled run has no files folder
+                    (Path(logger.experiment.dir) / self.config_filename).write_text(config)
                 logger.log_hyperparams({"recipe": _recipe_name(self.config), "config": _yaml_load(config)})
             self.already_saved = True
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
+
+
+def _tracking_off(run: Any) -> bool:
+    """Whether a W&B run object is a disabled one (``WANDB_MODE=disabled``: it records and writes nothing)."""
+    return bool(getattr(run, "disabled", False)) or getattr(getattr(run, "settings", None), "mode", None) == "disabled"
 
 
 def _yaml_load(text: str) -> Any:
@@ -199,6 +211,23 @@ class WinopruneCLI(LightningCLI):
         parser.link_arguments("data", "model.in_chans", compute_fn=_in_chans, apply_on="instantiate")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit: evaluate the test set (best checkpoint if any) for the summary.")
+        parser.add_argument("--trust_checkpoint", type=bool, default=False,
+                            help="Unpickle --ckpt_path and the checkpoints the run reads without restrictions (only "
+                                 "for files you made: a checkpoint's pickle can run code). By default only tensors "
+                                 "and plain data are read.")
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the hyper-parameters of --ckpt_path while parsing: check the file first, so a damaged or
+        # untrusted one gives our one-line error (what SafeCheckpointIO says when the Trainer reads it)
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path:
+            trust = bool(self.config[sub].get("trust_checkpoint", False))
+            load_checkpoint(ckpt_path, trust=trust, trust_hint="--trust_checkpoint true")
+            if trust:
+                return  # LightningCLI would read it again with weights_only=True; the Trainer reads it trusted
+        super()._parse_ckpt_path()
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -219,6 +248,8 @@ class WinopruneCLI(LightningCLI):
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
         # the summary first: it measures the dense accuracy before a pruning callback prunes in the same hook
         config["callbacks"] = [self.summary_callback, *(cb for cb in extra if cb is not None), *callbacks]
+        config["plugins"] = _with_safe_checkpoint_io(config.get("plugins"),
+                                                     bool(self._get(self.config, "trust_checkpoint", False)))
         trainer = self._instantiate_trainer(config, [])
         self._phase[0] = "run"
         return trainer
@@ -248,6 +279,16 @@ class WinopruneCLI(LightningCLI):
                 logger.experiment.finish()
         if trainer.is_global_zero:
             print_summary(trainer, self.fit_summary)
+
+
+def _with_safe_checkpoint_io(plugins: Any, trust: bool) -> list[Any]:
+    """The trainer's plugins with a :class:`SafeCheckpointIO` added, unless they name a ``CheckpointIO`` already."""
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([] if plugins is None else [plugins])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        io = SafeCheckpointIO(trust=trust)
+        io.trust_hint = "--trust_checkpoint true"
+        plugins.append(io)
+    return plugins
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -289,8 +330,8 @@ def build_summary(trainer: Trainer, fit: FitSummary, test_acc: float | None, tes
         "fit_seconds": fit.fit_seconds,
         "best_checkpoint": (getattr(ckpt, "best_model_path", "") or None) if ckpt is not None else None,
         "last_checkpoint": (getattr(ckpt, "last_model_path", "") or None) if ckpt is not None else None,
-        "wandb_run_dir": str(Path(run.dir).parent) if run is not None else None,
-        "wandb_mode": (run.settings.mode if run is not None else None),
+        "wandb_run_dir": str(Path(run.dir).parent) if run is not None and not _tracking_off(run) else None,
+        "wandb_mode": ("disabled" if _tracking_off(run) else run.settings.mode) if run is not None else None,
         "reports": [_report_entry(cb) for cb in _reporting_callbacks(trainer)],
     }
 
@@ -354,7 +395,9 @@ def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | 
     table.add_row("fit time", f"{summary['fit_seconds']:.0f} s")
     if summary["best_checkpoint"]:
         table.add_row("best checkpoint", Text(summary["best_checkpoint"]))  # Text: no markup in paths
-    if summary["wandb_run_dir"]:
+    if summary["wandb_mode"] == "disabled":
+        table.add_row("W&B tracking", "off (WANDB_MODE=disabled: nothing was recorded)")
+    elif summary["wandb_run_dir"]:
         table.add_row(f"W&B run ({summary['wandb_mode']})", Text(summary["wandb_run_dir"]))
     for entry in summary["reports"]:
         if entry["json_path"]:
@@ -362,7 +405,7 @@ def print_summary(trainer: Trainer, summary: dict[str, Any], console: Console | 
         if entry.get("deployed_path"):
             table.add_row("deployed model (torch.export)", Text(entry["deployed_path"]))
     console.print(table)
-    if summary["wandb_mode"] == "offline" and summary["wandb_run_dir"]:
+    if summary["wandb_mode"] in ("offline", "dryrun") and summary["wandb_run_dir"]:
         console.print(f"upload the W&B run with: wandb sync {summary['wandb_run_dir']}", markup=False,
                       soft_wrap=True)
 
@@ -434,7 +477,7 @@ def _print_recipes(args: list[str], console: Console) -> int:
 #: Subcommands that are not LightningCLI's: name -> function of the remaining arguments returning an exit status.
 #: ``fit``, ``validate``, ``test`` and ``predict`` (and anything else) go to :class:`WinopruneCLI`.
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
-    "recipes": lambda args: _print_recipes(args, Console()),
+    "recipes": lambda args: _print_recipes([a for a in args if a != "--debug"], Console()),
     "deploy": deploy_command,
 }
 
@@ -446,11 +489,11 @@ def main(args: Sequence[str] | None = None) -> None:
     command with one short error on stderr and exit status 2, unless ``--debug`` is among the arguments or
     ``WINOPRUNE_DEBUG`` is set (to anything but ``0``), which show the full traceback.
     """
-    argv = list(sys.argv[1:] if args is None else args)
-    debug = "--debug" in argv or os.environ.get(_DEBUG_ENV, "0") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    if argv and argv[0] in COMMANDS:
-        code = COMMANDS[argv[0]](argv[1:])
+    raw = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in raw or os.environ.get(_DEBUG_ENV, "0") not in ("", "0")
+    argv = [a for a in raw if a != "--debug"]
+    if argv and argv[0] in COMMANDS:  # they take --debug themselves (WINOPRUNE_DEBUG passes it on)
+        code = COMMANDS[argv[0]](argv[1:] + (["--debug"] if debug else []))
         if code:
             raise SystemExit(code)
         return
@@ -459,7 +502,7 @@ def main(args: Sequence[str] | None = None) -> None:
         run_cli(argv, exit_on_error=False, phase=phase)
     except Exception as err:
         # a bad value: anything while parsing or building the objects, a configuration error while running
-        if debug or (phase[0] == "run" and not isinstance(err, MisconfigurationException)):
+        if debug or (phase[0] == "run" and not isinstance(err, (MisconfigurationException, CheckpointError))):
             raise
         sys.stderr.write(f"error: {_short_error(err)}\n{_HINT}\n")
         raise SystemExit(2) from None
@@ -516,7 +559,7 @@ def _root_cause(err: BaseException) -> BaseException:
     """The innermost exception of ``err``'s ``__cause__`` / ``__context__`` chain (jsonargparse wraps errors)."""
     seen = {id(err)}
     while True:
-        nxt = err.__cause__ or err.__context__
+        nxt = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
         if nxt is None or id(nxt) in seen:
             return err
         seen.add(id(nxt))
@@ -586,7 +629,7 @@ def _init_options(class_path: str) -> list[str]:
 
 def _short_error(err: BaseException) -> str:
     """The one-line message :func:`main` prints for ``err``."""
-    if isinstance(err, CLIError):
+    if isinstance(err, (CLIError, CheckpointError)):  # already one line naming the file
         return str(err)
     if isinstance(err, ArgumentError):
         return _short_parse_error(str(err))

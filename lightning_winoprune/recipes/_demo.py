@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger
 from rich.console import Console
 from rich.table import Table
 
+from lightning_winoprune._io import atomic_save, atomic_write
 from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.kernels import extension_status
 from lightning_winoprune.recipes._module import ImageClassifier
@@ -97,7 +98,7 @@ def run_demo(
     module.hparams["lr"] = 0.01  # fine-tune at a fifth of the dense LR
     wino_acc, wino_s = _fit_and_test(module, data, finetune_epochs, out, "winograd", limit_batches)
     ckpt = out / "winograd_model.pt"
-    torch.save(module.model.state_dict(), ckpt)
+    atomic_save(ckpt, lambda f: torch.save(module.model.state_dict(), f))
 
     summary = {
         "model": model,
@@ -113,7 +114,8 @@ def run_demo(
         "state_dict": str(ckpt),
         "logs": str(out),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    with atomic_write(out / "summary.json", "w") as f:
+        f.write(json.dumps(summary, indent=2))
     table = Table(title="winoprune demo summary")
     table.add_column("")
     table.add_column("value", justify="right")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from lightning_winoprune._io import CheckpointError, load_checkpoint
 from lightning_winoprune.callbacks import load_pruned_checkpoint
 from lightning_winoprune.deploy import deploy
 from lightning_winoprune.recipes._module import ImageClassifier
@@ -32,12 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=1, help="batch size to tune for (1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's count)")
     parser.add_argument("--no-tune", action="store_true", help="choose routes by rule instead of by measurement")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="unpickle the checkpoint without restrictions (only for a file you made yourself: a "
+                             "checkpoint's pickle can run code; by default only tensors and plain data are read)")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
 def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, input_size: int = 224,
                       batch_size: int = 1, threads: int | None = None, tune: bool = True,
-                      verbose: bool = True) -> Path:
+                      verbose: bool = True, trust: bool = False) -> Path:
     """Rebuild a recipe's pruned model from ``checkpoint``, deploy it, export it and save it as a ``.pt2``.
 
     Args:
@@ -49,33 +54,23 @@ def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
         threads: CPU threads for tuning and the kernels.
         tune: Choose each layer's route by measurement.
         verbose: Print the route table.
+        trust: Unpickle the checkpoint without restrictions (only for a file you made yourself).
 
     Returns:
         The path of the saved ``.pt2``.
 
     Raises:
-        DeployCommandError: If the file is missing or not a recipe checkpoint, or a size is not positive.
+        DeployCommandError: If the file is missing, damaged, refused as untrusted or not a recipe checkpoint, if it
+            does not fit the model its hyper-parameters build, or if a size is not positive.
 
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise DeployCommandError(f"checkpoint {str(path)!r}: no such file")
     for name, value in (("--input-size", input_size), ("--batch-size", batch_size)):
         if value < 1:
             raise DeployCommandError(f"{name} must be >= 1, got {value}")
     if input_size < 8:
         raise DeployCommandError(f"--input-size must be >= 8 (the networks downsample), got {input_size}")
-    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    if not isinstance(hparams, dict) or "model_name" not in hparams:
-        raise DeployCommandError(
-            f"checkpoint {str(path)!r} was not written by `winoprune fit` (no ImageClassifier hyper-parameters); "
-            "for your own LightningModule use lightning_winoprune.load_pruned_checkpoint and lightning_winoprune.deploy"
-        )
-    accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "pretrained", "checkpoint_path"}
-    hparams = {k: v for k, v in hparams.items() if k in accepted}  # not LightningCLI's own entries
-    module = ImageClassifier(**hparams)
-    load_pruned_checkpoint(module, ckpt)
+    module, hparams = _recipe_module(path, trust)
     module.eval()
     x = torch.randn(batch_size, int(hparams.get("in_chans", 3)), input_size, input_size,
                     generator=torch.Generator().manual_seed(0))
@@ -88,13 +83,41 @@ def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     return out
 
 
+def _recipe_module(path: Path, trust: bool) -> tuple[ImageClassifier, dict[str, Any]]:
+    """The recipe's model rebuilt from the checkpoint's hyper-parameters, with the pruned weights loaded."""
+    if path.suffix == ".pt2":
+        raise DeployCommandError(f"{str(path)!r} is a .pt2, a model that is deployed already: load it with "
+                                 "lightning_winoprune.deploy.load_deployed; `winoprune deploy` takes a .ckpt")
+    try:
+        ckpt = load_checkpoint(path, trust=trust, trust_hint="--trust-checkpoint")
+    except CheckpointError as err:
+        raise DeployCommandError(str(err)) from None
+    hparams = ckpt.get("hyper_parameters")
+    if not isinstance(hparams, dict) or "model_name" not in hparams:
+        raise DeployCommandError(
+            f"checkpoint {str(path)!r} was not written by `winoprune fit` (no ImageClassifier hyper-parameters); "
+            "for your own LightningModule use lightning_winoprune.load_pruned_checkpoint and lightning_winoprune.deploy"
+        )
+    accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self", "pretrained", "checkpoint_path"}
+    hparams = {k: v for k, v in hparams.items() if k in accepted}  # not LightningCLI's own entries
+    try:
+        module = ImageClassifier(**hparams)
+        load_pruned_checkpoint(module, ckpt)
+    except (ValueError, TypeError, RuntimeError, KeyError) as err:  # an edited or foreign checkpoint
+        text = " ".join(str(err).split())
+        raise DeployCommandError(f"checkpoint {str(path)!r} does not rebuild its model: {text[:300]}") from None
+    return module, hparams
+
+
 def deploy_command(args: list[str]) -> int:
     """``winoprune deploy``: parse ``args``, deploy, save; returns the exit status."""
     parsed = _parser().parse_args(args)
     try:
         out = deploy_checkpoint(parsed.checkpoint, parsed.output, parsed.input_size, parsed.batch_size,
-                                parsed.threads, not parsed.no_tune)
+                                parsed.threads, not parsed.no_tune, trust=parsed.trust_checkpoint)
     except DeployCommandError as err:
+        if parsed.debug:
+            raise
         Console(stderr=True).print(f"error: {err}", markup=False, soft_wrap=True)
         return 2
     Console().print(f"deployed model saved to {out}\nload it with: import lightning_winoprune, torch; "
