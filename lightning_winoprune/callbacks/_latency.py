@@ -17,7 +17,7 @@ from typing_extensions import override
 
 from lightning_winoprune._io import load_checkpoint
 from lightning_winoprune.callbacks._base import check_choice, check_positive_int, print_rich
-from lightning_winoprune.deploy import deploy
+from lightning_winoprune.deploy import deploy, save_deployed
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.latency import LatencyReport, measure_latency
 
@@ -214,7 +214,7 @@ class LatencyValidation(Callback):
             print_rich(report, min_width=150)
             if self.deployed_path is not None:
                 rank_zero_info(f"LatencyValidation: deployed model saved to {self.deployed_path} (load it with "
-                               "torch.export.load(path).module() after `import lightning_winoprune`)")
+                               "lightning_winoprune.deploy.load_deployed(path))")
         self._log(trainer, report)
         return report
 
@@ -222,16 +222,12 @@ class LatencyValidation(Callback):
     def _save(deployed: torch.nn.Module, x: torch.Tensor, source: str, output_dir: Path) -> Path | None:
         """``torch.export`` the deployed model (dynamic batch) beside the checkpoint, or in ``output_dir``."""
         path = Path(source).with_suffix(".pt2") if source.endswith(".ckpt") else output_dir / "model.pt2"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        example = x[:1].expand(2, -1, -1, -1).contiguous()  # a batch of 1 would be specialized to a constant
-        try:
-            program = torch.export.export(deployed, (example,), dynamic_shapes={"x": {0: batch}}, strict=False)
+        try:  # written atomically: a run killed mid-save leaves no half .pt2 under the final name
+            save_deployed(deployed, path, x)
         except Exception as err:
             rank_zero_warn(f"LatencyValidation: torch.export of the deployed model failed ({type(err).__name__}: "
                            f"{str(err)[:300]}); no .pt2 was saved")
             return None
-        torch.export.save(program, path)
         return path
 
     def _log(self, trainer: pl.Trainer, report: LatencyReport) -> None:

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from lightning_winoprune._io import CheckpointError, load_checkpoint
 from lightning_winoprune.callbacks import load_pruned_checkpoint
-from lightning_winoprune.deploy import deploy
+from lightning_winoprune.deploy import deploy, save_deployed
 from lightning_winoprune.recipes._module import ImageClassifier
 
 __all__ = ["deploy_checkpoint", "deploy_command"]
@@ -76,11 +76,7 @@ def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
                     generator=torch.Generator().manual_seed(0))
     deployed = deploy(module.model, x, tune=tune, threads=threads, verbose=verbose, time_model=verbose)
     out = Path(output) if output is not None else path.with_suffix(".pt2")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    example = x[:1].expand(2, -1, -1, -1).contiguous()  # a batch of 1 would be specialized to a constant
-    torch.export.save(torch.export.export(deployed, (example,), dynamic_shapes={"x": {0: batch}}), out)
-    return out
+    return save_deployed(deployed, out, x)  # atomic: an interrupted save leaves no half file under the name
 
 
 def _recipe_module(path: Path, trust: bool) -> tuple[ImageClassifier, dict[str, Any]]:
@@ -120,6 +116,6 @@ def deploy_command(args: list[str]) -> int:
             raise
         Console(stderr=True).print(f"error: {err}", markup=False, soft_wrap=True)
         return 2
-    Console().print(f"deployed model saved to {out}\nload it with: import lightning_winoprune, torch; "
-                    f"model = torch.export.load({str(out)!r}).module()", markup=False, soft_wrap=True)
+    Console().print(f"deployed model saved to {out}\nload it with: import lightning_winoprune; "
+                    f"model = lightning_winoprune.deploy.load_deployed({str(out)!r})", markup=False, soft_wrap=True)
     return 0

@@ -387,14 +387,54 @@ def test_deploy_subcommand_saves_a_pt2_that_matches_the_checkpoint(recipe, smoke
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
 
 
+def _bad_files(best: str, folder: Path) -> dict[str, Path]:
+    """A truncated checkpoint, a garbage file, a checkpoint of an unrelated model and a broken .pt2."""
+    data = Path(best).read_bytes()
+    files = {"truncated": folder / "truncated.ckpt", "garbage": folder / "garbage.ckpt",
+             "unrelated": folder / "unrelated.ckpt", "pt2": folder / "model.pt2"}
+    files["truncated"].write_bytes(data[: len(data) // 3])
+    files["garbage"].write_bytes(os.urandom(4096))
+    ckpt = torch.load(best, weights_only=True)
+    ckpt["hyper_parameters"]["model_name"] = "vgg11"  # other layer names and shapes than the weights
+    torch.save(ckpt, files["unrelated"])
+    files["pt2"].write_bytes(data[:1000])
+    return files
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["missing.ckpt"], "checkpoint 'missing.ckpt': no such file"),
     (["{ckpt}", "--input-size", "0"], "--input-size must be >= 1, got 0"),
+    (["{truncated}"], "truncated.ckpt' is not a torch checkpoint (not a zip archive"),
+    (["{garbage}"], "garbage.ckpt' is not a torch checkpoint"),
+    (["{unrelated}"], "unrelated.ckpt' does not rebuild its model: the checkpoint does not fit this model"),
+    (["{pt2}"], "model.pt2' is a .pt2, a model that is deployed already"),
 ])
-def test_deploy_subcommand_errors_are_short(args, message, smoke_runs, capsys):
+def test_deploy_subcommand_errors_are_short(args, message, smoke_runs, capsys, tmp_path):
     best = smoke_runs("resnet18_wspr").fit_summary["best_checkpoint"]
+    names = {k: str(v) for k, v in _bad_files(best, tmp_path).items()}
     with pytest.raises(SystemExit) as exit_info:
-        main(["deploy", *[a.format(ckpt=best) for a in args]])
+        main(["deploy", *[a.format(ckpt=best, **names) for a in args]])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) <= 3
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_fit_and_test_refuse_a_hostile_ckpt_path_in_one_line(tmp_path, capsys):
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": _Payload(marker)}, tmp_path / "evil.ckpt")
+    for command in ("fit", "test"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--config", "resnet18_abwsp", "--trainer.logger", "false", "--ckpt_path",
+                  str(tmp_path / "evil.ckpt")])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "evil.ckpt' was refused" in err and "--trust_checkpoint true" in err and len(err.splitlines()) == 2
+    assert not marker.exists()
