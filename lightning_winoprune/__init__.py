@@ -22,7 +22,7 @@ from lightning_winoprune.callbacks import (
     WinogradPruning,
     load_pruned_checkpoint,
 )
-from lightning_winoprune.deploy import DeployReport, deploy
+from lightning_winoprune.deploy import DeployReport, deploy, load_deployed, save_deployed
 from lightning_winoprune.kernels import Backend, extension_status, native_available
 from lightning_winoprune.latency import LatencyReport, measure_latency
 from lightning_winoprune.winograd import Route, WinogradConv2d, WinogradizeReport, winogradize
@@ -45,8 +45,10 @@ __all__ = [
     "__version__",
     "deploy",
     "extension_status",
+    "load_deployed",
     "load_pruned_checkpoint",
     "measure_latency",
     "native_available",
+    "save_deployed",
     "winogradize",
 ]

@@ -214,7 +214,7 @@ class LatencyValidation(Callback):
             print_rich(report, min_width=150)
             if self.deployed_path is not None:
                 rank_zero_info(f"LatencyValidation: deployed model saved to {self.deployed_path} (load it with "
-                               "lightning_winoprune.deploy.load_deployed(path))")
+                               "lightning_winoprune.load_deployed(path))")
         self._log(trainer, report)
         return report
 

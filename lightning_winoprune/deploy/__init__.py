@@ -3,11 +3,15 @@
 * :func:`deploy`: fold BatchNorms, fuse activations and route every conv to its fastest accurate kernel.
 * :class:`PackedWinogradConv`, :class:`PackedDepthwiseConv`, :class:`DenseConv`: the deployed layers (state in
   buffers; traceable, compilable, exportable).
+* :func:`export_deployed`, :func:`save_deployed`, :func:`load_deployed`: the deployed model as a checked ``.pt2``
+  (dynamic batch, or H and W too, as ``deploy(..., dynamic=...)`` chose: :class:`DeployShapes`); a bad file is a
+  one-line :class:`DeployArtifactError`.
 * :func:`keep_freed_memory`: a memory arena for the process (no page faults on large activations).
 * The ``winoprune::winograd_conv``, ``winoprune::depthwise_conv`` and ``winoprune::conv2d_act`` torch custom ops,
   registered when this package is imported.
 """
 
+from lightning_winoprune.deploy._artifact import DeployArtifactError, export_deployed, load_deployed, save_deployed
 from lightning_winoprune.deploy._deploy import DeployMismatchError, DeployReport, LayerRoute, deploy
 from lightning_winoprune.deploy._memory import keep_freed_memory
 from lightning_winoprune.deploy._ops import Activation
@@ -19,18 +23,24 @@ from lightning_winoprune.deploy._packed import (
     PackedWinogradConv,
     SparseForm,
 )
+from lightning_winoprune.deploy._shapes import DeployShapes
 
 __all__ = [
     "Activation",
     "DenseConv",
     "DenseRoute",
+    "DeployArtifactError",
     "DeployMismatchError",
     "DeployReport",
+    "DeployShapes",
     "LayerRoute",
     "NativeMaxPool2d",
     "PackedDepthwiseConv",
     "PackedWinogradConv",
     "SparseForm",
     "deploy",
+    "export_deployed",
     "keep_freed_memory",
+    "load_deployed",
+    "save_deployed",
 ]

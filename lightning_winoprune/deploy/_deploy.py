@@ -15,8 +15,9 @@ The pipeline, on a copy of the model in eval mode:
    runs) and raise :class:`DeployMismatchError` if it differs.
 
 The result is an ordinary ``nn.Module`` whose pruned layers run the ``winoprune::`` torch custom ops: it deep-copies,
-saves through ``state_dict``, compiles with ``torch.compile(fullgraph=True)``, exports with ``torch.export`` (dynamic
-batch) and is safe to call from several threads.
+saves through ``state_dict``, compiles with ``torch.compile(fullgraph=True)``, exports with ``torch.export`` (a
+dynamic batch by default; :func:`deploy`'s ``dynamic`` chooses which dims stay free) and is safe to call from
+several threads.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from lightning_winoprune.deploy._packed import (
     PackedWinogradConv,
     SparseForm,
 )
+from lightning_winoprune.deploy._shapes import DeployShapes, check_dynamic, resolve_shapes
 from lightning_winoprune.deploy._timing import cache_flusher, median_ms, rel_error, threads_context
 from lightning_winoprune.kernels._backend import Backend, native_available
 from lightning_winoprune.winograd._layer import WinogradConv2d
@@ -386,23 +388,23 @@ def _is_masked_depthwise(conv: nn.Module) -> bool:
 
 
 def _dense_candidates(w: torch.Tensor, b: torch.Tensor | None, conv: nn.Conv2d, act: Activation,
-                      x: torch.Tensor) -> dict[str, Callable[[], nn.Module]]:
+                      x: torch.Tensor, fixed_hw: bool = True) -> dict[str, Callable[[], nn.Module]]:
     stride, padding = tuple(conv.stride), tuple(conv.padding)
     out: dict[str, Callable[[], nn.Module]] = {
         "eager": lambda: DenseConv(w, b, stride, padding, conv.groups, DenseRoute.EAGER, act),  # type: ignore[arg-type]
     }
     if onednn_available():
         out["onednn"] = lambda: DenseConv(w, b, stride, padding, conv.groups, DenseRoute.ONEDNN, act)  # type: ignore[arg-type]
-    if conv.groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:]):
+    if fixed_hw and conv.groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:]):
         out["linear"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.LINEAR, act)  # type: ignore[arg-type]
     if conv.groups == 1 and padding == (0, 0) and stride == (1, 1) and tuple(w.shape[2:]) == (1, 1):
         out["gemm"] = lambda: DenseConv(w, b, stride, padding, 1, DenseRoute.GEMM, act)
     return out
 
 
-def _candidates(chain: _Chain, threads: int, backend: Backend) -> tuple[str, dict[str, Callable[[], nn.Module]],
-                                                                        str]:
-    """``(kind, name -> module factory, note)`` for one conv chain."""
+def _candidates(chain: _Chain, threads: int, backend: Backend,
+                fixed_hw: bool = True) -> tuple[str, dict[str, Callable[[], nn.Module]], str]:
+    """``(kind, name -> module factory, note)`` for one conv chain (``fixed_hw=False``: routes for any H x W)."""
     conv, act, native = chain.conv, chain.act, backend is Backend.NATIVE
     if isinstance(conv, WinogradConv2d):
         u, mask, b = _folded_winograd(conv, chain.bn)
@@ -419,7 +421,7 @@ def _candidates(chain: _Chain, threads: int, backend: Backend) -> tuple[str, dic
         g = None if mask is not None and not bool(mask.all()) else _spatial_equivalent(u, conv.m)
         if g is not None:  # unpruned: the dense routes compute the same function
             dense = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=conv.padding)
-            out.update(_dense_candidates(g, b, dense, act, chain.x))
+            out.update(_dense_candidates(g, b, dense, act, chain.x, fixed_hw))
         elif not out:
             note += "; kept on its own (torch) path"
         return "winograd", out, note
@@ -428,7 +430,7 @@ def _candidates(chain: _Chain, threads: int, backend: Backend) -> tuple[str, dic
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str) or tuple(conv.dilation) != (1, 1):
         return "conv", {}, f"kept as nn.Conv2d (padding_mode={conv.padding_mode!r}, padding={conv.padding!r}, " \
                            f"dilation={tuple(conv.dilation)})"
-    out = _dense_candidates(w, b, conv, act, chain.x)
+    out = _dense_candidates(w, b, conv, act, chain.x, fixed_hw)
     if _is_masked_depthwise(conv):
         out["depthwise"] = lambda: PackedDepthwiseConv(w, mask, tuple(conv.stride), tuple(conv.padding), b,  # type: ignore[arg-type]
                                                        backend, threads, act)
@@ -473,7 +475,8 @@ def _dense_reference(chain: _Chain, act: Activation) -> Callable[[], object] | N
 
 
 # ------------------------------------------------------------------------------------------------ deploy
-def _check_args(model: nn.Module, example_input: torch.Tensor, repeats: int, threads: int | None) -> None:
+def _check_args(model: nn.Module, example_input: torch.Tensor, repeats: int, threads: int | None,
+                dynamic: str = "batch") -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if model.training:
@@ -488,6 +491,7 @@ def _check_args(model: nn.Module, example_input: torch.Tensor, repeats: int, thr
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    check_dynamic(dynamic)
 
 
 def deploy(
@@ -505,6 +509,7 @@ def deploy(
     time_model: bool = True,
     verbose: bool = True,
     cold_cache: bool = True,
+    dynamic: str = "batch",
 ) -> nn.Module:
     """Turn a pruned model into the fast inference model: BN folded, activations fused, the fastest route per conv.
 
@@ -534,18 +539,25 @@ def deploy(
         cold_cache: Time every candidate with cold caches (a large buffer is written before each timed call), as
             the layer runs inside a network whose weights exceed the cache. ``False`` times them warm, which favours
             routes with large weights (a dense F(4,3) layer holds 4x the weights of its 3x3 conv).
+        dynamic: Which input dims the exported model leaves free (:func:`~lightning_winoprune.deploy.export_deployed`
+            reads it): ``"batch"`` (any batch size), ``"none"`` (the example's shape only), ``"batch+hw"`` (any batch
+            size and any H, W from the smallest the model runs at up to 4096) or ``"hw"`` (H and W only). With a
+            dynamic H / W no route that fits one input size only is chosen (a ``Linear`` for a conv that covers its
+            whole input), the smallest H and W are found by probing, and the output is also checked at that size
+            and at a larger, odd one (routes are still timed at ``example_input``'s shape only).
 
     Returns:
         The deployed ``nn.Module`` (eval mode, CPU float32); its ``deploy_report`` attribute holds the
-        :class:`DeployReport`.
+        :class:`DeployReport`, its ``deploy_shapes`` the :class:`~lightning_winoprune.deploy.DeployShapes`.
 
     Raises:
-        ValueError: On a model in training mode, a bad ``example_input``, ``repeats``, ``threads`` or ``tolerance``.
+        ValueError: On a model in training mode, a bad ``example_input``, ``repeats``, ``threads``, ``tolerance`` or
+            ``dynamic``, or, with a dynamic H / W, a model that fails at a size inside the range.
         TypeError: If ``model`` is not an ``nn.Module``.
         DeployMismatchError: If the deployed model's output differs from the model's beyond the tolerance.
 
     """
-    _check_args(model, example_input, repeats, threads)
+    _check_args(model, example_input, repeats, threads, dynamic)
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
     backend = Backend.parse(backend, "backend")
@@ -573,7 +585,7 @@ def deploy(
                 if chain.bn is not None and _bn_act(chain.bn) is not None:
                     chain.keep_bn_act = _bn_act(chain.bn)
                 chain.ref = torch.empty(0)
-            kind, factories, note = _candidates(chain, kernel_threads, backend)
+            kind, factories, note = _candidates(chain, kernel_threads, backend, fixed_hw="hw" not in dynamic)
             row = LayerRoute(chain.name, kind, _shape(chain), "module", chain.bn_name, chain.act.value, note=note)
             rows.append(row)
             if not factories:
@@ -622,6 +634,7 @@ def deploy(
                 f"{tol:.0e}); deploy with fold_bn=False or fuse_activation=False to find the layer, and please "
                 "report it"
             )
+        shapes = _checked_shapes(dynamic, x, work, model, tol, notes)
         report = DeployReport(rows, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), n_threads, tune, err, tol,
                               notes=notes)
         if time_model:
@@ -630,11 +643,31 @@ def deploy(
                                warmup)
             report.model_ms, report.original_ms = times["deployed"], times["original"]
     work.deploy_report = report  # type: ignore[assignment]
+    work.deploy_shapes = shapes  # type: ignore[assignment]
     if verbose:
         Console().print(report.table())
         for note in notes:
             Console().print(f"note: {note}")
     return work
+
+
+def _checked_shapes(dynamic: str, x: torch.Tensor, work: nn.Module, model: nn.Module, tol: float,
+                    notes: list[str]) -> DeployShapes:
+    """The deployed model's :class:`DeployShapes`; with a dynamic H / W, its output checked at two more sizes."""
+    shapes, checks = resolve_shapes(dynamic, x, work, model)
+    for (h, w), err in checks:
+        if not err <= tol:
+            raise DeployMismatchError(
+                f"with dynamic={dynamic!r} the deployed model's output differs from the model's at {h}x{w} by "
+                f"{err:.2e} (relative max error, tolerance {tol:.0e}; routes were chosen at {x.shape[2]}x"
+                f"{x.shape[3]}); deploy with dynamic='batch', and please report it"
+            )
+    if checks:
+        (lo_h, lo_w), (hi_h, hi_w) = shapes.min_hw, shapes.max_hw
+        done = ", ".join(f"{h}x{w} (error {err:.1e})" for (h, w), err in checks)
+        notes.append(f"dynamic={dynamic!r}: H x W from {lo_h}x{lo_w} to {hi_h}x{hi_w}; routes chosen at "
+                     f"{x.shape[2]}x{x.shape[3]}, output also checked at {done}")
+    return shapes
 
 
 def _route_pools(work: nn.Module, x: torch.Tensor, tune: bool, repeats: int, warmup: int, threads: int,

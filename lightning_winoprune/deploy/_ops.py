@@ -91,6 +91,18 @@ def _out_size(size: int, kernel: int, stride: int, pad: int, op: str) -> int:
     return out
 
 
+def _fake_out_size(size: Any, kernel: Any, stride: int, pad: int, op: str) -> Any:
+    """The output size of a fake kernel: plain or symbolic (``SymInt``) arithmetic, with ``out >= 1`` as a check.
+
+    Under ``torch.export`` with a dynamic H / W the check becomes a guard on the input size (or a constraint error
+    that names the smallest size) instead of a failure; on concrete sizes it raises like the eager op.
+    """
+    out = (size + 2 * pad - kernel) // stride + 1
+    torch._check(out >= 1, lambda: f"winoprune::{op}: an input of size {size} with padding {pad} is smaller than the "
+                                    f"{kernel}x{kernel} kernel")
+    return out
+
+
 def _inference_only(op: str) -> Callable[..., Any]:
     def backward(ctx: Any, grad: Tensor) -> Any:
         raise RuntimeError(
@@ -131,7 +143,8 @@ def winograd_conv(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc: Tens
 
 def _winograd_conv_fake(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc: Tensor, bias: Tensor | None,
                         out_channels: int, pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
-    return x.new_empty((x.shape[0], out_channels, x.shape[2] + 2 * pad_h - 2, x.shape[3] + 2 * pad_w - 2))
+    return x.new_empty((x.shape[0], out_channels, _fake_out_size(x.shape[2], 3, 1, pad_h, "winograd_conv"),
+                        _fake_out_size(x.shape[3], 3, 1, pad_w, "winograd_conv")))
 
 
 # ------------------------------------------------------------------------------------------------ depthwise_conv
@@ -152,8 +165,8 @@ def depthwise_conv(x: Tensor, meta: Tensor, taps: Tensor, weights: Tensor, bias:
 def _depthwise_conv_fake(x: Tensor, meta: Tensor, taps: Tensor, weights: Tensor, bias: Tensor | None, kernel_h: int,
                          kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, act: int,
                          threads: int) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] + 2 * pad_h - kernel_h) // stride_h + 1,
-                        (x.shape[3] + 2 * pad_w - kernel_w) // stride_w + 1))
+    return x.new_empty((x.shape[0], x.shape[1], _fake_out_size(x.shape[2], kernel_h, stride_h, pad_h, "depthwise_conv"),
+                        _fake_out_size(x.shape[3], kernel_w, stride_w, pad_w, "depthwise_conv")))
 
 
 # ---------------------------------------------------------------------------------------------------- conv2d_act
@@ -217,8 +230,8 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, st
 def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int,
                      pad_w: int, groups: int, act: int) -> Tensor:
     kh, kw = weight.shape[2], weight.shape[3]
-    return x.new_empty((x.shape[0], weight.shape[0], (x.shape[2] + 2 * pad_h - kh) // stride_h + 1,
-                        (x.shape[3] + 2 * pad_w - kw) // stride_w + 1))
+    return x.new_empty((x.shape[0], weight.shape[0], _fake_out_size(x.shape[2], kh, stride_h, pad_h, "conv2d_act"),
+                        _fake_out_size(x.shape[3], kw, stride_w, pad_w, "conv2d_act")))
 
 
 # ------------------------------------------------------------------------------------------------- conv1x1_act
@@ -271,8 +284,8 @@ def max_pool2d(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w:
 
 def _max_pool2d_fake(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                      threads: int) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[1], (x.shape[2] + 2 * pad_h - kernel_h) // stride_h + 1,
-                        (x.shape[3] + 2 * pad_w - kernel_w) // stride_w + 1))
+    return x.new_empty((x.shape[0], x.shape[1], _fake_out_size(x.shape[2], kernel_h, stride_h, pad_h, "max_pool2d"),
+                        _fake_out_size(x.shape[3], kernel_w, stride_w, pad_w, "max_pool2d")))
 
 
 for _name, _impl, _fake in (("winograd_conv", winograd_conv, _winograd_conv_fake),

@@ -26,12 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="winoprune deploy",
         description="Deploy a recipe's checkpoint (BatchNorm folded, activations fused, the fastest kernel per "
-                    "layer), check it against the checkpoint's model and save it with torch.export (dynamic batch).")
+                    "layer), check it against the checkpoint's model and save it with torch.export (dynamic batch, "
+                    "or H and W too).")
     parser.add_argument("checkpoint", help="a checkpoint written by `winoprune fit` (an ImageClassifier)")
     parser.add_argument("--output", "-o", help="where the .pt2 goes (default: the checkpoint's path with .pt2)")
     parser.add_argument("--input-size", type=int, default=224, help="side of the square input to tune for (224)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size to tune for (1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's count)")
+    parser.add_argument("--dynamic", default="batch", choices=["batch", "none", "batch+hw", "hw"],
+                        help="input dims the .pt2 leaves free (default: batch; batch+hw: any batch, H and W)")
     parser.add_argument("--no-tune", action="store_true", help="choose routes by rule instead of by measurement")
     parser.add_argument("--trust-checkpoint", action="store_true",
                         help="unpickle the checkpoint without restrictions (only for a file you made yourself: a "
@@ -42,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, input_size: int = 224,
                       batch_size: int = 1, threads: int | None = None, tune: bool = True,
-                      verbose: bool = True, trust: bool = False) -> Path:
+                      verbose: bool = True, trust: bool = False, dynamic: str = "batch") -> Path:
     """Rebuild a recipe's pruned model from ``checkpoint``, deploy it, export it and save it as a ``.pt2``.
 
     Args:
@@ -55,6 +58,7 @@ def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
         tune: Choose each layer's route by measurement.
         verbose: Print the route table.
         trust: Unpickle the checkpoint without restrictions (only for a file you made yourself).
+        dynamic: The input dims the ``.pt2`` leaves free (see :func:`~lightning_winoprune.deploy`).
 
     Returns:
         The path of the saved ``.pt2``.
@@ -74,7 +78,8 @@ def deploy_checkpoint(checkpoint: str | Path, output: str | Path | None = None, 
     module.eval()
     x = torch.randn(batch_size, int(hparams.get("in_chans", 3)), input_size, input_size,
                     generator=torch.Generator().manual_seed(0))
-    deployed = deploy(module.model, x, tune=tune, threads=threads, verbose=verbose, time_model=verbose)
+    deployed = deploy(module.model, x, tune=tune, threads=threads, verbose=verbose, time_model=verbose,
+                      dynamic=dynamic)
     out = Path(output) if output is not None else path.with_suffix(".pt2")
     return save_deployed(deployed, out, x)  # atomic: an interrupted save leaves no half file under the name
 
@@ -83,7 +88,7 @@ def _recipe_module(path: Path, trust: bool) -> tuple[ImageClassifier, dict[str, 
     """The recipe's model rebuilt from the checkpoint's hyper-parameters, with the pruned weights loaded."""
     if path.suffix == ".pt2":
         raise DeployCommandError(f"{str(path)!r} is a .pt2, a model that is deployed already: load it with "
-                                 "lightning_winoprune.deploy.load_deployed; `winoprune deploy` takes a .ckpt")
+                                 "lightning_winoprune.load_deployed; `winoprune deploy` takes a .ckpt")
     try:
         ckpt = load_checkpoint(path, trust=trust, trust_hint="--trust-checkpoint")
     except CheckpointError as err:
@@ -110,12 +115,13 @@ def deploy_command(args: list[str]) -> int:
     parsed = _parser().parse_args(args)
     try:
         out = deploy_checkpoint(parsed.checkpoint, parsed.output, parsed.input_size, parsed.batch_size,
-                                parsed.threads, not parsed.no_tune, trust=parsed.trust_checkpoint)
+                                parsed.threads, not parsed.no_tune, trust=parsed.trust_checkpoint,
+                                dynamic=parsed.dynamic)
     except DeployCommandError as err:
         if parsed.debug:
             raise
         Console(stderr=True).print(f"error: {err}", markup=False, soft_wrap=True)
         return 2
     Console().print(f"deployed model saved to {out}\nload it with: import lightning_winoprune; "
-                    f"model = lightning_winoprune.deploy.load_deployed({str(out)!r})", markup=False, soft_wrap=True)
+                    f"model = lightning_winoprune.load_deployed({str(out)!r})", markup=False, soft_wrap=True)
     return 0

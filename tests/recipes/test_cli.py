@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from rich.table import Table
 
-from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning, load_pruned_checkpoint
+from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning, load_deployed, load_pruned_checkpoint
 from lightning_winoprune.recipes import ImageClassifier, PrunedCheckpoint, list_recipes
 from lightning_winoprune.recipes._cli import (
     CLIError,
@@ -375,7 +375,8 @@ def test_deploy_subcommand_saves_a_pt2_that_matches_the_checkpoint(recipe, smoke
                                                                    quiet_single_thread):
     best = smoke_runs(recipe).fit_summary["best_checkpoint"]
     out = tmp_path / "model.pt2"
-    main(["deploy", best, "--output", str(out), "--input-size", "16", "--no-tune"])  # exit status 0: returns
+    dynamic = "batch+hw" if recipe.startswith("resnet") else "batch"
+    main(["deploy", best, "--output", str(out), "--input-size", "16", "--no-tune", "--dynamic", dynamic])
     assert out.is_file() and f"deployed model saved to {out}" in capsys.readouterr().out
     hparams = torch.load(best, weights_only=False)["hyper_parameters"]
     module = ImageClassifier(**{k: v for k, v in hparams.items() if not k.startswith("_")})
@@ -385,6 +386,12 @@ def test_deploy_subcommand_saves_a_pt2_that_matches_the_checkpoint(recipe, smoke
         expected = module.eval().model(x)
     got = torch.export.load(str(out)).module()(x)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
+    if dynamic == "batch+hw":  # another resolution than the one it was tuned at
+        x = torch.randn(2, 1, 23, 19)
+        with torch.no_grad():
+            expected = module.model(x)
+        got = load_deployed(out)(x)
+        assert float((got - expected).abs().max() / expected.abs().max()) < 1e-4
 
 
 def _bad_files(best: str, folder: Path) -> dict[str, Path]:
