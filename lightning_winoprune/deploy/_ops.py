@@ -218,6 +218,9 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, st
                groups: int, act: int) -> Tensor:
     """A dense conv with a fused activation on oneDNN (``F.conv2d`` and the activation where oneDNN is absent)."""
     x = _cpu_float(x, "conv2d_act")
+    # oneDNN's own error for a too-small input is an obscure RuntimeError
+    _out_size(x.shape[2], weight.shape[2], stride_h, pad_h, "conv2d_act")
+    _out_size(x.shape[3], weight.shape[3], stride_w, pad_w, "conv2d_act")
     if onednn_available():
         attr, scalars = _ONEDNN[act]
         pad, stride = [pad_h, pad_w], [stride_h, stride_w]

@@ -87,6 +87,19 @@ def _output_size(height: int, width: int, kernel: tuple[int, int], stride: tuple
     return ho, wo
 
 
+def _torch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], groups: int) -> torch.Tensor:
+    """``F.conv2d`` with the weights moved to ``x``'s device and dtype; CPU float16/bfloat16 accumulate in float32.
+
+    float32 on the CPU because torch 2.14's bfloat16 grouped conv on a channels-last input gives wrong outputs for
+    some small shapes (found by the fuzz tests); a float32 conv rounded once to the input's dtype is also closer.
+    """
+    dtype = torch.float32 if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    w = weight.to(device=x.device, dtype=dtype)
+    b = None if bias is None else bias.to(device=x.device, dtype=dtype)
+    return F.conv2d(x.to(dtype), w, b, stride, padding, 1, groups).to(x.dtype)
+
+
 def _check_input(x: torch.Tensor, channels: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -447,9 +460,8 @@ class PackedDepthwiseConv(_Packed):
                                                       self.kernel_size[0], self.kernel_size[1], self.stride[0],
                                                       self.stride[1], self.padding[0], self.padding[1], self.act_code,
                                                       self.threads)
-        w = self.weight.to(device=x.device, dtype=x.dtype)
-        b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-        return activate_fresh(F.conv2d(x, w, b, self.stride, self.padding, groups=self.channels), self.act_code)
+        y = _torch_conv(x, self.weight, self.bias, self.stride, self.padding, self.channels)
+        return activate_fresh(y, self.act_code)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None, backend: Backend | str = Backend.AUTO,
@@ -525,16 +537,22 @@ class DenseConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The conv and its activation."""
         _check_input(x, self.in_channels)
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        _output_size(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding)
         if self.route is DenseRoute.ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
             return torch.ops.winoprune.conv2d_act(x, self.weight, self.bias, self.stride[0], self.stride[1],
                                                   self.padding[0], self.padding[1], self.groups, self.act_code)
         if self.route is DenseRoute.GEMM and x.device.type == "cpu" and x.dtype == torch.float32:
             # one op in eager and in an exported graph alike: the route that was timed is the route that ships
             return torch.ops.winoprune.conv1x1_act(x, self.weight, self.bias, self.act_code)
+        # the torch routes, and any device or dtype: the weights follow the input (as on the packed layers' torch path)
         if self.route is DenseRoute.LINEAR and tuple(x.shape[2:]) == self.kernel_size:
-            y = F.linear(x.reshape(x.shape[0], -1), self.weight.reshape(self.out_channels, -1), self.bias)
+            w = self.weight.to(device=x.device, dtype=x.dtype).reshape(self.out_channels, -1)
+            b = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+            y = F.linear(x.flatten(1), w, b)  # flatten: an empty batch reshapes too
             return activate_fresh(y.reshape(x.shape[0], self.out_channels, 1, 1), self.act_code)
-        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        y = _torch_conv(x, self.weight, self.bias, self.stride, self.padding, self.groups)
         return activate_fresh(y, self.act_code)
 
 
@@ -585,6 +603,8 @@ class NativeMaxPool2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Max-pool ``x`` ``(N, C, H, W)``."""
+        if isinstance(x, torch.Tensor) and x.dim() in (3, 4):  # torch's error for a too-small input: a RuntimeError
+            _output_size(x.shape[-2], x.shape[-1], self.kernel_size, self.stride, self.padding)
         if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4:
             return torch.ops.winoprune.max_pool2d(x, self.kernel_size[0], self.kernel_size[1], self.stride[0],
                                                   self.stride[1], self.padding[0], self.padding[1], self.threads)

@@ -539,3 +539,26 @@ def test_dense_route_refuses_shapes_it_cannot_run():
         DenseConv(torch.randn(4, 3, 3, 3), None, padding=(1, 1), route="linear")
     with pytest.raises(ValueError, match=r"route.*'pooling'.*'gemm'"):
         DenseConv(torch.randn(4, 3, 3, 3), None, route="pooling")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_route_reduced_precision_channels_last_grouped_is_right(dtype):
+    """Found by fuzzing: torch 2.14's own bfloat16 grouped conv of a channels-last input is wrong for some small
+    shapes with one thread (relative error up to 1.2); the torch routes accumulate CPU float16/bfloat16 in float32."""
+    from lightning_winoprune.deploy import DenseConv
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for seed in range(5):
+            gen = torch.Generator().manual_seed(seed)
+            x, w = torch.randn(1, 2, 2, 2, generator=gen), torch.randn(4, 1, 3, 3, generator=gen)
+            ref = F.conv2d(x.double(), w.double(), None, (1, 2), (1, 1), 1, 2)
+            for route in ("eager", "onednn"):
+                layer = DenseConv(w, None, stride=(1, 2), padding=(1, 1), groups=2, route=route)
+                out = layer(x.to(dtype).to(memory_format=torch.channels_last))
+                assert out.dtype == dtype
+                err = float((out.double() - ref).abs().max() / ref.abs().max())
+                assert err < 2e-2, f"{route} seed {seed}: relative error {err:.3f}"
+    finally:
+        torch.set_num_threads(before)
