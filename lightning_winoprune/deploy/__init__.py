@@ -12,7 +12,7 @@
 """
 
 from lightning_winoprune.deploy._artifact import DeployArtifactError, export_deployed, load_deployed, save_deployed
-from lightning_winoprune.deploy._deploy import DeployMismatchError, DeployReport, LayerRoute, deploy
+from lightning_winoprune.deploy._deploy import DeployMismatchError, DeployReport, DeployRoute, LayerRoute, deploy
 from lightning_winoprune.deploy._memory import keep_freed_memory
 from lightning_winoprune.deploy._ops import Activation
 from lightning_winoprune.deploy._packed import (
@@ -32,6 +32,7 @@ __all__ = [
     "DeployArtifactError",
     "DeployMismatchError",
     "DeployReport",
+    "DeployRoute",
     "DeployShapes",
     "LayerRoute",
     "NativeMaxPool2d",

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+
+from lightning_winoprune._utils import median_ms
 
 __all__ = ["cache_flusher", "median_ms", "rel_error", "threads_context"]
 
@@ -46,35 +46,3 @@ def cache_flusher() -> Callable[[], None]:
         buf.add_(1.0)
 
     return flush
-
-
-def median_ms(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
-              flush: Callable[[], None] | None = None, sync: Callable[[], None] | None = None) -> dict[str, float]:
-    """Median ms of every function, timed in interleaved rounds so drifting machine load hits all alike.
-
-    Args:
-        fns: Name -> the call to time.
-        repeats: Timed rounds.
-        warmup: Untimed calls of every function first.
-        flush: Runs (untimed) before every timed call: each call then starts with cold caches, as a layer does
-            inside a whole network whose weights exceed the cache (otherwise a route with large weights, such as a
-            dense F(4,3) layer, looks faster in isolation than it is in the model).
-        sync: Runs after every call, inside the timing (``torch.cuda.synchronize`` for GPU work).
-
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    if sync is not None:
-        sync()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
-            if flush is not None:
-                flush()
-            start = time.perf_counter()
-            fn()
-            if sync is not None:
-                sync()
-            times[key].append(time.perf_counter() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}

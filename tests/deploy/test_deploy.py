@@ -258,9 +258,9 @@ def test_an_unsupported_layer_falls_back_with_a_warning():
 
 
 def test_a_wrong_route_is_caught_by_the_output_check(resnet, monkeypatch):
-    from lightning_winoprune.deploy import _deploy
+    from lightning_winoprune.deploy import _passes
 
-    monkeypatch.setattr(_deploy, "rel_error", lambda out, ref: 0.0 if out.shape != ref.shape or out.dim() != 2
+    monkeypatch.setattr(_passes, "rel_error", lambda out, ref: 0.0 if out.shape != ref.shape or out.dim() != 2
                         else 1.0)
     with pytest.raises(DeployMismatchError, match="deployed model's output differs"):
         deploy(resnet, torch.randn(1, 1, 20, 20), **FAST)
