@@ -14,14 +14,13 @@ numbers come from is pluggable:
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from collections.abc import Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from lightning_winoprune._utils import median_ms
 from lightning_winoprune.deploy import PackedWinogradConv
 from lightning_winoprune.importance._sensitivity import Candidate
 from lightning_winoprune.pruning._engine import Block, Score
@@ -98,16 +97,7 @@ class DictLatencyTable:
 
 
 def _median_seconds(fn: Callable[[], object], reps: int, warmup: int, sync: Callable[[], None]) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms({"fn": fn}, reps, warmup, sync=sync)["fn"] / 1e3
 
 
 def _check_int(name: str, value: object, low: int) -> int:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from rich.progress import Progress
 from torch import nn
 
+from lightning_winoprune._utils import MASK_ATTR, is_depthwise
 from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, SparseForm, deploy
 from lightning_winoprune.deploy._timing import median_ms, rel_error, threads_context
 from lightning_winoprune.kernels import Backend, native_available, native_isa
@@ -26,9 +27,9 @@ class LatencyMismatchError(RuntimeError):
 
 
 def _is_masked_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
-            and module.weight.shape[1] == 1 and isinstance(getattr(module, "weight_mask", None), torch.Tensor)
-            and module.dilation == (1, 1) and not isinstance(module.padding, str) and module.padding_mode == "zeros")
+    return (isinstance(module, nn.Conv2d) and is_depthwise(module) and module.weight.shape[1] == 1
+            and isinstance(getattr(module, MASK_ATTR, None), torch.Tensor) and module.dilation == (1, 1)
+            and not isinstance(module.padding, str) and module.padding_mode == "zeros")
 
 
 def pruned_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_winoprune._utils import set_submodule
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.winograd._layer import Route, WinogradConv2d, conv_ineligibility
 from lightning_winoprune.winograd._transforms import check_m
@@ -94,12 +95,6 @@ def _compile(patterns: Iterable[str] | str | None, arg: str) -> list[re.Pattern[
     return out
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def winogradize(
     model: nn.Module,
     m: int = 2,
@@ -159,7 +154,7 @@ def winogradize(
         todo.append((name, mod))
         report.decisions.append(LayerDecision(name, "converted", "", shape))
     for name, conv in todo:
-        _set_submodule(model, name, WinogradConv2d.from_conv(conv, m=m, route=route, backend=backend))
+        set_submodule(model, name, WinogradConv2d.from_conv(conv, m=m, route=route, backend=backend))
     return report
 
 

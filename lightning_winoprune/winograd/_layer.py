@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import copy
 import functools
-import statistics
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune.kernels._backend import Backend
-from lightning_winoprune.winograd._mask import keep_bits, masked
-from lightning_winoprune.winograd._sparse import SparsePlan, build_plan, sparse_conv
+from lightning_winoprune.winograd._autotune import MASKING_ROUTES, Route, choose_route
+from lightning_winoprune.winograd._mask import masked
+from lightning_winoprune.winograd._mask_state import MaskState
+from lightning_winoprune.winograd._sparse import SparsePlan, sparse_conv
 from lightning_winoprune.winograd._sparse import positions_view as _bgemm_view  # (K, C, p, p) -> (P2, K, C)
 from lightning_winoprune.winograd._tiles import (
     TileGeometry,
@@ -33,106 +30,6 @@ from lightning_winoprune.winograd._transforms import check_m, get_transforms, un
 __all__ = ["Route", "WinogradConv2d", "conv_ineligibility", "winograd_layout"]
 
 
-class Route(ParsableEnum):
-    """How a :class:`WinogradConv2d` computes its output. All routes are exact reformulations of the same map.
-
-    * ``auto``: without a mask, ``unrolled`` when the whole output fits in one tile and that is cheaper, else
-      ``bgemm``. With a mask, in training (module in train mode, autograd enabled) the layer *measures*: on the first
-      forward pass for an input shape and mask version it times forward + backward of ``bgemm``, ``sparse`` and
-      (where the rule above picks it) ``unrolled`` on detached copies of that input (median of a few repetitions)
-      and keeps the fastest for that key (:attr:`WinogradConv2d.last_route` says which one ran). In eval mode,
-      without autograd, or under ``torch.use_deterministic_algorithms(True)`` (``Trainer(deterministic=True)``:
-      timed choices could differ between runs, and routes agree only up to float rounding) it chooses without
-      timing: the rule above when it picks ``unrolled``, else ``sparse`` when the sparse GEMMs do at most 60% of
-      the dense multiply-adds (``Rmax * Cmax <= 0.6 * K * C``), else ``bgemm``.
-    * ``bgemm``: input transform -> one GEMM per Winograd position -> output transform (an explicit autograd
-      function whose tile transforms run in the native extension when available).
-    * ``sparse``: ``bgemm`` restricted to the rows and columns of every ``U[xi]`` that the mask keeps (gathered,
-      padded to the largest position, scattered back); pruned weights receive an exactly zero gradient by
-      construction. Without a mask it is ``bgemm``.
-    * ``unrolled``: for single-tile geometries (small feature maps), the layer as one dense matrix product over the
-      Winograd positions that reach the output; like ``sparse`` it always applies the mask itself, so pruned
-      entries (and the positions it leaves out) get an exactly zero gradient by construction.
-    * ``phase``: ``pixel_shuffle(conv2d(pad(x), E(U), stride=m))``; runs on any conv backend and exports to ONNX.
-    """
-
-    AUTO = "auto"
-    BGEMM = "bgemm"
-    SPARSE = "sparse"
-    UNROLLED = "unrolled"
-    PHASE = "phase"
-
-
-#: ``auto`` outside training takes the ``sparse`` route when its GEMMs do at most this share of the dense multiply-adds.
-SPARSE_WORK_FRACTION = 0.6
-#: Timed repetitions (after one warm-up) per candidate when ``auto`` measures the routes of a masked layer.
-TIMING_REPS = 3
-
-
-def _median_time(fn: Callable[[], None], device: torch.device, reps: int = TIMING_REPS) -> float:
-    """Median wall time in seconds of ``fn()`` over ``reps`` calls after one warm-up call."""
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-class _MaskState:
-    """What a layer derives from one mask (the sparse plan, the measured route per input key); never saved.
-
-    Valid while the layer's mask is this very tensor at this version (an in-place edit bumps ``_version``). Holding
-    the tensor keeps its ``id`` from being reused by a new mask.
-    """
-
-    def __init__(self, mask: torch.Tensor) -> None:
-        self.mask = mask
-        self.version = mask._version
-        self.plan: SparsePlan | None = None
-        self.routes: dict[tuple[Any, ...], Route] = {}
-        self._bits: dict[torch.dtype, torch.Tensor] = {}
-
-    def bits(self, dtype: torch.dtype) -> torch.Tensor:
-        """The mask's bit pattern for floats of ``dtype`` (:func:`keep_bits`), in the mask's layout."""
-        if dtype not in self._bits:
-            self._bits[dtype] = keep_bits(self.mask, dtype)
-        return self._bits[dtype]
-
-    def matches(self, mask: torch.Tensor) -> bool:
-        return self.mask is mask and self.version == mask._version
-
-    # A copied or unpickled tensor starts at version 0: a state that was current stays current for the copied mask
-    # (so a copy keeps the measured routes and computes exactly what the original does), a stale one stays stale.
-    def __deepcopy__(self, memo: dict[int, Any]) -> _MaskState:
-        new = _MaskState.__new__(_MaskState)
-        for key, value in self.__dict__.items():
-            setattr(new, key, copy.deepcopy(value, memo))
-        new.version = new.mask._version if self.matches(self.mask) else -1
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "version": "current" if self.matches(self.mask) else -1}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if state["version"] == "current":
-            self.version = self.mask._version
-
-    def get_plan(self) -> SparsePlan:
-        if self.plan is None:
-            self.plan = build_plan(self.mask)
-        return self.plan
-
-
 def winograd_layout(t: torch.Tensor) -> torch.Tensor:
     """Return a copy of a ``(K, C, p, p)`` tensor stored position-major, ``(p, p, K, C)`` in memory.
 
@@ -141,9 +38,6 @@ def winograd_layout(t: torch.Tensor) -> torch.Tensor:
     """
     return t.permute(2, 3, 0, 1).contiguous().permute(2, 3, 0, 1)
 
-
-#: Routes that apply the mask themselves whatever ``mask_in_forward`` says (pruned entries get exactly zero grad).
-_MASKING_ROUTES = (Route.SPARSE, Route.UNROLLED)
 
 
 class _BGEMMConv(torch.autograd.Function):
@@ -231,7 +125,6 @@ class WinogradConv2d(nn.Module):
     weight: nn.Parameter
     bias: nn.Parameter | None
     mask: torch.Tensor | None
-    _mask_value: torch.Tensor | None
 
     def __init__(
         self,
@@ -262,16 +155,13 @@ class WinogradConv2d(nn.Module):
         self.weight = nn.Parameter(winograd_layout(torch.empty(out_channels, in_channels, p, p, **factory)))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.register_buffer("mask", None)
-        # Float copy of the mask for the forward multiply (a bool multiply is ~8x slower); derived, never saved.
-        self.register_buffer("_mask_value", None, persistent=False)
-        self._mask_value_of: tuple[torch.Tensor, int] | None = None  # the mask (and its version) it was made from
         #: When False, the forward pass uses ``weight`` as stored, trusting that its pruned entries are zero. Set by
         #: callbacks that zero them and mask every gradient before each optimizer step (cheaper than a multiply in
         #: every forward and backward); they set it back when they stop.
         self.mask_in_forward = True
         #: The route the last forward pass ran (``None`` before the first one); see :class:`Route`.
         self.last_route: Route | None = None
-        self._mask_cache: _MaskState | None = None  # derived from the mask, rebuilt when it changes, never saved
+        self._mask_cache: MaskState | None = None  # derived from the mask, rebuilt when it changes, never saved
         self._pruned_grads_zero = False
         self.reset_parameters()
 
@@ -339,19 +229,13 @@ class WinogradConv2d(nn.Module):
         """
         self._pruned_grads_zero = False
         if mask is None:
-            self.mask = self._mask_value = None
+            self.mask = None
             return
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
         if mask.shape != self.weight.shape:
             raise ValueError(f"mask must have the weight's shape {tuple(self.weight.shape)}, got {tuple(mask.shape)}")
         self.mask = winograd_layout(mask.to(self.weight.device))
-        self._sync_mask_value()
-
-    def _sync_mask_value(self) -> None:
-        mask = self.mask
-        self._mask_value = None if mask is None else mask.to(self.weight.dtype)
-        self._mask_value_of = None if mask is None else (mask, mask._version)
 
     @torch.no_grad()
     def zero_pruned_(self) -> None:
@@ -368,11 +252,11 @@ class WinogradConv2d(nn.Module):
 
         Cached; refreshed when the mask is replaced or edited in place, or the weight's dtype changes.
         """
-        mask, value, of = self.mask, self._mask_value, self._mask_value_of
-        if mask is not None and (value is None or value.dtype != self.weight.dtype or of is None or of[0] is not mask
-                                 or of[1] != mask._version):
-            self._sync_mask_value()
-        return self._mask_value
+        if self.mask is None:
+            return None
+        if capturing():  # no cache while a graph is captured
+            return self.mask.to(self.weight.dtype)
+        return self._mask_state().value(self.weight.dtype)
 
     @property
     def sparsity(self) -> float:
@@ -400,7 +284,6 @@ class WinogradConv2d(nn.Module):
         )
         if self.mask is not None:
             self.mask = winograd_layout(self.mask)
-        self._sync_mask_value()
         self._pruned_grads_zero = False
 
     # ----------------------------------------------------------------------------------------------- routes
@@ -438,12 +321,12 @@ class WinogradConv2d(nn.Module):
         """The cached bit pattern of the mask for :func:`masked` (``None`` while a graph is captured: no cache)."""
         return None if self.mask is None or capturing() else self._mask_state().bits(dtype)
 
-    def _mask_state(self) -> _MaskState:
+    def _mask_state(self) -> MaskState:
         mask = self.mask
         assert mask is not None
         state = self._mask_cache
         if state is None or not state.matches(mask):
-            state = self._mask_cache = _MaskState(mask)
+            state = self._mask_cache = MaskState(mask)
         return state
 
     @property
@@ -463,48 +346,7 @@ class WinogradConv2d(nn.Module):
 
     def _choose_route(self, x: torch.Tensor) -> Route:
         """The route of this forward pass (see :class:`Route`); may time the candidates once per key in training."""
-        base = self.resolve_route(x.shape[-2], x.shape[-1], x.shape[0])
-        if self.route is not Route.AUTO or self.mask is None or x.shape[0] == 0 or capturing():
-            return base
-        state = self._mask_state()
-        plan = state.get_plan()
-        if plan.work_fraction >= 1.0:  # nothing to skip: sparse would be bgemm with extra copies
-            return base
-        if not (self.training and torch.is_grad_enabled()) or torch.are_deterministic_algorithms_enabled():
-            if base is Route.UNROLLED:
-                return base
-            return Route.SPARSE if plan.work_fraction <= SPARSE_WORK_FRACTION else Route.BGEMM
-        key = (tuple(x.shape), x.dtype, x.device, x.requires_grad, self.mask_in_forward, self.backend)
-        route = state.routes.get(key)
-        if route is None:
-            candidates = [Route.BGEMM, Route.SPARSE] + ([Route.UNROLLED] if base is Route.UNROLLED else [])
-            route = state.routes[key] = self._measure_routes(x, candidates)
-        return route
-
-    def _measure_routes(self, x: torch.Tensor, candidates: list[Route]) -> Route:
-        """The candidate whose forward + backward on (detached copies of) ``x`` and the parameters is fastest.
-
-        With ``mask_in_forward`` off, a route other than ``sparse`` and ``unrolled`` leaves the weight's gradient to be
-        masked by whoever turned the masking off (a pruning callback, once per step); that multiply is part of its
-        cost here.
-        """
-        xd = x.detach().requires_grad_(x.requires_grad)
-        wd = self.weight.detach().requires_grad_(self.weight.requires_grad)
-        bd = None if self.bias is None else self.bias.detach().requires_grad_(self.bias.requires_grad)
-        inputs = [t for t in (xd, wd, bd) if t is not None and t.requires_grad]
-        grad_mask = self.mask_value() if wd.requires_grad and not self.mask_in_forward else None
-        w_at = next((i for i, t in enumerate(inputs) if t is wd), -1)
-
-        def step(route: Route) -> None:
-            y = self._run(route, xd, wd, bd)
-            if inputs:
-                grads = torch.autograd.grad(y, inputs, torch.ones_like(y))
-                if grad_mask is not None and route not in _MASKING_ROUTES:
-                    grads[w_at].mul_(grad_mask)
-
-        with torch.enable_grad():
-            times = {route: _median_time(functools.partial(step, route), x.device) for route in candidates}
-        return min(candidates, key=times.__getitem__)
+        return choose_route(self, x)
 
     # ----------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -518,7 +360,7 @@ class WinogradConv2d(nn.Module):
             x = x.to(self.weight.dtype)
             route = self._choose_route(x)
             self.last_route = route
-            if (self.mask is not None and not self.mask_in_forward and route not in _MASKING_ROUTES
+            if (self.mask is not None and not self.mask_in_forward and route not in MASKING_ROUTES
                     and torch.is_grad_enabled() and x.shape[0] > 0):
                 self._pruned_grads_zero = False  # this pass's gradient is masked by whoever turned the masking off
             return self._run(route, x, self.weight, self.bias)

@@ -14,6 +14,7 @@ from torch import nn
 
 from lightning_winoprune import WinogradConv2d
 from lightning_winoprune.winograd import Route
+from lightning_winoprune.winograd import _autotune as autotune
 from lightning_winoprune.winograd import _layer as layer_module
 from lightning_winoprune.winograd._sparse import build_plan
 
@@ -335,7 +336,7 @@ class _FakeTimer:
 def test_auto_measures_once_per_input_shape_and_mask_version(monkeypatch, winner: Route) -> None:
     timer = _FakeTimer({Route.BGEMM: 2.0, Route.SPARSE: 3.0, Route.UNROLLED: 9.0})
     timer.times[winner] = 1.0
-    monkeypatch.setattr(layer_module, "_median_time", timer)
+    monkeypatch.setattr(autotune, "_median_time", timer)
     model, layer, mask = _masked_model("auto")
     x = torch.randn(4, 6, 7, 7)
     model(x).sum().backward()
@@ -358,7 +359,7 @@ def test_auto_measures_once_per_input_shape_and_mask_version(monkeypatch, winner
     with torch.no_grad():
         model(torch.randn(5, 6, 7, 7))
     assert layer.last_route is Route.SPARSE  # the cheap rule: the kept work is at most 60% of the dense GEMMs
-    assert layer.sparse_plan().work_fraction <= layer_module.SPARSE_WORK_FRACTION  # type: ignore[union-attr]
+    assert layer.sparse_plan().work_fraction <= autotune.SPARSE_WORK_FRACTION  # type: ignore[union-attr]
     model.eval()
     model(torch.randn(5, 6, 7, 7)).sum().backward()
     model(torch.randn(2, 6, 1, 1))
@@ -372,7 +373,7 @@ def test_auto_measures_once_per_input_shape_and_mask_version(monkeypatch, winner
 
 def test_auto_without_anything_to_skip_does_not_measure(monkeypatch) -> None:
     timer = _FakeTimer({Route.BGEMM: 1.0, Route.SPARSE: 1.0})
-    monkeypatch.setattr(layer_module, "_median_time", timer)
+    monkeypatch.setattr(autotune, "_median_time", timer)
     layer = WinogradConv2d(6, 8, m=2)
     layer.set_mask(torch.rand(layer.weight.shape) > 0.3)  # elements: every row and column keeps something
     assert layer.sparse_plan().work_fraction == 1.0  # type: ignore[union-attr]
@@ -392,7 +393,7 @@ def test_measurement_leaves_the_parameters_alone() -> None:
 
 def test_median_time_is_a_median() -> None:
     calls = []
-    assert layer_module._median_time(lambda: calls.append(1), torch.device("cpu"), reps=5) >= 0.0
+    assert autotune._median_time(lambda: calls.append(1), torch.device("cpu"), reps=5) >= 0.0
     assert len(calls) == 6  # one warm-up
 
 
@@ -419,7 +420,7 @@ def test_deterministic_mode_chooses_without_timing(monkeypatch) -> None:
     def no_timing(*args, **kwargs):
         raise AssertionError("auto timed routes in deterministic mode")
 
-    monkeypatch.setattr(layer_module, "_median_time", no_timing)
+    monkeypatch.setattr(autotune, "_median_time", no_timing)
     model, layer, _ = _masked_model("auto")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
