@@ -7,8 +7,8 @@
   (dynamic batch, or H and W too, as ``deploy(..., dynamic=...)`` chose: :class:`DeployShapes`); a bad file is a
   one-line :class:`DeployArtifactError`.
 * :func:`keep_freed_memory`: a memory arena for the process (no page faults on large activations).
-* The ``winoprune::winograd_conv``, ``winoprune::depthwise_conv`` and ``winoprune::conv2d_act`` torch custom ops,
-  registered when this package is imported.
+* The five ``winoprune::`` torch custom ops (``winograd_conv``, ``depthwise_conv``, ``conv2d_act``, ``conv1x1_act``,
+  ``max_pool2d``), registered when this package is imported.
 """
 
 from lightning_winoprune.deploy._artifact import DeployArtifactError, export_deployed, load_deployed, save_deployed

@@ -1,7 +1,7 @@
 """Exact, fast masking: ``where(mask, t, 0)`` as a bitwise AND with the mask's bit pattern.
 
-On the CPU, ``torch.where`` and ``masked_fill`` with a boolean mask run about 17x slower than a multiply (1.3 ms
-against 0.08 ms for a million floats, torch 2.14), and a multiply by a float mask is not exact: a NaN or an inf
+On the CPU, ``torch.where`` and ``masked_fill`` with a boolean mask run many times slower than a multiply
+(``docs/benchmarks.md``, "Mask maintenance overhead"), and a multiply by a float mask is not exact: a NaN or an inf
 stored in a pruned entry would survive it (``NaN * 0`` is ``NaN``). Reinterpreting the floats as integers of the
 same width and AND-ing them with ``-1`` (keep: every bit set) or ``0`` (prune) costs what a multiply costs and is
 exact: kept entries keep their bits (NaN included), pruned entries become ``+0.0``.
