@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import platform
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -210,15 +211,7 @@ def measure_latency(
         ValueError: On a bad input, ``repeats``, ``warmup``, ``threads`` or ``tolerance``.
 
     """
-    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
-        raise ValueError(f"example_input must be an (N, C, H, W) tensor, got {getattr(example_input, 'shape', None)}")
-    for arg, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
-    if not tolerance > 0:
-        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    _check_args(example_input, repeats, warmup, threads, tolerance)
     backend = Backend.parse(backend, "backend")
     n_threads = threads or torch.get_num_threads()
     x = example_input.detach().to("cpu", torch.float32).contiguous()
@@ -228,42 +221,18 @@ def measure_latency(
     if use_gpu and not torch.cuda.is_available():
         raise ValueError("gpu=True but CUDA is not available")
     work = copy.deepcopy(model).to("cpu").float().eval() if device.type != "cpu" else model.eval()
+    timing = _Timing(n_threads, repeats, warmup, tolerance, check_output, backend)
     try:
         with torch.no_grad(), threads_context(n_threads):
             layers = pruned_layers(work)
             inputs = _capture_inputs(work, layers, x)
-            rows: list[LayerLatency] = []
             with Progress(disable=not progress, transient=True) as bar:
                 task = bar.add_task("timing pruned layers", total=len(layers) + int(whole_model))
-                for name, mod in layers.items():
-                    if name not in inputs:  # not on the forward path of this input
-                        bar.advance(task)
-                        continue
-                    bar.update(task, description=f"timing {name}")
-                    make = _winograd_row if isinstance(mod, WinogradConv2d) else _depthwise_row
-                    rows.append(make(name, mod, inputs[name], n_threads, repeats, warmup, tolerance,  # type: ignore[arg-type]
-                                     check_output, backend))
-                    bar.advance(task)
+                rows = _layer_rows(layers, inputs, timing, bar, task)
                 model_row = None
                 if whole_model:
                     bar.update(task, description="timing the whole model")
-                    dense = _dense_copy(work, layers).eval()
-                    opts: dict[str, Any] = {"threads": n_threads, "backend": backend, "tune": tune, "verbose": False,
-                                            "time_model": False}
-                    native = deployed if deployed is not None else deploy(work, x, **opts)
-                    dense_deployed = deploy(dense, x, **opts)
-                    ref = work(x)
-                    err = rel_error(native(x), ref) if check_output else 0.0
-                    if check_output and err > tolerance * 10:
-                        raise LatencyMismatchError(
-                            f"the deployed model differs from the model as trained by {err:.2e} "
-                            f"(relative max error of the output, tolerance {tolerance * 10:.0e})"
-                        )
-                    medians = median_ms({"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x),
-                                            "trained": lambda: work(x), "native": lambda: native(x)},
-                                           max(3, repeats // 2), warmup)
-                    model_row = ModelLatency(medians["dense"], medians["trained"], medians["native"], err,
-                                             medians["dense_deployed"])
+                    model_row = _model_row(work, layers, x, deployed, tune, timing)
                     bar.advance(task)
             gpu_rows = _gpu_rows(layers, inputs, repeats, warmup) if use_gpu else []
     finally:
@@ -278,3 +247,62 @@ def measure_latency(
     isa = None if backend is Backend.TORCH else native_isa()  # None: no native kernel ran
     return LatencyReport(rows, model_row, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), n_threads,
                          isa, repeats, gpu_rows, env)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """How every row is timed and checked."""
+
+    threads: int
+    repeats: int
+    warmup: int
+    tolerance: float
+    check_output: bool
+    backend: Backend
+
+
+def _check_args(example_input: torch.Tensor, repeats: int, warmup: int, threads: int | None,
+                tolerance: float) -> None:
+    if not isinstance(example_input, torch.Tensor) or example_input.dim() != 4:
+        raise ValueError(f"example_input must be an (N, C, H, W) tensor, got {getattr(example_input, 'shape', None)}")
+    for arg, value, low in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{arg} must be an int >= {low}, got {value!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int or None, got {threads!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+
+
+def _layer_rows(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor], timing: _Timing, bar: Progress,
+                task: Any) -> list[LayerLatency]:
+    """One timed row per pruned layer on the forward path of the input."""
+    rows: list[LayerLatency] = []
+    for name, mod in layers.items():
+        if name in inputs:  # else not on the forward path of this input
+            bar.update(task, description=f"timing {name}")
+            make = _winograd_row if isinstance(mod, WinogradConv2d) else _depthwise_row
+            rows.append(make(name, mod, inputs[name], timing.threads, timing.repeats,  # type: ignore[arg-type]
+                             timing.warmup, timing.tolerance, timing.check_output, timing.backend))
+        bar.advance(task)
+    return rows
+
+
+def _model_row(work: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, deployed: nn.Module | None,
+               tune: bool, timing: _Timing) -> ModelLatency:
+    """The whole model: dense eager, dense deployed, as trained and deployed pruned, in interleaved rounds."""
+    dense = _dense_copy(work, layers).eval()
+    opts: dict[str, Any] = {"threads": timing.threads, "backend": timing.backend, "tune": tune, "verbose": False,
+                            "time_model": False}
+    native = deployed if deployed is not None else deploy(work, x, **opts)
+    dense_deployed = deploy(dense, x, **opts)
+    err = rel_error(native(x), work(x)) if timing.check_output else 0.0
+    if timing.check_output and err > timing.tolerance * 10:
+        raise LatencyMismatchError(
+            f"the deployed model differs from the model as trained by {err:.2e} "
+            f"(relative max error of the output, tolerance {timing.tolerance * 10:.0e})"
+        )
+    medians = median_ms({"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x),
+                         "trained": lambda: work(x), "native": lambda: native(x)},
+                        max(3, timing.repeats // 2), timing.warmup)
+    return ModelLatency(medians["dense"], medians["trained"], medians["native"], err, medians["dense_deployed"])
