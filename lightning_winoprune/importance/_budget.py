@@ -23,6 +23,18 @@ def _finite(value: object, what: str, non_negative: bool = False) -> float:
     return x
 
 
+def _layer_table(name: str, row: Mapping[Candidate, float],
+                 latency: LatencyTable) -> tuple[list[Candidate], np.ndarray, np.ndarray]:
+    """A layer's candidates with their validated losses and latencies."""
+    if not row:
+        raise ValueError(f"layer {name!r} has no candidates")
+    cands = list(row)
+    loss = np.array([_finite(row[c], f"loss of {name!r} / {c.label}") for c in cands], dtype=np.float64)
+    lat = np.array([_finite(latency.latency(name, c), f"latency of {name!r} / {c.label}", non_negative=True)
+                    for c in cands], dtype=np.float64)
+    return cands, loss, lat
+
+
 def choose_under_budget(
     losses: Mapping[str, Mapping[Candidate, float]],
     latency: LatencyTable,
@@ -62,20 +74,8 @@ def choose_under_budget(
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be a positive int, got {bins!r}")
     names = list(losses)
-    layers: list[tuple[list[Candidate], np.ndarray, np.ndarray]] = []
-    fastest_total = 0.0
-    for name in names:
-        row = losses[name]
-        if not row:
-            raise ValueError(f"layer {name!r} has no candidates")
-        cands = list(row)
-        loss = np.array([_finite(row[c], f"loss of {name!r} / {c.label}") for c in cands], dtype=np.float64)
-        lat = np.array(
-            [_finite(latency.latency(name, c), f"latency of {name!r} / {c.label}", non_negative=True) for c in cands],
-            dtype=np.float64,
-        )
-        layers.append((cands, loss, lat))
-        fastest_total += float(lat.min())
+    layers = [_layer_table(name, losses[name], latency) for name in names]
+    fastest_total = sum(float(lat.min()) for _, _, lat in layers)
     if fastest_total > budget:
         raise ValueError(
             f"the latency budget {budget:.6g} s is infeasible: the fastest candidate of every layer already takes "
