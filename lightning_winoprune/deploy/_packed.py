@@ -528,11 +528,15 @@ class DenseConv(nn.Module):
         self.register_buffer("weight", weight.detach().float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
+    @property
+    def act(self) -> Activation:
+        """The fused activation (as on the packed layers)."""
+        return {v: k for k, v in ACTIVATION_CODES.items()}[self.act_code]
+
     def extra_repr(self) -> str:
         """A one-line summary."""
-        act = {v: k for k, v in ACTIVATION_CODES.items()}[self.act_code]
         return (f"{self.in_channels}, {self.out_channels}, kernel={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, groups={self.groups}, route={self.route.value}, act={act.value}")
+                f"padding={self.padding}, groups={self.groups}, route={self.route.value}, act={self.act.value}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The conv and its activation."""

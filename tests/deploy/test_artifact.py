@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from deploy_helpers import prune, randomize_bn, rel_error
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,40 +31,9 @@ from lightning_winoprune.deploy import (
 )
 from lightning_winoprune.deploy._artifact import ARTIFACT_FORMAT
 from lightning_winoprune.kernels import native_available
-from lightning_winoprune.pruning._depthwise import depthwise_mask
 
 needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
 FAST = {"tune": False, "verbose": False, "time_model": False}
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.detach() - b.detach()).abs().max() / b.detach().abs().max())
-
-
-def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-    return model
-
-
-def prune(model: nn.Module, amount: float = 0.7) -> nn.Module:
-    """Magnitude-prune every WinogradConv2d and DEPrune-mask every depthwise conv."""
-    for mod in model.modules():
-        if isinstance(mod, WinogradConv2d):
-            score = mod.weight.detach().abs()
-            mod.set_mask(score > score.flatten().kthvalue(max(1, int(amount * score.numel()))).values)
-            mod.zero_pruned_()
-        elif isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels > 1:
-            mask = depthwise_mask(mod.weight.detach(), amount, "dcp-bh").mask
-            mod.register_buffer("weight_mask", mask)
-            with torch.no_grad():
-                mod.weight.mul_(mask)
-    return model
 
 
 def vgg() -> nn.Module:

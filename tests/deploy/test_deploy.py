@@ -11,6 +11,7 @@ import warnings
 import pytest
 import timm
 import torch
+from deploy_helpers import prune_depthwise, prune_winograd, randomize_bn, rel_error
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
@@ -25,45 +26,9 @@ from lightning_winoprune.deploy import (
     deploy,
 )
 from lightning_winoprune.kernels import native_available
-from lightning_winoprune.pruning._depthwise import depthwise_mask
 
 needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
 FAST = {"repeats": 2, "warmup": 1, "verbose": False, "time_model": False}
-
-
-def randomize_bn(model: nn.Module, gen: torch.Generator) -> nn.Module:
-    """BatchNorm statistics far from the identity, so that a wrong fold shows."""
-    for mod in model.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-            mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-            mod.weight.data.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
-            mod.bias.data.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
-    return model
-
-
-def prune_winograd(model: nn.Module, amount: float = 0.7) -> nn.Module:
-    for mod in model.modules():
-        if isinstance(mod, WinogradConv2d):
-            score = mod.weight.detach().abs()
-            mod.set_mask(score > score.flatten().kthvalue(max(1, int(amount * score.numel()))).values)
-            mod.zero_pruned_()
-    return model
-
-
-def prune_depthwise(model: nn.Module, amount: float = 0.7) -> nn.Module:
-    for mod in model.modules():
-        if isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels > 1:
-            mask = depthwise_mask(mod.weight.detach(), amount, "dcp-bh").mask
-            mod.register_buffer("weight_mask", mask)
-            with torch.no_grad():
-                mod.weight.mul_(mask)
-    return model
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.fixture(scope="module")
