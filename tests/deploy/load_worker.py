@@ -16,9 +16,11 @@ import timm
 import torch
 from torch import nn
 
-from lightning_winoprune import WinogradConv2d, winogradize
+from lightning_winoprune import winogradize
 from lightning_winoprune.deploy import deploy
-from lightning_winoprune.pruning._depthwise import depthwise_mask
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deploy_helpers import prune, randomize_bn
 
 SHAPE = (2, 1, 20, 20)
 
@@ -29,21 +31,7 @@ def build(name: str = "resnet18", seed: int = 0) -> tuple[nn.Module, nn.Module]:
     model = timm.create_model(name, num_classes=10, in_chans=1)
     if name.startswith("resnet"):
         winogradize(model, m=2)
-    for mod in model.modules():
-        if isinstance(mod, WinogradConv2d):
-            score = mod.weight.detach().abs()
-            mod.set_mask(score > score.flatten().kthvalue(int(0.7 * score.numel())).values)
-            mod.zero_pruned_()
-        elif isinstance(mod, nn.Conv2d) and mod.groups == mod.in_channels == mod.out_channels > 1:
-            mask = depthwise_mask(mod.weight.detach(), 0.7, "dcp-bh").mask
-            mod.register_buffer("weight_mask", mask)
-            with torch.no_grad():
-                mod.weight.mul_(mask)
-        elif isinstance(mod, nn.BatchNorm2d):
-            with torch.no_grad():
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 1.5)
-    model.eval()
+    model = randomize_bn(prune(model), seed).eval()
     return model, deploy(model, torch.randn(SHAPE), tune=False, verbose=False, time_model=False)
 
 
