@@ -6,12 +6,14 @@ Every Winograd picture is drawn by the package's own ``plot_bgemm_masks`` on mas
 ``lightning_winoprune.pruning`` for one small layer (``K=16`` outputs, ``C=32`` inputs, F(2,3): ``p*p = 16`` BGEMM
 matrices of ``16 x 32``), converted from a seeded random 3x3 conv. The DEPrune picture draws the DR sub-GEMMs of one
 small depthwise layer. The spatial-Winograd picture shows which 3x3 kernel entries zero which Winograd positions of
-F(2,3) and F(4,3), from the support of ``G``. The output is deterministic for a given torch/matplotlib version.
+F(2,3) and F(4,3), from the support of ``G``. The floors picture is drawn from the package's own import statements.
+The output is deterministic for a given torch/matplotlib version.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 from pathlib import Path
 
@@ -139,6 +141,73 @@ def spatial_figure(out: Path) -> None:
     _save(fig, out / "spatial_groups.png")
 
 
+PACKAGE = Path(__file__).resolve().parent.parent / "lightning_winoprune"
+
+
+def import_graph(root: Path = PACKAGE) -> tuple[dict[str, set[str]], dict[str, int]]:
+    """Floor -> the floors it imports (every import statement, at any depth), and each floor's lines of code.
+
+    A floor is a sub-package or a top-level ``_module.py``; the top-level ``__init__.py`` (which re-exports) is left
+    out.
+    """
+    edges: dict[str, set[str]] = {}
+    lines: dict[str, int] = {}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).parts
+        if rel == ("__init__.py",):
+            continue
+        floor = rel[0].removesuffix(".py")
+        lines[floor] = lines.get(floor, 0) + len(path.read_text().splitlines())
+        edges.setdefault(floor, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                parts = node.module.split(".")
+                if parts[0] == "lightning_winoprune":
+                    edges[floor].update(parts[1:2] or [a.name for a in node.names])
+    for floor in edges:
+        edges[floor] = {t for t in edges[floor] if t in edges and t != floor}
+    return edges, lines
+
+
+def floors_figure(out: Path) -> None:
+    """The package's floors as its imports make them: each floor sits one above the highest floor it imports."""
+    edges, lines = import_graph()
+    level: dict[str, int] = {}
+
+    def height(floor: str) -> int:
+        if floor not in level:
+            level[floor] = 1 + max((height(t) for t in edges[floor]), default=-1)
+        return level[floor]
+
+    for floor in edges:
+        height(floor)
+    rows: dict[int, list[str]] = {}
+    for floor in sorted(edges):
+        rows.setdefault(level[floor], []).append(floor)
+    fig, ax = plt.subplots(figsize=(7.5, 0.75 * len(rows) + 0.6))
+    pos = {}
+    for y, names in rows.items():
+        for i, name in enumerate(names):
+            pos[name] = ((i + 1) / (len(names) + 1), y)
+    for src, targets in edges.items():
+        for dst in targets:
+            (x0, y0), (x1, y1) = pos[src], pos[dst]
+            ax.annotate("", (x1, y1 + 0.22), (x0, y0 - 0.22),
+                        arrowprops={"arrowstyle": "->", "color": (0.6, 0.6, 0.6), "lw": 0.6})
+    for name, (x, y) in pos.items():
+        ax.text(x, y, f"{name}\n{lines[name]:,} lines", ha="center", va="center", fontsize=7,
+                bbox={"boxstyle": "round", "fc": (0.86, 0.90, 0.98), "ec": (0.20, 0.40, 0.85)})
+    ax.set_ylim(-0.6, max(rows) + 0.6)
+    ax.set_xlim(0, 1)
+    ax.set_yticks(sorted(rows), [f"floor {y}" for y in sorted(rows)], fontsize=7)
+    ax.tick_params(length=0, labelbottom=False)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    ax.set_title("lightning_winoprune: each floor imports only floors below it (arrows: imports)", fontsize=8)
+    fig.tight_layout()
+    _save(fig, out / "architecture_floors.png")
+
+
 def main() -> None:
     """Write every picture into ``--out``."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +217,7 @@ def main() -> None:
     winograd_figures(args.out)
     spatial_figure(args.out)
     deprune_figure(args.out)
+    floors_figure(args.out)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,21 @@ def test_relative_links_of_the_readme_and_docs_stay_in_the_repository():
                 continue
             resolved = (page.parent / target).resolve()
             assert resolved.is_relative_to(ROOT) and resolved.exists(), f"{page.relative_to(ROOT)} links {target}"
+
+
+def test_architecture_page_names_every_module_and_no_stale_one():
+    """docs/architecture.md matches the code: every module of the package is named there, and every ``_x.py`` /
+    ``.h`` / ``.cpp`` it names exists; the op count it gives is the number of ops ``deploy/_ops.py`` defines."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    pkg = ROOT / "lightning_winoprune"
+    modules = {p.name for p in pkg.rglob("_*.py") if p.name != "__init__.py"}
+    sources = {p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".h", ".cpp")}
+    named = set(re.findall(r"`(_[a-z0-9_]+\.py)`", page)) | set(re.findall(r"`([a-z0-9_]+\.(?:h|cpp))`", page))
+    assert not modules - named, f"modules missing from docs/architecture.md: {sorted(modules - named)}"
+    stale = named - modules - sources
+    assert not stale, f"docs/architecture.md names files that do not exist: {sorted(stale)}"
+    assert not sources - named, f"C++ sources missing from docs/architecture.md: {sorted(sources - named)}"
+    ops = re.findall(r'_LIB\.define\("([a-z0-9_]+)\(', (pkg / "deploy" / "_ops.py").read_text())
+    words = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+    assert f"{words[len(ops)]} `winoprune::` ops" in page, f"the page should say {words[len(ops)]} ops: {ops}"
+    assert all(f"`{op}`" in page for op in ops), ops
