@@ -16,9 +16,14 @@ The public API is deliberately small; building blocks live in the subpackages:
 
 from lightning_winoprune._io import CheckpointError, UntrustedCheckpointError
 from lightning_winoprune.callbacks import (
+    CalibrationConfig,
+    ConversionConfig,
     DEPrune,
     LatencyValidation,
+    PatternConfig,
     SafeCheckpointIO,
+    ScheduleConfig,
+    SpatialConfig,
     WinogradPruning,
     load_pruned_checkpoint,
 )
@@ -31,13 +36,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "CalibrationConfig",
     "CheckpointError",
+    "ConversionConfig",
     "DEPrune",
     "DeployReport",
     "LatencyReport",
     "LatencyValidation",
+    "PatternConfig",
     "Route",
     "SafeCheckpointIO",
+    "ScheduleConfig",
+    "SpatialConfig",
     "UntrustedCheckpointError",
     "WinogradConv2d",
     "WinogradPruning",

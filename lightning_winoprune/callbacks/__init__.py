@@ -6,14 +6,26 @@ from lightning_winoprune.callbacks._checkpoint_io import SafeCheckpointIO
 from lightning_winoprune.callbacks._deprune import DEPrune
 from lightning_winoprune.callbacks._latency import LatencyValidation
 from lightning_winoprune.callbacks._schedule import PruningSchedule
-from lightning_winoprune.callbacks._winograd_pruning import WinogradPruning
+from lightning_winoprune.callbacks._winograd_pruning import (
+    CalibrationConfig,
+    ConversionConfig,
+    PatternConfig,
+    ScheduleConfig,
+    SpatialConfig,
+    WinogradPruning,
+)
 
 __all__ = [
+    "CalibrationConfig",
+    "ConversionConfig",
     "DEPrune",
     "LatencyValidation",
+    "PatternConfig",
     "PruningCallback",
     "PruningSchedule",
     "SafeCheckpointIO",
+    "ScheduleConfig",
+    "SpatialConfig",
     "WinogradPruning",
     "load_pruned_checkpoint",
 ]

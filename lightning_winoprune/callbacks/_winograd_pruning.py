@@ -1,11 +1,18 @@
-"""``WinogradPruning``: structured pruning of Winograd-domain weights during fine-tuning."""
+"""``WinogradPruning``: structured pruning of Winograd-domain weights during fine-tuning.
+
+The callback's arguments come flat (``WinogradPruning(method="abwsp", amount=0.7, start_epoch=6)``, what recipes and
+LightningCLI use) or grouped in the dataclasses below (``schedule_config=ScheduleConfig(start_epoch=6)``); both forms
+meet in :func:`_merged`. Each pruning step is one call of the masking engine's
+:func:`~lightning_winoprune.pruning._stages.step_masks`; the callback keeps the schedule, the calibration and the
+per-layer decisions, the broadcast of the masks under DDP, their upkeep through training, and the report.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -13,12 +20,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from typing_extensions import override
 
+from lightning_winoprune._utils import set_submodule
 from lightning_winoprune.callbacks._base import (
     LossFn,
     PruningCallback,
     check_choice,
     check_fraction,
     check_positive_int,
+    compile_patterns,
     has_wandb,
     print_rich,
     print_table,
@@ -31,23 +40,24 @@ from lightning_winoprune.pruning._engine import MaskResult, Pattern, Rounding, S
 from lightning_winoprune.pruning._methods import (
     METHODS,
     POLICIES,
-    SPATIAL_GROUPS,
-    SPATIAL_STAGE,
     importance_factor,
-    method_pattern,
     project_spatial,
     spatial_gradient,
-    spatial_stage_mask,
-    spatial_weight,
-    winograd_mask,
-    zero_positions,
+)
+from lightning_winoprune.pruning._stages import (
+    LayerMask,
+    layer_pattern,
+    ring_keep,
+    spatial_kernels,
+    stage_one_from_kernels,
+    step_masks,
 )
 from lightning_winoprune.winograd._convert import winogradize
 from lightning_winoprune.winograd._layer import Route, WinogradConv2d
-from lightning_winoprune.winograd._tiles import filter_transform
 from lightning_winoprune.winograd._transforms import SUPPORTED_M
 
-__all__ = ["WinogradPruning"]
+__all__ = ["CalibrationConfig", "ConversionConfig", "PatternConfig", "ScheduleConfig", "SpatialConfig",
+           "WinogradPruning"]
 
 _IMPORTANCE = ("taylor", "sensitivity")
 #: The callback's score names -> the engine's scores (``score`` is part of every pattern the callback builds).
@@ -58,6 +68,189 @@ _METHOD_SCORE = {"spatial-winograd": "l2-factor"}
 _SPATIAL = "spatial-winograd"
 _STAGES = (1, 2)
 _POLICY_CODE = {"dense": -1.0, "wsp": 0.0, "bwsp": 1.0}
+_LATENCY_TABLES: dict[str, type[TorchLatencyTable]] = {"torch": TorchLatencyTable, "native": NativeLatencyTable}
+
+
+# ---------------------------------------------------------------------------------------------------- argument groups
+# A group's fields are WinogradPruning's arguments of the same names, with their meanings and defaults (``None``: the
+# method's own); a group checks its fields when it is built and raises MisconfigurationException on a bad one.
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """When :class:`WinogradPruning` prunes: its ``schedule``, ``start_epoch``, ``end_epoch`` and ``frequency``."""
+
+    schedule: str = "one_shot"
+    start_epoch: int = 0
+    end_epoch: int | None = None
+    frequency: int = 1
+
+    def __post_init__(self) -> None:
+        PruningSchedule(self.schedule, 0.0, self.start_epoch, self.end_epoch, self.frequency)
+
+
+@dataclass(frozen=True)
+class PatternConfig:
+    """How blocks are cut and ranked: :class:`WinogradPruning`'s ``unit``, ``align``, ``rounding`` and ``score``."""
+
+    unit: int | None = None
+    align: int | None = None
+    rounding: str = "down"
+    score: str | None = None
+
+    def __post_init__(self) -> None:
+        check_positive_int("unit", self.unit)
+        check_positive_int("align", self.align)
+        check_choice("rounding", self.rounding, [r.value for r in Rounding])
+        if self.score is not None:
+            check_choice("score", self.score, list(_SCORES))
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """The per-layer decisions made on calibration batches (ABWSP's toggle, the latency budget).
+
+    :class:`WinogradPruning`'s ``importance``, ``calibration_batches``, ``wsp_fraction``, ``latency_budget``,
+    ``budget_amounts``, ``latency_table`` and ``loss_fn``.
+    """
+
+    importance: str = "taylor"
+    calibration_batches: int = 4
+    wsp_fraction: float = 0.5
+    latency_budget: float | None = None
+    budget_amounts: Sequence[float] = (0.5, 0.7, 0.9)
+    latency_table: Any = None
+    loss_fn: LossFn | None = None
+
+    def __post_init__(self) -> None:
+        check_choice("importance", self.importance, _IMPORTANCE)
+        check_positive_int("calibration_batches", self.calibration_batches, allow_none=False)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise MisconfigurationException(f"loss_fn must be callable, got {type(self.loss_fn).__name__}")
+        _check_latency_table(self.latency_table)
+        object.__setattr__(self, "wsp_fraction", check_fraction("wsp_fraction", self.wsp_fraction, high_open=False))
+        if self.latency_budget is not None:
+            check_fraction("latency_budget", self.latency_budget, low_open=True, high_open=False)
+        amounts = tuple(self.budget_amounts)
+        if not amounts or any(not isinstance(a, (int, float)) or not 0 < a < 1 for a in amounts):
+            raise MisconfigurationException(f"budget_amounts must be numbers in (0, 1), got {amounts!r}")
+        object.__setattr__(self, "budget_amounts", amounts)
+
+
+@dataclass(frozen=True)
+class SpatialConfig:
+    """Spatial-domain training: spatial-Winograd's stages and the gradient scaling.
+
+    :class:`WinogradPruning`'s ``spatial_amount``, ``spatial_epochs``, ``stages`` and ``gradient_scaling``.
+    """
+
+    spatial_amount: float = 0.4
+    spatial_epochs: int = 1
+    stages: int = 2
+    gradient_scaling: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.gradient_scaling is not None and not isinstance(self.gradient_scaling, bool):
+            raise MisconfigurationException(f"gradient_scaling={self.gradient_scaling!r} is not valid; valid values "
+                                            "are [True, False, None]")
+        object.__setattr__(self, "spatial_amount", check_fraction("spatial_amount", self.spatial_amount))
+        epochs = self.spatial_epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise MisconfigurationException(f"spatial_epochs={epochs!r} is not valid; valid values are ints >= 0 (0 "
+                                            "runs both stages at start_epoch)")
+        if isinstance(self.stages, bool) or self.stages not in _STAGES:
+            raise MisconfigurationException(f"stages={self.stages!r} is not valid; valid values are {list(_STAGES)}")
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """Which convs become Winograd layers and how they run.
+
+    :class:`WinogradPruning`'s ``skip_first``, ``include``, ``exclude``, ``route`` and ``backend``.
+    """
+
+    skip_first: bool = True
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    route: str = "auto"
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        compile_patterns(self.include, "include")
+        compile_patterns(self.exclude, "exclude")
+        check_choice("route", self.route, [r.value for r in Route])
+        check_choice("backend", self.backend, [b.value for b in Backend])
+
+
+_Group = TypeVar("_Group", ScheduleConfig, PatternConfig, CalibrationConfig, SpatialConfig, ConversionConfig)
+
+
+def _merged(param: str, given: object, flat: _Group) -> _Group:
+    """The group ``flat`` (built from the flat keyword arguments) merged with the group object ``given``.
+
+    A field keeps its default unless one form sets it; a field both forms set to different values is refused.
+
+    Raises:
+        MisconfigurationException: If ``given`` is not a group of ``flat``'s type (or ``None``), or if a field is set
+            in both forms to different values.
+    """
+    cls = type(flat)
+    if given is None:
+        return flat
+    if not isinstance(given, cls):
+        raise MisconfigurationException(f"{param}={given!r} is not valid; valid values are a {cls.__name__} or None")
+    changes = {}
+    for f in fields(cls):
+        mine, theirs = getattr(flat, f.name), getattr(given, f.name)
+        if _same(mine, f.default) or _same(mine, theirs):
+            continue
+        if not _same(theirs, f.default):
+            raise MisconfigurationException(
+                f"{f.name}={mine!r} and {param}.{f.name}={theirs!r} disagree; valid values are one of them, given "
+                f"once (the keyword argument {f.name} or {param}.{f.name}) or the same in both")
+        changes[f.name] = mine
+    return replace(given, **changes) if changes else given
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal as argument values: lists and tuples alike (YAML gives lists), numbers by value, booleans as booleans."""
+    a, b = (tuple(v) if isinstance(v, list) else v for v in (a, b))
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return bool(a == b)
+
+
+def _check_latency_table(table: object) -> None:
+    if isinstance(table, str):
+        check_choice("latency_table", table, sorted(_LATENCY_TABLES))
+        if table == "native" and not native_available():
+            raise MisconfigurationException(
+                f"latency_table='native' needs the native extension ({extension_status()}); use 'torch'"
+            )
+    elif table is not None and not isinstance(table, LatencyTable):
+        raise MisconfigurationException(
+            f"latency_table={table!r} is not valid; pass a LatencyTable or one of {sorted(_LATENCY_TABLES)}"
+        )
+
+
+def _check_method(method: str, amount: object, m: object, schedule: ScheduleConfig, calibration: CalibrationConfig,
+                  spatial: SpatialConfig) -> None:
+    """Refuse what the groups cannot check alone: the method, the tile size and spatial-Winograd's constraints."""
+    check_choice("method", method, sorted(METHODS))
+    if method == _SPATIAL:
+        if schedule.schedule != "one_shot":
+            raise MisconfigurationException(f"schedule={schedule.schedule!r} is not valid with "
+                                            "method='spatial-winograd' (its stages are the schedule); valid values "
+                                            "are ['one_shot']")
+        if calibration.latency_budget is not None:
+            raise MisconfigurationException(f"latency_budget={calibration.latency_budget!r} is not valid with "
+                                            "method='spatial-winograd'; valid values are [None]")
+        if spatial.stages == 2 and isinstance(amount, (int, float)) and amount < spatial.spatial_amount:
+            raise MisconfigurationException(
+                f"amount={amount!r} is below spatial_amount={spatial.spatial_amount!r}: stage 2 would un-prune stage "
+                "1's zeros; valid values are amount >= spatial_amount (or stages=1)")
+    check_fraction("amount", amount)
+    if isinstance(m, bool) or not isinstance(m, int):
+        raise MisconfigurationException(f"m={m!r} is not valid; valid values are {list(SUPPORTED_M)}")
+    check_choice("m", m, SUPPORTED_M)
 
 
 class WinogradPruning(PruningCallback):
@@ -78,6 +271,12 @@ class WinogradPruning(PruningCallback):
     Winograd border positions exactly, to ``spatial_amount``, then ``spatial_epochs`` of training that is exactly
     spatial-domain training; then elements in the Winograd domain to ``amount`` with importance-factor scores and
     gradients).
+
+    The arguments come flat, as listed below (what the recipes' YAML uses), or grouped: ``schedule_config``
+    (:class:`ScheduleConfig`), ``pattern_config`` (:class:`PatternConfig`), ``calibration_config``
+    (:class:`CalibrationConfig`), ``spatial_config`` (:class:`SpatialConfig`) and ``conversion_config``
+    (:class:`ConversionConfig`) hold the arguments of their fields' names. A field set in one form only takes
+    that value; set in both to different values it raises ``MisconfigurationException``.
 
     Args:
         method: Pruning method, one of ``wwp``, ``fp``, ``wsp-r``, ``wsp-c``, ``bwsp``, ``abwsp``,
@@ -131,6 +330,12 @@ class WinogradPruning(PruningCallback):
             layers become plain ``nn.Conv2d`` again, whose kernels have zero rings; every checkpoint of the fit holds
             those plain 3x3 weights, no masks, so it loads into the unconverted model, and a resume converts them
             back).
+        schedule_config: ``schedule``, ``start_epoch``, ``end_epoch`` and ``frequency`` as a group.
+        pattern_config: ``unit``, ``align``, ``rounding`` and ``score`` as a group.
+        calibration_config: ``importance``, ``calibration_batches``, ``wsp_fraction``, ``latency_budget``,
+            ``budget_amounts``, ``latency_table`` and ``loss_fn`` as a group.
+        spatial_config: ``spatial_amount``, ``spatial_epochs``, ``stages`` and ``gradient_scaling`` as a group.
+        conversion_config: ``skip_first``, ``include``, ``exclude``, ``route`` and ``backend`` as a group.
     """
 
     def __init__(
@@ -164,69 +369,41 @@ class WinogradPruning(PruningCallback):
         spatial_amount: float = 0.4,
         spatial_epochs: int = 1,
         stages: int = 2,
+        *,
+        schedule_config: ScheduleConfig | None = None,
+        pattern_config: PatternConfig | None = None,
+        calibration_config: CalibrationConfig | None = None,
+        spatial_config: SpatialConfig | None = None,
+        conversion_config: ConversionConfig | None = None,
     ) -> None:
-        super().__init__(amount, schedule, start_epoch, end_epoch, frequency, include, exclude, calibration_batches,
-                         loss_fn, verbose, log_masks)
-        check_choice("method", method, sorted(METHODS))
-        if score is None:
-            score = _METHOD_SCORE.get(method, "l2")
-        if gradient_scaling is None:
-            gradient_scaling = method == _SPATIAL
-        if not isinstance(gradient_scaling, bool):
-            raise MisconfigurationException(f"gradient_scaling={gradient_scaling!r} is not valid; valid values are "
-                                            "[True, False, None]")
-        self.spatial_amount = check_fraction("spatial_amount", spatial_amount)
-        if isinstance(spatial_epochs, bool) or not isinstance(spatial_epochs, int) or spatial_epochs < 0:
-            raise MisconfigurationException(f"spatial_epochs={spatial_epochs!r} is not valid; valid values are ints "
-                                            ">= 0 (0 runs both stages at start_epoch)")
-        if isinstance(stages, bool) or stages not in _STAGES:
-            raise MisconfigurationException(f"stages={stages!r} is not valid; valid values are {list(_STAGES)}")
+        sched = _merged("schedule_config", schedule_config, ScheduleConfig(schedule, start_epoch, end_epoch, frequency))
+        pattern = _merged("pattern_config", pattern_config, PatternConfig(unit, align, rounding, score))
+        calib = _merged("calibration_config", calibration_config, CalibrationConfig(
+            importance, calibration_batches, wsp_fraction, latency_budget, budget_amounts, latency_table, loss_fn))
+        spatial = _merged("spatial_config", spatial_config,
+                          SpatialConfig(spatial_amount, spatial_epochs, stages, gradient_scaling))
+        conv = _merged("conversion_config", conversion_config,
+                       ConversionConfig(skip_first, include, exclude, route, backend))
+        super().__init__(amount, sched.schedule, sched.start_epoch, sched.end_epoch, sched.frequency, conv.include,
+                         conv.exclude, calib.calibration_batches, calib.loss_fn, verbose, log_masks)
+        _check_method(method, amount, m, sched, calib, spatial)
         if method == _SPATIAL:
-            if schedule != "one_shot":
-                raise MisconfigurationException(f"schedule={schedule!r} is not valid with method='spatial-winograd' "
-                                                "(its stages are the schedule); valid values are ['one_shot']")
-            if latency_budget is not None:
-                raise MisconfigurationException(f"latency_budget={latency_budget!r} is not valid with "
-                                                "method='spatial-winograd'; valid values are [None]")
-            if stages == 2 and isinstance(amount, (int, float)) and amount < spatial_amount:
-                raise MisconfigurationException(
-                    f"amount={amount!r} is below spatial_amount={spatial_amount!r}: stage 2 would un-prune stage 1's "
-                    f"zeros; valid values are amount >= spatial_amount (or stages=1)")
-            self.schedule = _StagedSchedule(schedule, float(amount), start_epoch, end_epoch, frequency,
-                                            spatial_amount=float(spatial_amount), spatial_epochs=spatial_epochs,
-                                            stages=stages)
-        self.amount = check_fraction("amount", amount)
-        if isinstance(m, bool) or not isinstance(m, int):
-            raise MisconfigurationException(f"m={m!r} is not valid; valid values are {list(SUPPORTED_M)}")
-        check_choice("m", m, SUPPORTED_M)
-        check_choice("rounding", rounding, [r.value for r in Rounding])
-        check_choice("score", score, list(_SCORES))
-        check_choice("importance", importance, _IMPORTANCE)
-        check_choice("route", route, [r.value for r in Route])
-        check_choice("backend", backend, [b.value for b in Backend])
-        check_positive_int("unit", unit)
-        if isinstance(latency_table, str):
-            check_choice("latency_table", latency_table, sorted(_LATENCY_TABLES))
-            if latency_table == "native" and not native_available():
-                raise MisconfigurationException(
-                    f"latency_table='native' needs the native extension ({extension_status()}); use 'torch'"
-                )
-        elif latency_table is not None and not isinstance(latency_table, LatencyTable):
-            raise MisconfigurationException(
-                f"latency_table={latency_table!r} is not valid; pass a LatencyTable or one of {sorted(_LATENCY_TABLES)}"
-            )
-        check_positive_int("align", align)
-        self.wsp_fraction = check_fraction("wsp_fraction", wsp_fraction, high_open=False)
-        if latency_budget is not None:
-            check_fraction("latency_budget", latency_budget, low_open=True, high_open=False)
-        budget_amounts = tuple(budget_amounts)
-        if not budget_amounts or any(not isinstance(a, (int, float)) or not 0 < a < 1 for a in budget_amounts):
-            raise MisconfigurationException(f"budget_amounts must be numbers in (0, 1), got {budget_amounts!r}")
-        self.method, self.m, self.skip_first = method, m, skip_first
-        self.unit, self.align, self.rounding, self.score, self.importance = unit, align, rounding, score, importance
-        self.latency_budget, self.budget_amounts, self.latency_table = latency_budget, budget_amounts, latency_table
-        self.route, self.backend = route, backend
-        self.gradient_scaling, self.spatial_epochs, self.stages = gradient_scaling, spatial_epochs, stages
+            self.schedule = _StagedSchedule(sched.schedule, float(amount), sched.start_epoch, sched.end_epoch,
+                                            sched.frequency, spatial_amount=spatial.spatial_amount,
+                                            spatial_epochs=spatial.spatial_epochs, stages=spatial.stages)
+        self.method, self.amount, self.m = method, float(amount), m
+        self.skip_first, self.route, self.backend = conv.skip_first, conv.route, conv.backend
+        self.unit, self.align, self.rounding = pattern.unit, pattern.align, pattern.rounding
+        self.score = pattern.score or _METHOD_SCORE.get(method, "l2")
+        self.importance, self.wsp_fraction = calib.importance, calib.wsp_fraction
+        self.latency_budget, self.latency_table = calib.latency_budget, calib.latency_table
+        self.budget_amounts = tuple(calib.budget_amounts)
+        self.spatial_amount, self.spatial_epochs = spatial.spatial_amount, spatial.spatial_epochs
+        self.stages = spatial.stages
+        self.gradient_scaling = method == _SPATIAL if spatial.gradient_scaling is None else spatial.gradient_scaling
+        self._init_state()
+
+    def _init_state(self) -> None:
         #: spatial-Winograd: the last stage applied (0 before stage 1), saved with the schedule state
         self.stage = 0
         # per-layer decisions, saved with the schedule state
@@ -420,7 +597,7 @@ class WinogradPruning(PruningCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._plain_spatial:
             for name, layer in self._layers(pl_module).items():
-                _set_submodule(pl_module, name, _to_conv(layer))
+                set_submodule(pl_module, name, _to_conv(layer))
             self._remove_save_hooks()
             self.invalidate_upkeep()
 
@@ -462,76 +639,69 @@ class WinogradPruning(PruningCallback):
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float) -> dict[str, MaskResult]:
         """Prune every selected layer to the cumulative ``target`` (rescaled per layer in latency-budget mode).
 
-        This is what the schedule calls; it can also be called directly from a hook of your own.
+        This is what the schedule calls; it can also be called directly from a hook of your own. ``spatial-winograd``
+        runs the stages still ahead instead: stage 1 (rings, to ``spatial_amount``) when none ran yet, stage 2
+        (elements, to ``amount``) after it, both at once with ``spatial_epochs=0``.
 
         Returns:
-            The engine's result per layer name.
+            The engine's result per layer name (of the last stage that ran).
         """
         layers = self._layers(pl_module)
-        if self.method == _SPATIAL:
-            return self._prune_staged(trainer, pl_module, layers, target)
-        batches: list[Any] | None = None
-        saliency: dict[str, torch.Tensor] | None = None
+        saliency = self._calibrate(trainer, pl_module, layers)
+        steps = step_masks(
+            {name: layer.weight for name, layer in layers.items()}, self.method, self._layer_targets(target, layers),
+            policies=self.policies, importance=saliency if self.score == "taylor" else None, unit=self.unit,
+            align=self.align, rounding=self.rounding, score=_SCORES[self.score], stages=self._stages_ahead(),
+            spatial_amount=self.spatial_amount, sync=lambda name, mask: self._broadcast(trainer, mask, layers[name]),
+        )
+        if not steps:  # stages=1 after stage 1: nothing left
+            return {}
+        for stage, masks in steps.items():
+            for name, step in masks.items():
+                self._apply(trainer, layers[name], step)
+            self.stage = stage or self.stage
+        last, masks = next(reversed(steps.items()))  # both stages in one step: one report, of stage 2
+        results = {name: step.result for name, step in masks.items()}
+        self._report(trainer, {1: self.spatial_amount, 2: self.amount}.get(last, target), layers, results)
+        return results
+
+    def _calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                   layers: dict[str, WinogradConv2d]) -> dict[str, torch.Tensor] | None:
+        """Run what this step needs on calibration batches; return the Taylor saliencies (``None`` if not needed).
+
+        The ``taylor`` score and importance need the saliencies; ABWSP's policies and the latency budget's
+        per-layer choices are made once, at the first pruning step, and kept in the state.
+        """
         needs_policy = self.method == "abwsp" and not self.policies
         needs_budget = self.latency_budget is not None and not self.layer_amounts
-        if needs_policy or needs_budget or self.score == "taylor":
-            batches = self.calibration(trainer)
-            if self.score == "taylor" or self.importance == "taylor":
-                saliency = self._taylor(trainer, pl_module, layers, batches)
+        if not (needs_policy or needs_budget or self.score == "taylor"):
+            return None
+        batches = self.calibration(trainer)
+        saliency = None
+        if self.score == "taylor" or self.importance == "taylor":
+            saliency = self._taylor(trainer, pl_module, layers, batches)
         if needs_budget:
-            assert batches is not None
             self._choose_under_budget(trainer, pl_module, layers, batches, saliency)
         elif needs_policy:
-            assert batches is not None
             self._choose_policies(trainer, pl_module, layers, batches, saliency)
+        return saliency
 
-        results: dict[str, MaskResult] = {}
-        for name, layer in layers.items():
-            amount = target * self.layer_amounts[name] / self.amount if self.layer_amounts else target
-            if self.layer_amounts and self.policies.get(name) == "dense":
-                amount = 0.0
-            mask, result = winograd_mask(layer.weight, min(amount, 1.0), self._pattern(name),
-                                         self._saliency(saliency, name))
-            self._apply(trainer, layer, self._broadcast(trainer, mask, layer))
-            results[name] = result
-        self._report(trainer, target, layers, results)
-        return results
+    def _layer_targets(self, target: float, layers: dict[str, WinogradConv2d]) -> float | dict[str, float]:
+        """The amount of every layer at the cumulative ``target``: the budget's per-layer amounts scaled by it."""
+        if self.method == _SPATIAL:
+            return self.amount  # stage 2's; stage 1 prunes to spatial_amount
+        if not self.layer_amounts:
+            return target
+        return {name: 0.0 if self.policies.get(name) == "dense" else target * self.layer_amounts[name] / self.amount
+                for name in layers}
 
-    def _prune_staged(self, trainer: pl.Trainer, pl_module: pl.LightningModule, layers: dict[str, WinogradConv2d],
-                      target: float) -> dict[str, MaskResult]:
-        """Spatial-Winograd: stage 1 (zero rings) when none ran yet, stage 2 (elements to ``target``) after it."""
-        saliency = None
-        if self.score == "taylor":
-            saliency = self._taylor(trainer, pl_module, layers, self.calibration(trainer))
-        results: dict[str, MaskResult] = {}
+    def _stages_ahead(self) -> tuple[int, ...] | None:
+        """Spatial-Winograd's stages this step runs (``None`` for the other methods: their one stage)."""
+        if self.method != _SPATIAL:
+            return None
         first = self.stage == 0
-        if first:
-            for name, layer in layers.items():
-                mask, result = spatial_stage_mask(layer.weight, self.spatial_amount, self._stage_pattern(),
-                                                  self._saliency(saliency, name))
-                mask = self._broadcast(trainer, mask, layer)
-                # prune the kernels' rings themselves: U = G (keep * g) G^T. Zeroing only U's border positions
-                # would leave the ring entries' share of the inner positions, a U of no 3x3 kernel.
-                with torch.no_grad():
-                    layer.weight.copy_(project_spatial(layer.weight, _ring_keep(mask)))
-                self._apply(trainer, layer, mask)
-                results[name] = result
-            self.stage = 1
         both = self.stages == 2 and self.spatial_epochs == 0
-        if first and not both:  # both stages in one step: one report, of stage 2
-            self._report(trainer, self.spatial_amount, layers, results)
-        if self.stages == 2 and (not first or both):
-            for name, layer in layers.items():
-                mask, result = winograd_mask(layer.weight, self.amount, self._pattern(name),
-                                             self._saliency(saliency, name))
-                self._apply(trainer, layer, self._broadcast(trainer, mask, layer))
-                results[name] = result
-            self.stage = 2
-            self._report(trainer, self.amount, layers, results)
-        return results
-
-    def _stage_pattern(self) -> Pattern:
-        return SPATIAL_STAGE.with_(score=_SCORES[self.score])
+        return (1,) * first + (2,) * (self.stages == 2 and (not first or both))
 
     def _saliency(self, saliency: dict[str, torch.Tensor] | None, name: str) -> torch.Tensor | None:
         return saliency[name] if self.score == "taylor" and saliency is not None else None
@@ -543,8 +713,7 @@ class WinogradPruning(PruningCallback):
         return mask
 
     def _pattern(self, name: str) -> Pattern:
-        policy = self.policies.get(name)
-        return self._policy_pattern(None if policy == "dense" else policy)
+        return self._policy_pattern(self.policies.get(name))
 
     def _layers(self, pl_module: nn.Module) -> dict[str, WinogradConv2d]:
         """The selected layers, looked up once per pruning step (cached with the upkeep list)."""
@@ -561,8 +730,11 @@ class WinogradPruning(PruningCallback):
         layer.zero_pruned_()
         layer.mask_in_forward = False
 
-    def _apply(self, trainer: pl.Trainer, layer: WinogradConv2d, mask: torch.Tensor) -> None:
-        layer.set_mask(mask)
+    def _apply(self, trainer: pl.Trainer, layer: WinogradConv2d, step: LayerMask) -> None:
+        if step.weight is not None:  # spatial-Winograd's stage 1: the kernels' rings pruned
+            with torch.no_grad():
+                layer.weight.copy_(step.weight)
+        layer.set_mask(step.mask)
         self._enforce(layer)
         assert layer.mask is not None
         self.zero_optimizer_state(trainer, layer.weight, layer.mask)
@@ -604,44 +776,25 @@ class WinogradPruning(PruningCallback):
 
     def _policy_pattern(self, policy: str | None) -> Pattern:
         """The pattern of this method and policy, the callback's score included: what every estimator ranks."""
-        return method_pattern(self.method, policy if self.method == "abwsp" else None, unit=self.unit,
-                              align=self.align, rounding=self.rounding, score=_SCORES[self.score])
+        return layer_pattern(self.method, policy, unit=self.unit, align=self.align, rounding=self.rounding,
+                             score=_SCORES[self.score])
 
     def _choose_under_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              layers: dict[str, WinogradConv2d], batches: list[Any],
-                         saliency: dict[str, torch.Tensor] | None) -> None:
+                             saliency: dict[str, torch.Tensor] | None) -> None:
         """Per layer, the (policy, amount) with the least estimated loss increase under the latency budget."""
-        from lightning_winoprune.importance import (
-            Candidate,
-            choose_under_budget,
-            measure_sensitivity,
-        )
+        from lightning_winoprune.importance import Candidate, choose_under_budget, measure_sensitivity
 
         policies = list(POLICIES) if self.method == "abwsp" else [self.method]
         cands = {n: [Candidate("dense", 0.0, None)] + [Candidate(p, a, self._policy_pattern(p)) for p in policies
                                                         for a in self.budget_amounts] for n in layers}
         if self.importance == "taylor" and saliency is not None:
-            # first-order estimate: the loss rises by the Taylor saliency of what a candidate prunes
-            losses: dict[str, dict[Candidate, float]] = {}
-            for n, layer in layers.items():
-                losses[n] = {}
-                for c in cands[n]:
-                    if c.pattern is None:
-                        losses[n][c] = 0.0
-                        continue
-                    mask = c.keep_mask(layer.weight, self._saliency(saliency, n))
-                    assert mask is not None
-                    losses[n][c] = float(saliency[n][~mask].sum())
+            losses = self._taylor_losses(layers, cands, saliency)
         else:
             losses = measure_sensitivity(pl_module, layers, cands, batches, self.loss_fn,
                                          progress=self.verbose >= 1 and trainer.is_global_zero,
                                          importance=saliency if self.score == "taylor" else None)
-        table = self.latency_table
-        if table is None or isinstance(table, str):
-            sizes = _input_sizes(pl_module, layers, batches[0])
-            table_cls = _LATENCY_TABLES[table or "torch"]
-            table = table_cls(layers, sizes, batch_size=_batch_size(batches[0]),
-                              importance=saliency if self.score == "taylor" else None)
+        table = self._budget_table(pl_module, layers, batches, saliency)
         dense = sum(table.latency(n, cands[n][0]) for n in layers)
         assert self.latency_budget is not None
         choice = choose_under_budget(losses, table, self.latency_budget * dense)
@@ -649,6 +802,31 @@ class WinogradPruning(PruningCallback):
         self.policies = {n: c.policy for n, c in choice.items()}
         # final per-layer amounts; gradual schedules scale them by target / amount at every step
         self.layer_amounts = {n: (c.amount if c.policy != "dense" else 0.0) for n, c in choice.items()}
+
+    def _taylor_losses(self, layers: dict[str, WinogradConv2d], cands: dict[str, list[Any]],
+                       saliency: dict[str, torch.Tensor]) -> dict[str, dict[Any, float]]:
+        """First-order estimate of every candidate: the loss rises by the Taylor saliency of what it prunes."""
+        losses: dict[str, dict[Any, float]] = {}
+        for n, layer in layers.items():
+            losses[n] = {}
+            for c in cands[n]:
+                if c.pattern is None:
+                    losses[n][c] = 0.0
+                    continue
+                mask = c.keep_mask(layer.weight, self._saliency(saliency, n))
+                assert mask is not None
+                losses[n][c] = float(saliency[n][~mask].sum())
+        return losses
+
+    def _budget_table(self, pl_module: pl.LightningModule, layers: dict[str, WinogradConv2d], batches: list[Any],
+                      saliency: dict[str, torch.Tensor] | None) -> LatencyTable:
+        """The budget's latency table: the one given, or a ``torch``/``native`` one timed at the batch's shapes."""
+        table = self.latency_table
+        if table is not None and not isinstance(table, str):
+            return table
+        sizes = _input_sizes(pl_module, layers, batches[0])
+        return _LATENCY_TABLES[table or "torch"](layers, sizes, batch_size=_batch_size(batches[0]),
+                                                 importance=saliency if self.score == "taylor" else None)
 
     def _report(self, trainer: pl.Trainer, target: float, layers: dict[str, WinogradConv2d],
                 results: dict[str, MaskResult]) -> None:
@@ -690,8 +868,6 @@ class WinogradPruning(PruningCallback):
         return figs
 
 
-_LATENCY_TABLES: dict[str, type[TorchLatencyTable]] = {"torch": TorchLatencyTable, "native": NativeLatencyTable}
-
 
 @dataclass(frozen=True)
 class _StagedSchedule(PruningSchedule):
@@ -711,22 +887,7 @@ class _StagedSchedule(PruningSchedule):
 
 def _spatial_keep(layer: WinogradConv2d) -> torch.Tensor | None:
     """The 3x3 kernel entries a spatial-Winograd stage-1 mask keeps: rings of kernels whose border is pruned go."""
-    return None if layer.mask is None else _ring_keep(layer.mask)
-
-
-def _ring_keep(mask: torch.Tensor) -> torch.Tensor:
-    """``(K, C, 3, 3)`` kernel entries kept by the Winograd mask ``mask`` of stage 1 (whole borders pruned)."""
-    ring_pruned = ~mask[:, :, 0, 0]  # stage-1 masks prune whole borders, corner (0, 0) included
-    ring = SPATIAL_GROUPS["ring"].to(mask.device)
-    return ~(ring_pruned[:, :, None, None] & ring)
-
-
-def _spatial_kernels(layer: WinogradConv2d) -> torch.Tensor:
-    """The 3x3 kernels ``g`` with ``G g G^T = U`` (least squares), stage-1 rings exactly zero."""
-    with torch.no_grad():
-        g = spatial_weight(layer.weight.detach())
-        keep = _spatial_keep(layer)
-        return g if keep is None else g.masked_fill(~keep, 0)
+    return None if layer.mask is None else ring_keep(layer.mask)
 
 
 def _save_spatial(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
@@ -735,26 +896,22 @@ def _save_spatial(module: nn.Module, state_dict: dict[str, Any], prefix: str, lo
     A module-level function, not a method: a deep copy of the model must not copy the callback.
     """
     assert isinstance(module, WinogradConv2d)
-    state_dict[prefix + "weight"] = _spatial_kernels(module)
+    state_dict[prefix + "weight"] = spatial_kernels(module.weight, module.mask)
     state_dict.pop(prefix + "mask", None)
 
 
 def load_spatial(state_dict: dict[str, Any], prefix: str, g: torch.Tensor, layer: WinogradConv2d) -> None:
     """Turn saved 3x3 kernels into ``layer``'s Winograd weights (in ``state_dict``), with the stage-1 mask.
 
-    A kernel whose eight outer entries are all exactly zero (a pruned ring) gets its border positions masked: their
-    Winograd weights are exactly zero (:func:`~lightning_winoprune.pruning.zero_positions`).
+    The mask is that of the kernels' zero rings (:func:`~lightning_winoprune.pruning._stages.stage_one_from_kernels`).
     """
     w = layer.weight
-    g64 = g.detach().to(device=w.device, dtype=torch.float64)
-    state_dict[prefix + "weight"] = filter_transform(g64, layer.m, Backend.TORCH).to(w.dtype)
-    ring = SPATIAL_GROUPS["ring"].to(g64.device)
-    ring_zero = (g64[:, :, ring] == 0).all(dim=-1)
-    if not bool(ring_zero.any()):
+    u, mask = stage_one_from_kernels(g.to(device=w.device), layer.m)
+    state_dict[prefix + "weight"] = u.to(w.dtype)
+    if mask is None:
         state_dict.pop(prefix + "mask", None)
-        return
-    border = zero_positions(layer.m, SPATIAL_GROUPS["ring"]).to(g64.device)
-    state_dict[prefix + "mask"] = ~(ring_zero[:, :, None, None] & border)
+    else:
+        state_dict[prefix + "mask"] = mask
 
 
 def _to_conv(layer: WinogradConv2d) -> nn.Conv2d:
@@ -763,18 +920,12 @@ def _to_conv(layer: WinogradConv2d) -> nn.Conv2d:
     conv = nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=layer.padding, bias=layer.bias is not None,
                      device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        conv.weight.copy_(_spatial_kernels(layer))
+        conv.weight.copy_(spatial_kernels(layer.weight, layer.mask))
         if layer.bias is not None:
             assert conv.bias is not None
             conv.bias.copy_(layer.bias)
     conv.train(layer.training)
     return conv
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def _batch_size(batch: Any) -> int:

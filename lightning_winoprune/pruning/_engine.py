@@ -234,14 +234,7 @@ def compute_mask(
     Raises:
         ValueError: On a bad amount, view, importance or scale shape, or a missing importance or scale.
     """
-    if not isinstance(view, torch.Tensor) or view.dim() != 3:
-        raise ValueError(f"view must be a 3-D (P, R, C) tensor, got {getattr(view, 'shape', type(view).__name__)}")
-    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount <= 1.0:
-        raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
-    if importance is not None and importance.shape != view.shape:
-        raise ValueError(f"importance must have the view's shape {tuple(view.shape)}, got {tuple(importance.shape)}")
-    if scale is not None and tuple(scale.shape) != (view.shape[0],):
-        raise ValueError(f"scale must have shape ({view.shape[0]},), got {tuple(scale.shape)}")
+    _check_inputs(view, amount, importance, scale)
     view = view.detach()
     p_, r_, c_ = view.shape
     if view.numel() == 0:
@@ -253,44 +246,68 @@ def compute_mask(
     sizes = torch.bincount(flat_ids, minlength=n_blocks)
     scores = _block_scores(view, ids, n_blocks, pattern, importance, scale)
     notes: list[str] = []
-    pruned = torch.zeros(n_blocks, dtype=torch.bool, device=view.device)
-
     if pattern.block in _SPANNING:
-        order = torch.argsort(scores, stable=True)
-        n = _closest_prefix(sizes[order], amount * view.numel())
-        pruned[order[:n]] = True
-        per_matrix = torch.full((p_,), n, dtype=torch.long)
+        pruned, per_matrix = _prune_spanning(scores, sizes, amount * view.numel(), p_)
         blocks_per_matrix = n_blocks
     else:
         blocks_per_matrix = n_blocks // p_
-        s = scores.view(p_, blocks_per_matrix)
-        sz = sizes.view(p_, blocks_per_matrix)
-        order = torch.argsort(s, dim=1, stable=True)  # per matrix, lowest score first
-        if pattern.scope is Scope.POSITION:
-            # one count for every matrix: the one whose pruned elements (each matrix pruning its own lowest-score
-            # blocks, short segments included) total closest to the target
-            cum = torch.gather(sz, 1, order).cumsum(1).sum(0).to(torch.float64)
-            cum = torch.cat([cum.new_zeros(1), cum])
-            n = int(torch.argmin((cum - amount * view.numel()).abs()).item())
-            counts = torch.full((p_,), n, dtype=torch.long, device=view.device)
-        else:
-            glob = torch.argsort(scores, stable=True)
-            n = _closest_prefix(sizes[glob], amount * view.numel())
-            counts = torch.bincount(glob[:n] // blocks_per_matrix, minlength=p_)
-        if pattern.align > 1:
-            aligned = _align(counts, pattern.align, pattern.rounding, blocks_per_matrix)
-            if not torch.equal(aligned, counts):
-                notes.append(f"per-matrix pruned-block counts rounded {pattern.rounding.value} to multiples of "
-                             f"{pattern.align}")
-            counts = aligned
-        # prune the `counts[p]` lowest-score blocks of every matrix p (the same set a global ranking picks)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(blocks_per_matrix, device=view.device).expand(p_, -1))
-        pruned = (rank < counts.view(p_, 1)).reshape(-1)
-        per_matrix = counts.cpu()
-
+        pruned, per_matrix = _prune_per_matrix(scores.view(p_, blocks_per_matrix), sizes.view(p_, blocks_per_matrix),
+                                               amount * view.numel(), pattern, notes)
     mask = ~pruned[flat_ids].view(p_, r_, c_)
     sparsity = 1.0 - mask.float().mean().item() if mask.numel() else 0.0
     if amount > 0 and abs(sparsity - amount) > 1.0 / max(mask.numel(), 1):
         notes.append(f"achieved sparsity {sparsity:.4f} for the requested {amount:.4f} (block granularity)")
     return MaskResult(mask, float(amount), sparsity, per_matrix, blocks_per_matrix, pattern, notes)
+
+
+def _check_inputs(view: torch.Tensor, amount: float, importance: torch.Tensor | None,
+                  scale: torch.Tensor | None) -> None:
+    if not isinstance(view, torch.Tensor) or view.dim() != 3:
+        raise ValueError(f"view must be a 3-D (P, R, C) tensor, got {getattr(view, 'shape', type(view).__name__)}")
+    if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not 0.0 <= amount <= 1.0:
+        raise ValueError(f"amount must be a number in [0, 1], got {amount!r}")
+    if importance is not None and importance.shape != view.shape:
+        raise ValueError(f"importance must have the view's shape {tuple(view.shape)}, got {tuple(importance.shape)}")
+    if scale is not None and tuple(scale.shape) != (view.shape[0],):
+        raise ValueError(f"scale must have shape ({view.shape[0]},), got {tuple(scale.shape)}")
+
+
+def _prune_spanning(scores: torch.Tensor, sizes: torch.Tensor, target: float,
+                    p_: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blocks that span every matrix: one global ranking; the pruned blocks and their count, once per matrix."""
+    order = torch.argsort(scores, stable=True)
+    n = _closest_prefix(sizes[order], target)
+    pruned = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    pruned[order[:n]] = True
+    return pruned, torch.full((p_,), n, dtype=torch.long)
+
+
+def _prune_per_matrix(s: torch.Tensor, sz: torch.Tensor, target: float, pattern: Pattern,
+                      notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Position-local blocks (scores ``s`` and sizes ``sz`` per matrix): the pruned blocks and the count per matrix.
+
+    Appends a note to ``notes`` when ``align`` rounded the counts.
+    """
+    p_, blocks_per_matrix = s.shape
+    order = torch.argsort(s, dim=1, stable=True)  # per matrix, lowest score first
+    if pattern.scope is Scope.POSITION:
+        # one count for every matrix: the one whose pruned elements (each matrix pruning its own lowest-score
+        # blocks, short segments included) total closest to the target
+        cum = torch.gather(sz, 1, order).cumsum(1).sum(0).to(torch.float64)
+        cum = torch.cat([cum.new_zeros(1), cum])
+        n = int(torch.argmin((cum - target).abs()).item())
+        counts = torch.full((p_,), n, dtype=torch.long, device=s.device)
+    else:
+        glob = torch.argsort(s.reshape(-1), stable=True)
+        n = _closest_prefix(sz.reshape(-1)[glob], target)
+        counts = torch.bincount(glob[:n] // blocks_per_matrix, minlength=p_)
+    if pattern.align > 1:
+        aligned = _align(counts, pattern.align, pattern.rounding, blocks_per_matrix)
+        if not torch.equal(aligned, counts):
+            notes.append(f"per-matrix pruned-block counts rounded {pattern.rounding.value} to multiples of "
+                         f"{pattern.align}")
+        counts = aligned
+    # prune the `counts[p]` lowest-score blocks of every matrix p (the same set a global ranking picks)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(blocks_per_matrix, device=s.device).expand(p_, -1))
+    return (rank < counts.view(p_, 1)).reshape(-1), counts.cpu()

@@ -2,18 +2,21 @@
 checkpoints, loading and logging.
 
 Most tests train a narrow timm ``resnet18`` (``channels=(16, 32, 64, 128)``: the same 13 eligible 3x3 stride-1 convs
-as the full network) on 16x16 digits for a handful of steps; with the full width this file takes ~100 s instead of
-~18 s on two shared CPU cores. Full-size timm models run in the ``slow`` end-to-end tests.
+as the full network) on 16x16 digits for a handful of steps, which keeps this file fast on a few CPU cores. Full-size
+timm models run in the ``slow`` end-to-end tests.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import glob
+import inspect
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,17 @@ from torch import nn
 from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
 from winograd_helpers import QUIET_FITS, one_intra_op_thread, winograd_layers  # noqa: F401 - an autouse fixture
 
-from lightning_winoprune import WinogradConv2d, WinogradPruning, load_pruned_checkpoint
+import lightning_winoprune
+from lightning_winoprune import (
+    CalibrationConfig,
+    ConversionConfig,
+    PatternConfig,
+    ScheduleConfig,
+    SpatialConfig,
+    WinogradConv2d,
+    WinogradPruning,
+    load_pruned_checkpoint,
+)
 from lightning_winoprune.callbacks import PruningSchedule
 from lightning_winoprune.data import DigitsDataModule
 from lightning_winoprune.importance import NativeLatencyTable, TorchLatencyTable
@@ -237,6 +250,141 @@ def test_fit_without_an_eligible_conv_raises(net, kwargs, datamodule):
     with pytest.raises(MisconfigurationException, match="no layer to prune"):
         trainer.fit(module, datamodule)
     assert not winograd_layers(module)
+
+
+# ------------------------------------------------------------------------------------ 1b. argument groups
+GROUPS = {"schedule_config": ScheduleConfig, "pattern_config": PatternConfig, "calibration_config": CalibrationConfig,
+          "spatial_config": SpatialConfig, "conversion_config": ConversionConfig}
+#: The arguments that belong to no group: what the pruning is (the state key's) and how it reports.
+UNGROUPED = {"method", "amount", "m", "verbose", "log_masks"}
+
+
+def test_every_flat_argument_is_one_group_field_with_the_same_default():
+    params = inspect.signature(WinogradPruning).parameters
+    flat = {n: p for n, p in params.items() if n not in GROUPS}
+    owners: dict[str, str] = {}
+    for group, cls in GROUPS.items():
+        assert params[group].kind is inspect.Parameter.KEYWORD_ONLY and params[group].default is None
+        for f in dataclasses.fields(cls):
+            assert f.name not in owners, f.name
+            owners[f.name] = group
+            assert flat[f.name].default == f.default, f.name  # one default, whichever form sets the field
+    assert set(owners) == set(flat) - UNGROUPED
+
+
+def test_grouped_arguments_build_the_callback_the_flat_ones_build():
+    flat = WinogradPruning(method="abwsp", amount=0.6, schedule="gradual", start_epoch=1, end_epoch=3, unit=8,
+                           align=2, rounding="up", importance="sensitivity", calibration_batches=2, wsp_fraction=0.3,
+                           budget_amounts=[0.5, 0.9], skip_first=False, exclude=[".*layer4.*"], route="bgemm",
+                           gradient_scaling=True, verbose=0)
+    grouped = WinogradPruning(
+        method="abwsp", amount=0.6, verbose=0,
+        schedule_config=ScheduleConfig(schedule="gradual", start_epoch=1, end_epoch=3),
+        pattern_config=PatternConfig(unit=8, align=2, rounding="up"),
+        calibration_config=CalibrationConfig(importance="sensitivity", calibration_batches=2, wsp_fraction=0.3,
+                                             budget_amounts=(0.5, 0.9)),
+        spatial_config=SpatialConfig(gradient_scaling=True),
+        conversion_config=ConversionConfig(skip_first=False, exclude=[".*layer4.*"], route="bgemm"),
+    )
+    assert grouped.mask_config() == flat.mask_config() and grouped.state_dict() == flat.state_dict()
+    assert grouped.schedule == flat.schedule and grouped.state_key == flat.state_key
+    for name in ("route", "backend", "gradient_scaling", "calibration_batches", "skip_first", "budget_amounts"):
+        assert getattr(grouped, name) == getattr(flat, name), name
+
+
+def test_flat_and_grouped_forms_mix_field_by_field():
+    cb = WinogradPruning(method="spatial-winograd", start_epoch=2, stages=1, verbose=0,
+                         schedule_config=ScheduleConfig(start_epoch=2),
+                         spatial_config=SpatialConfig(spatial_amount=0.3))
+    assert cb.schedule.steps() == [(2, 0.3)] and (cb.stages, cb.spatial_amount) == (1, 0.3)
+    # a flat default never overrides the group: LightningCLI passes every flat argument, defaults included
+    cb = WinogradPruning(rounding="down", budget_amounts=[0.5, 0.7, 0.9], pattern_config=PatternConfig(rounding="up"),
+                         calibration_config=CalibrationConfig(budget_amounts=[0.25]), verbose=0)
+    assert (cb.rounding, cb.budget_amounts) == ("up", (0.25,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"start_epoch": 6, "schedule_config": ScheduleConfig(start_epoch=3)},
+         r"start_epoch=6 and schedule_config\.start_epoch=3 disagree; valid values are one of them"),
+        ({"score": "l1", "pattern_config": PatternConfig(score="l2-scaled")},
+         r"score='l1' and pattern_config\.score='l2-scaled' disagree"),
+        ({"skip_first": False, "conversion_config": ConversionConfig(include="a"), "exclude": "b",
+          "spatial_config": SpatialConfig(stages=1), "stages": 2, "calibration_config": CalibrationConfig(
+              wsp_fraction=0.2), "wsp_fraction": 0.4}, r"wsp_fraction=0\.4 and calibration_config\.wsp_fraction=0\.2"),
+        ({"pattern_config": {"rounding": "up"}},
+         r"pattern_config=\{'rounding': 'up'\} is not valid; valid values are a PatternConfig or None"),
+        ({"schedule_config": PatternConfig()},
+         r"schedule_config=PatternConfig\(.*\) is not valid; valid values are a ScheduleConfig or None"),
+    ],
+    ids=["both-forms-differ", "score-differs", "one-of-many-differs", "a-dict", "another-group"],
+)
+def test_a_field_set_twice_differently_or_a_wrong_group_is_refused(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        WinogradPruning(verbose=0, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: ScheduleConfig(schedule="weird"), choices("'weird'", "'one_shot'", "'gradual'")),
+        (lambda: ScheduleConfig(schedule="gradual"), choices("end_epoch", r"\bNone\b")),
+        (lambda: PatternConfig(rounding="sideways"), choices("'sideways'", "'down'", "'up'")),
+        (lambda: PatternConfig(score="l3"), choices("'l3'", "'l2'", "'l1'", "'taylor'")),
+        (lambda: PatternConfig(unit=0), r"unit(?s:.*)\b0\b"),
+        (lambda: CalibrationConfig(importance="magic"), choices("'magic'", "'taylor'", "'sensitivity'")),
+        (lambda: CalibrationConfig(calibration_batches=0), r"calibration_batches(?s:.*)\b0\b"),
+        (lambda: CalibrationConfig(loss_fn=3), choices("loss_fn", "callable", r"\bint\b")),
+        (lambda: CalibrationConfig(budget_amounts=()), r"budget_amounts(?s:.*)\(\)"),
+        (lambda: CalibrationConfig(latency_table="bogus"), r"latency_table='bogus' is not valid; valid values are"),
+        (lambda: SpatialConfig(stages=3), r"stages=3 is not valid; valid values are \[1, 2\]"),
+        (lambda: SpatialConfig(gradient_scaling="yes"), r"gradient_scaling='yes' is not valid; valid values are"),
+        (lambda: ConversionConfig(route="x"), choices("route='x'", "'auto'", "'bgemm'")),
+        (lambda: ConversionConfig(include="("), choices("include", r"'\('", "regular expression")),
+    ],
+    ids=lambda v: "" if callable(v) else None,
+)
+def test_a_group_checks_its_fields_when_built(build, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        build()
+
+
+def test_the_groups_are_exported():
+    for cls in GROUPS.values():
+        assert cls.__name__ in lightning_winoprune.__all__ and getattr(lightning_winoprune, cls.__name__) is cls
+        assert cls.__name__ in lightning_winoprune.callbacks.__all__
+
+
+def test_grouped_yaml_loads_through_the_cli(tmp_path, monkeypatch):
+    from lightning_winoprune.recipes._cli import WinopruneCLI
+    from lightning_winoprune.recipes._recipes import CONFIG_DIR
+
+    monkeypatch.setattr(sys, "argv", ["winoprune"])
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # whatever the CLI sets there is undone after the test
+    extra = tmp_path / "grouped.yaml"
+    extra.write_text("pruning:\n  class_path: lightning_winoprune.WinogradPruning\n  init_args:\n"
+                     "    pattern_config:\n      rounding: up\n      unit: 8\n"
+                     "    calibration_config:\n      calibration_batches: 2\n"
+                     "    conversion_config:\n      exclude: ['.*layer4.*']\n")
+    cli = WinopruneCLI(args=["--config", str(CONFIG_DIR / "resnet18_abwsp.yaml"), "--config", str(extra),
+                             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)], run=False)
+    pruner = next(cb for cb in cli.trainer.callbacks if isinstance(cb, WinogradPruning))
+    assert (pruner.method, pruner.schedule.start_epoch, pruner.score) == ("abwsp", 6, "l2")  # the recipe's, flat
+    assert (pruner.rounding, pruner.unit, pruner.calibration_batches, pruner.exclude) == ("up", 8, 2, [".*layer4.*"])
+
+
+def test_grouped_arguments_prune_what_the_flat_ones_prune(datamodule):
+    masks = []
+    for kwargs in ({"calibration_batches": 1, "unit": 8},
+                   {"calibration_config": CalibrationConfig(calibration_batches=1), "pattern_config": PatternConfig(
+                       unit=8)}):
+        L.seed_everything(0)
+        module = make_module()
+        cb = WinogradPruning(method="abwsp", amount=0.5, verbose=0, **kwargs)
+        make_trainer([cb], limit_train_batches=1, limit_val_batches=0).fit(module, datamodule)
+        masks.append({n: layer.mask for n, layer in winograd_layers(module).items()})
+    assert masks[0].keys() == masks[1].keys() and all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
 
 
 # ------------------------------------------------------------------------------------ 2. conversion in setup()
@@ -460,8 +608,8 @@ def test_latency_budget_with_a_named_latency_table(latency_table, datamodule, mo
 
     monkeypatch.setattr(cls, "_measure", spy)
     module = make_module()
-    # the native table times the deployed layer through the winoprune:: op, whose fixed dispatch cost (~20 us) is
-    # a large share of these tiny layers: a 0.6 budget can be infeasible there, so it gets a looser one
+    # the native table times the deployed layer through the winoprune:: op, whose fixed dispatch cost is a large
+    # share of these tiny layers: a 0.6 budget can be infeasible there, so it gets a looser one
     budget = 0.6 if latency_table == "torch" else 0.85
     cb = WinogradPruning(method="bwsp", amount=0.7, latency_budget=budget, budget_amounts=(0.5, 0.9),
                          latency_table=latency_table, calibration_batches=1, verbose=0)
