@@ -116,20 +116,25 @@ def run_demo(
     }
     with atomic_write(out / "summary.json", "w") as f:
         f.write(json.dumps(summary, indent=2))
+    console.print(_summary_table(summary))
+    return summary
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    """The demo's summary as a table."""
     table = Table(title="winoprune demo summary")
     table.add_column("")
     table.add_column("value", justify="right")
-    table.add_row("dense test accuracy", f"{dense_acc:.4f}")
-    table.add_row("after winogradize (no training)", f"{converted_acc:.4f}")
-    table.add_row("after Winograd-domain fine-tuning", f"{wino_acc:.4f}")
-    table.add_row("converted / skipped convs", f"{len(report.converted)} / {len(report.skipped)}")
-    table.add_row("conversion rel. max error", f"{conv_err:.2e}")
+    table.add_row("dense test accuracy", f"{summary['dense_test_acc']:.4f}")
+    table.add_row("after winogradize (no training)", f"{summary['converted_test_acc']:.4f}")
+    table.add_row("after Winograd-domain fine-tuning", f"{summary['winograd_finetuned_test_acc']:.4f}")
+    table.add_row("converted / skipped convs", f"{summary['converted_layers']} / {summary['skipped_layers']}")
+    table.add_row("conversion rel. max error", f"{summary['conversion_rel_error']:.2e}")
     table.add_row("seconds per epoch dense / Winograd",
                   f"{summary['dense_seconds_per_epoch']:.1f} / {summary['winograd_seconds_per_epoch']:.1f}")
-    table.add_row("Winograd state dict", str(ckpt))
-    table.add_row("CSV logs", str(out))
-    console.print(table)
-    return summary
+    table.add_row("Winograd state dict", summary["state_dict"])
+    table.add_row("CSV logs", summary["logs"])
+    return table
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,15 +14,10 @@ from rich.table import Table
 
 from lightning_winoprune import DEPrune, LatencyValidation, WinogradPruning, load_deployed, load_pruned_checkpoint
 from lightning_winoprune.recipes import ImageClassifier, PrunedCheckpoint, list_recipes
-from lightning_winoprune.recipes._cli import (
-    CLIError,
-    WinopruneCLI,
-    _resolve_config_names,
-    configure_wandb_mode,
-    main,
-    run_cli,
-)
+from lightning_winoprune.recipes._cli import WinopruneCLI, _resolve_config_names, main, run_cli
+from lightning_winoprune.recipes._errors import CLIError
 from lightning_winoprune.recipes._recipes import CONFIG_DIR
+from lightning_winoprune.recipes._wandb import configure_wandb_mode
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("wandb_helpers", ROOT / "tests" / "callbacks" / "wandb_helpers.py")
@@ -229,7 +224,7 @@ def test_summary_says_plainly_when_nothing_was_pruned():
     # before: "pruned val accuracy" and 0.0000 zero parameters, as if the model were pruned
     from rich.console import Console
 
-    from lightning_winoprune.recipes._cli import print_summary
+    from lightning_winoprune.recipes._summary import print_summary
 
     summary = {"recipe": "resnet18_abwsp", "model": "resnet18", "epochs": 3, "prune_epochs": [6, 6],
                "dense_val_acc": None, "dense_val_epoch": None, "pruned_val_acc": 0.9, "best_pruned_val_acc": None,
