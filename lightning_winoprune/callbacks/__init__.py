@@ -6,14 +6,14 @@ from lightning_winoprune.callbacks._checkpoint_io import SafeCheckpointIO
 from lightning_winoprune.callbacks._deprune import DEPrune
 from lightning_winoprune.callbacks._latency import LatencyValidation
 from lightning_winoprune.callbacks._schedule import PruningSchedule
-from lightning_winoprune.callbacks._winograd_pruning import (
+from lightning_winoprune.callbacks._winograd_args import (
     CalibrationConfig,
     ConversionConfig,
     PatternConfig,
     ScheduleConfig,
     SpatialConfig,
-    WinogradPruning,
 )
+from lightning_winoprune.callbacks._winograd_pruning import WinogradPruning
 
 __all__ = [
     "CalibrationConfig",

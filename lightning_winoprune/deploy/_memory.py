@@ -3,7 +3,8 @@
 A torch model on the CPU allocates every activation per call through the C library's ``malloc``. glibc serves large
 blocks (its threshold adapts, up to 32 MiB) with fresh ``mmap`` pages and gives them back on ``free``, so a model
 with large activations pays a page fault for every 4 KiB of every large activation on every call (what that costs a
-VGG-16 is in ``docs/benchmarks.md``, "Whole-model deployment"). Inference runtimes avoid that with a memory arena; :func:`keep_freed_memory` gets the same from glibc.
+VGG-16 is in ``docs/benchmarks.md``, "Whole-model deployment"). Inference runtimes avoid that with a memory arena;
+:func:`keep_freed_memory` gets the same from glibc.
 """
 
 from __future__ import annotations

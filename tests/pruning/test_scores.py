@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_winoprune import WinogradConv2d, WinogradPruning
-from lightning_winoprune.callbacks._winograd_pruning import _SCORES
+from lightning_winoprune.callbacks._winograd_args import _SCORES
 from lightning_winoprune.importance import Candidate, NativeLatencyTable, TorchLatencyTable, measure_sensitivity
 from lightning_winoprune.pruning import (
     METHODS,
