@@ -83,7 +83,8 @@ def build(name: str, pruned: bool):  # type: ignore[no-untyped-def]
         return model.eval()
     # DEPrune-BH: depthwise 70%, pointwise filters 30% (the projections that feed a residual add stay: removing
     # their filters is not exact), removed physically
-    from lightning_winoprune.callbacks._deprune import is_depthwise, is_pointwise, shrink_pointwise
+    from lightning_winoprune._utils import is_depthwise, is_pointwise
+    from lightning_winoprune.pruning._shrink import shrink_pointwise
 
     names = []
     for mname, mod in model.named_modules():

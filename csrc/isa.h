@@ -17,9 +17,12 @@ namespace winoprune {
 
 enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
 
-// The activation fused into a kernel's output stage (after the bias): the codes the Python side passes.
+// The activation fused into a kernel's output stage (after the bias). This is the one table of activations: the
+// extension exports activation_names (code i is activation_names[i]) and lightning_winoprune.deploy's Activation
+// enum must list the same names in the same order (checked when the ops are registered).
 enum Activation : int { act_none = 0, act_relu = 1, act_relu6 = 2, act_silu = 3, act_hardswish = 4 };
 constexpr int n_activations = 5;
+constexpr const char* activation_names[n_activations] = {"none", "relu", "relu6", "silu", "hardswish"};
 
 // A layer plan packed for one ISA (panel height MR and vector width depend on it). Raw views, owned elsewhere.
 struct WinogradPlanView {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -200,23 +199,6 @@ class PruningCallback(Callback):
     #: fails, even before the first pruning step.
     structural_config: tuple[str, ...] = ("include", "exclude")
 
-    def legacy_mask_config(self, state: dict[str, Any], key: str | None) -> dict[str, Any]:
-        """What a state saved before :meth:`mask_config` existed tells of it: the state-key's arguments.
-
-        Args:
-            state: The saved state (without a ``"config"`` entry).
-            key: The checkpoint's key of that state, e.g. ``"WinogradPruning{'method': 'abwsp', 'amount': 0.7}"``.
-        """
-        config: dict[str, Any] = {}
-        if key is not None and "{" in key:
-            try:
-                parsed = ast.literal_eval(key[key.index("{"):])
-            except (ValueError, SyntaxError):
-                parsed = None
-            if isinstance(parsed, dict):
-                config.update(parsed)
-        return config
-
     # ------------------------------------------------------------------------------------------ Lightning hooks
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -316,7 +298,11 @@ class PruningCallback(Callback):
         """
         saved = state.get("config")
         if not isinstance(saved, dict):
-            saved = self.legacy_mask_config(state, key)
+            raise MisconfigurationException(
+                f"The checkpoint's state of {key or type(self).__name__} holds no mask configuration ('config'), so "
+                "a resume cannot check that it keeps the masks: it was not written by lightning_winoprune. Load its "
+                "weights with lightning_winoprune.load_pruned_checkpoint and start a new fit instead of ckpt_path."
+            )
         current = self.mask_config()
         diffs = [k for k in current if k in saved and not _same(saved[k], current[k])]
         pruned = int(state.get("last_pruned_epoch", -1)) >= 0 or bool(state.get("history"))

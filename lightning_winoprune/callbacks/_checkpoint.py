@@ -9,13 +9,9 @@ import torch
 from torch import nn
 
 from lightning_winoprune._io import load_checkpoint
-from lightning_winoprune.callbacks._deprune import (
-    MASK_BUFFER,
-    _require_torch_pruning,
-    register_mask_buffer,
-    replay_shrink,
-)
+from lightning_winoprune._utils import MASK_ATTR
 from lightning_winoprune.callbacks._winograd_pruning import load_spatial
+from lightning_winoprune.pruning._shrink import register_mask_buffer, replay_shrink, require_torch_pruning
 from lightning_winoprune.winograd._convert import winogradize
 from lightning_winoprune.winograd._layer import WinogradConv2d, conv_ineligibility
 
@@ -80,7 +76,7 @@ def load_pruned_checkpoint(
     state_dict: dict[str, Any] = ckpt.get("state_dict", {})
     physical = any(state.get("physical_done") for state in deprune)
     if physical:  # say what is missing before any other check
-        _require_torch_pruning()
+        require_torch_pruning()
     problem = _mismatch(model, state_dict, wino, deprune, prefix, strict, check_shapes=not physical)
     if problem is not None:
         hint = _better_prefix(model, state_dict, wino, deprune, prefix, strict, physical)
@@ -117,7 +113,7 @@ def load_pruned_checkpoint(
             if isinstance(mod, WinogradConv2d):
                 mod.zero_pruned_()
         for conv in masked:
-            mask = getattr(conv, MASK_BUFFER)
+            mask = getattr(conv, MASK_ATTR)
             if mask.shape == conv.weight.shape:
                 conv.weight.masked_fill_(~mask, 0)
     return model
@@ -160,7 +156,7 @@ def _mismatch(model: nn.Module, state_dict: dict[str, Any], wino: list[dict[str,
             mod = _submodule(model, name)
             if not isinstance(mod, nn.Conv2d):
                 return f"the checkpoint's DEPrune layer {full!r} is not a Conv2d of the model"
-            shapes[f"{name}.{MASK_BUFFER}"] = tuple(mod.weight.shape)
+            shapes[f"{name}.{MASK_ATTR}"] = tuple(mod.weight.shape)
     saved = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
     if strict:
         unexpected = [k for k in saved if k not in shapes]

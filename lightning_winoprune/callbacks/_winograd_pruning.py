@@ -271,12 +271,6 @@ class WinogradPruning(PruningCallback):
                 **({"spatial_amount": self.spatial_amount, "spatial_epochs": self.spatial_epochs,
                     "stages": self.stages} if self.method == _SPATIAL else {})}
 
-    @override
-    def legacy_mask_config(self, state: dict[str, Any], key: str | None) -> dict[str, Any]:
-        config = super().legacy_mask_config(state, key)
-        config.update({k: state[k] for k in ("m", "method") if k in state})
-        return config
-
     # ------------------------------------------------------------------------------------------ Lightning hooks
     @property
     @override

@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_winoprune._enum import ParsableEnum
-from lightning_winoprune.kernels._backend import native_module
+from lightning_winoprune._utils import conv_output_size
+from lightning_winoprune.kernels._backend import native_available, native_module
 
-__all__ = ["ACTIVATION_CODES", "Activation", "activate_fresh", "apply_activation", "apply_activation_"]
+__all__ = ["Activation", "activate_fresh", "apply_activation", "apply_activation_"]
 
 
 class Activation(ParsableEnum):
@@ -44,11 +45,35 @@ class Activation(ParsableEnum):
     SILU = "silu"
     HARDSWISH = "hardswish"
 
+    @property
+    def code(self) -> int:
+        """The code the ops and the native kernels take: the activation's position in this enum."""
+        return _CODES[self]
 
-#: The codes the native kernels take (``csrc/isa.h``, ``Activation``).
-ACTIVATION_CODES = {Activation.NONE: 0, Activation.RELU: 1, Activation.RELU6: 2, Activation.SILU: 3,
-                    Activation.HARDSWISH: 4}
-_BY_CODE = {code: act for act, code in ACTIVATION_CODES.items()}
+    @classmethod
+    def from_code(cls, code: int) -> Activation:
+        """The activation with native code ``code``."""
+        if not 0 <= code < len(_ORDER):
+            raise ValueError(f"act must be one of {list(range(len(_ORDER)))}, got {code!r}")
+        return _ORDER[code]
+
+
+_ORDER = tuple(Activation)
+_CODES = {act: code for code, act in enumerate(_ORDER)}
+_BY_CODE = dict(enumerate(_ORDER))
+
+
+def _check_native_activations() -> None:
+    """The extension's table of activations (``activation_names``, from ``csrc/isa.h``) must be this enum's order."""
+    if not native_available():
+        return
+    names = tuple(native_module().activation_names)
+    if names != tuple(act.value for act in _ORDER):
+        raise ImportError(f"lightning_winoprune.kernels._C was built from other sources: its activations are {names}, "
+                          f"this package's are {tuple(a.value for a in _ORDER)}; reinstall with `pip install .`")
+
+
+_check_native_activations()
 # oneDNN's post-op names and scalars for each activation
 _ONEDNN = {0: ("none", None), 1: ("relu", None), 2: ("hardtanh", [0.0, 6.0]), 3: ("swish", None),
            4: ("hardswish", None)}
@@ -84,7 +109,7 @@ def _cpu_float(x: Tensor, op: str) -> Tensor:
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: int, op: str) -> int:
-    out = (size + 2 * pad - kernel) // stride + 1
+    out = conv_output_size(size, kernel, stride, pad)
     if out < 1:
         raise ValueError(f"winoprune::{op}: an input of size {size} with padding {pad} is smaller than the "
                          f"{kernel}x{kernel} kernel")
@@ -97,7 +122,7 @@ def _fake_out_size(size: Any, kernel: Any, stride: int, pad: int, op: str) -> An
     Under ``torch.export`` with a dynamic H / W the check becomes a guard on the input size (or a constraint error
     that names the smallest size) instead of a failure; on concrete sizes it raises like the eager op.
     """
-    out = (size + 2 * pad - kernel) // stride + 1
+    out = conv_output_size(size, kernel, stride, pad)
     torch._check(out >= 1, lambda: f"winoprune::{op}: an input of size {size} with padding {pad} is smaller than the "
                                     f"{kernel}x{kernel} kernel")
     return out

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
-from lightning_winoprune.deploy._ops import ACTIVATION_CODES, Activation, activate_fresh, onednn_available
+from lightning_winoprune._utils import MASK_ATTR, conv_output_size
+from lightning_winoprune.deploy._ops import Activation, activate_fresh, onednn_available
 from lightning_winoprune.kernels._backend import Backend, native_module, resolve_backend
 from lightning_winoprune.pruning._depthwise import DEFAULT_DR_TILE, dr_column_masks
 from lightning_winoprune.winograd._layer import WinogradConv2d
@@ -33,7 +34,6 @@ from lightning_winoprune.winograd._tiles import input_transform, output_transfor
 
 __all__ = ["DenseConv", "DenseRoute", "NativeMaxPool2d", "PackedDepthwiseConv", "PackedWinogradConv", "SparseForm"]
 
-_ISA_NAMES = ("generic", "avx2", "avx512")
 
 
 class SparseForm(ParsableEnum):
@@ -74,13 +74,13 @@ def _pair(value: int | tuple[int, int], name: str) -> tuple[int, int]:
 
 
 def _act_code(act: Activation | str) -> int:
-    return ACTIVATION_CODES[Activation.parse(act, "act")]
+    return Activation.parse(act, "act").code
 
 
 def _output_size(height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int],
                  padding: tuple[int, int]) -> tuple[int, int]:
-    ho = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
-    wo = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    ho = conv_output_size(height, kernel[0], stride[0], padding[0])
+    wo = conv_output_size(width, kernel[1], stride[1], padding[1])
     if height + 2 * padding[0] < kernel[0] or width + 2 * padding[1] < kernel[1]:
         raise ValueError(f"input {height}x{width} with padding {padding} is smaller than the "
                          f"{kernel[0]}x{kernel[1]} kernel")
@@ -119,7 +119,7 @@ class _Packed(nn.Module):
     @property
     def act(self) -> Activation:
         """The fused activation."""
-        return {v: k for k, v in ACTIVATION_CODES.items()}[self.act_code]
+        return Activation.from_code(self.act_code)
 
     @property
     def native(self) -> bool:
@@ -207,10 +207,9 @@ class PackedWinogradConv(_Packed):
         self.backend = resolve_backend(backend, masked, *(() if bias is None else (bias,)))
         bias_t = None if bias is None else bias.detach().float().contiguous()
         if self.backend is Backend.NATIVE:
-            plan = native_module().pack_winograd(masked.float().cpu().numpy(), keep.cpu().contiguous().numpy(), m,
-                                                 None if bias_t is None else bias_t.cpu().numpy(),
-                                                 self.form is SparseForm.CSR)
-            meta, cols, vals, acc = native_module().winograd_plan_arrays(plan)
+            meta, cols, vals, acc = native_module().pack_winograd(
+                masked.float().cpu().numpy(), keep.cpu().contiguous().numpy(), m,
+                None if bias_t is None else bias_t.cpu().numpy(), self.form is SparseForm.CSR)
             self.register_buffer("plan_meta", torch.from_numpy(meta))
             self.register_buffer("plan_cols", torch.from_numpy(cols))
             self.register_buffer("plan_vals", torch.from_numpy(vals))
@@ -227,25 +226,21 @@ class PackedWinogradConv(_Packed):
         """Fraction of the Winograd-domain weights kept by the mask."""
         total = self.p * self.p * self.out_channels * self.in_channels
         if self.native:
-            return int(self.plan_meta[9]) / total
+            return int(self._plan_info().kept) / total
         return float(self.mask_view.float().mean())
 
     @property
     def work_fraction(self) -> float:
         """Multiply-adds the kernel runs, relative to the dense Winograd GEMMs (panel padding included)."""
         if self.native:
-            return int(self.plan_meta[10]) / (self.p * self.p * self.out_channels * self.in_channels)
+            return int(self._plan_info().work) / (self.p * self.p * self.out_channels * self.in_channels)
         return self.kept_fraction
 
     @property
     def balanced(self) -> bool:
         """Whether every Winograd position keeps the same GEMM shape (one equal-shape batched GEMM)."""
         if self.native:
-            if self.form is SparseForm.CSR:
-                return False
-            seg = int(self.plan_meta[16])
-            counts = self.plan_meta[seg + 1:seg + self.p * self.p + 1] - self.plan_meta[seg:seg + self.p * self.p]
-            return bool((counts == counts[0]).all())
+            return bool(self._plan_info().balanced)
         rows = self.mask_view.any(dim=2).sum(dim=1)
         cols = self.mask_view.any(dim=1).sum(dim=1)
         return bool((rows == rows[0]).all() and (cols == cols[0]).all())
@@ -253,7 +248,11 @@ class PackedWinogradConv(_Packed):
     @property
     def isa(self) -> str | None:
         """Instruction set the plan was packed for, or ``None`` on the torch path."""
-        return _ISA_NAMES[int(self.plan_meta[7])] if self.native else None
+        return str(self._plan_info().isa) if self.native else None
+
+    def _plan_info(self) -> Any:
+        """The named fields of the packed plan (``WinogradPlanInfo`` of the extension)."""
+        return native_module().winograd_plan_info(self.plan_meta.numpy())
 
     def extra_repr(self) -> str:
         """A one-line summary."""
@@ -405,10 +404,9 @@ class PackedDepthwiseConv(_Packed):
         self.backend = resolve_backend(backend, masked, *(() if bias is None else (bias,)))
         bias_t = None if bias is None else bias.detach().float().contiguous()
         if self.backend is Backend.NATIVE:
-            plan = native_module().pack_depthwise(
+            meta, taps, weights = native_module().pack_depthwise(
                 masked.float()[:, 0].contiguous().numpy(), keep[:, 0].contiguous().numpy(), self.stride[0],
                 self.stride[1], None if bias_t is None else bias_t.numpy())
-            meta, taps, weights = native_module().depthwise_plan_arrays(plan)
             self.register_buffer("plan_meta", torch.from_numpy(meta))
             self.register_buffer("plan_taps", torch.from_numpy(taps))
             self.register_buffer("plan_weights", torch.from_numpy(weights))
@@ -479,7 +477,7 @@ class PackedDepthwiseConv(_Packed):
         if conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"conv must be dilation-1 with explicit zero padding, got {conv}")
         if mask is None:
-            wm = getattr(conv, "weight_mask", None)
+            wm = getattr(conv, MASK_ATTR, None)
             mask = None if wm is None else wm.detach().bool().cpu()
         bias = None if conv.bias is None else conv.bias.detach().float().cpu()
         return cls(conv.weight.detach().float().cpu(), mask, conv.stride, conv.padding, bias, backend,  # type: ignore[arg-type]
@@ -531,7 +529,7 @@ class DenseConv(nn.Module):
     @property
     def act(self) -> Activation:
         """The fused activation (as on the packed layers)."""
-        return {v: k for k, v in ACTIVATION_CODES.items()}[self.act_code]
+        return Activation.from_code(self.act_code)
 
     def extra_repr(self) -> str:
         """A one-line summary."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from lightning_winoprune._utils import MASK_ATTR, median_ms, set_submodule
+from lightning_winoprune._utils import MASK_ATTR, is_depthwise, median_ms, set_submodule
 from lightning_winoprune.deploy._ops import Activation
 from lightning_winoprune.deploy._packed import NativeMaxPool2d
 from lightning_winoprune.deploy._record import Chain, bn_act, record
@@ -151,7 +151,7 @@ def _shape(chain: Chain) -> str:
     if isinstance(conv, WinogradConv2d):
         return f"{conv.in_channels}->{conv.out_channels} {hw} F({conv.m},3)"
     assert isinstance(conv, nn.Conv2d)
-    kind = " dw" if conv.groups == conv.in_channels == conv.out_channels and conv.groups > 1 else ""
+    kind = " dw" if is_depthwise(conv) else ""
     return f"{conv.in_channels}->{conv.out_channels}{kind} {hw} k{conv.kernel_size[0]} s{conv.stride[0]}"
 
 

@@ -1,4 +1,4 @@
-"""The compiled extension ``lightning_winoprune._C``: probed once, chosen per call, with a torch fallback.
+"""The compiled extension ``lightning_winoprune.kernels._C``: probed once, chosen per call, with a torch fallback.
 
 This package only wraps ``_C``; the inference layers built on it live in :mod:`lightning_winoprune.deploy`.
 """

@@ -1,6 +1,6 @@
 """Probe the native extension once and choose between it and the torch fallback.
 
-The extension ``lightning_winoprune._C`` is optional at run time: if it cannot be imported (a source checkout that
+The extension ``kernels._C`` is optional at run time: if it cannot be imported (a source checkout that
 was never built, an unsupported platform) or ``WINOPRUNE_DISABLE_EXT=1`` is set, every op falls back to its torch
 implementation and a single :class:`RuntimeWarning` says so.
 """
@@ -39,9 +39,9 @@ def _probe() -> tuple[ModuleType | None, str]:
     if os.environ.get(DISABLE_ENV_VAR, "").strip().lower() in {"1", "true", "yes", "on"}:
         return None, f"disabled by {DISABLE_ENV_VAR}={os.environ[DISABLE_ENV_VAR]}"
     try:
-        from lightning_winoprune import _C  # type: ignore[attr-defined]
+        from lightning_winoprune.kernels import _C  # type: ignore[attr-defined]
     except ImportError as err:
-        return None, f"lightning_winoprune._C could not be imported ({err}); reinstall with `pip install .`"
+        return None, f"lightning_winoprune.kernels._C could not be imported ({err}); reinstall with `pip install .`"
     return _C, f"loaded from {_C.__file__} (OpenMP: {_C.openmp}, threads: {_C.max_threads()})"
 
 

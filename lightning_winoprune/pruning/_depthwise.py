@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from lightning_winoprune._utils import conv_output_size
 from lightning_winoprune.pruning._engine import Block, Pattern, Rounding, Scope, Score, compute_mask
 
 __all__ = [
@@ -233,8 +234,8 @@ def dr_conv2d(
         raise ValueError(f"stride must be positive and padding non-negative, got stride={stride!r}, "
                          f"padding={padding!r}")
     kh, kw = w.shape[-2:]
-    h_out = (x.shape[2] + 2 * pd[0] - kh) // st[0] + 1
-    w_out = (x.shape[3] + 2 * pd[1] - kw) // st[1] + 1
+    h_out = conv_output_size(x.shape[2], kh, st[0], pd[0])
+    w_out = conv_output_size(x.shape[3], kw, st[1], pd[1])
     if h_out < 1 or w_out < 1:
         raise ValueError(f"the {kh}x{kw} kernel does not fit the padded input {tuple(x.shape[2:])}")
     outs = []

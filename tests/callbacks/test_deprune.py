@@ -12,7 +12,7 @@ from torch import nn
 from wandb_helpers import offline_wandb_env, wandb_summary, wandb_timeout
 
 from lightning_winoprune import DEPrune, WinogradConv2d, WinogradPruning, load_pruned_checkpoint
-from lightning_winoprune.callbacks._deprune import is_depthwise
+from lightning_winoprune._utils import is_depthwise
 from lightning_winoprune.pruning import dr_column_masks
 from lightning_winoprune.recipes import ImageClassifier
 
@@ -233,7 +233,7 @@ def test_wandb_offline_run_gets_deprune_metrics_and_table(tmp_path, data, monkey
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
 def test_nan_or_inf_in_a_pruned_depthwise_weight_is_absent(poison):
     # before: DEPrune zeroed pruned weights with weight * mask, and NaN * 0 = NaN reached every output of the channel
-    from lightning_winoprune.callbacks._deprune import register_mask_buffer
+    from lightning_winoprune.pruning._shrink import register_mask_buffer
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8))

@@ -39,7 +39,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*smaller than the logging interval.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
 ]
-needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 FAST = {"repeats": 2, "warmup": 0, "verbose": 0}
 
 

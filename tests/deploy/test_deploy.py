@@ -27,7 +27,7 @@ from lightning_winoprune.deploy import (
 )
 from lightning_winoprune.kernels import native_available
 
-needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 FAST = {"repeats": 2, "warmup": 1, "verbose": False, "time_model": False}
 
 

@@ -17,9 +17,9 @@ from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, 
 from lightning_winoprune.kernels import native_available, native_isa
 from lightning_winoprune.winograd import WinogradConv2d
 
-needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 if native_available():
-    from lightning_winoprune import _C
+    from lightning_winoprune.kernels import _C
 
     ISAS = list(_C.supported_isas())
 else:  # pragma: no cover
@@ -294,40 +294,46 @@ def test_extension_rejects_bad_buffers():
         _C.pack_winograd(u[:9], mask[:9], 2)
     with pytest.raises(ValueError, match="m=6 is not valid"):
         _C.pack_winograd(u, mask, 6)
-    with pytest.raises(ValueError, match="isa='sse9' is not valid"):
-        _C.pack_winograd(u, mask, 2, isa="sse9")
-    plan = _C.pack_winograd(u, mask, 2)
+    arrays = _C.pack_winograd(u, mask, 2)
+    info = _C.winograd_plan_info(arrays[0])
+    assert (info.p, info.m, info.K, info.C, info.csr, info.kept, info.balanced) == (4, 2, 4, 3, False, 192, True)
+    assert info.isa == _C.isa()
     x = np.zeros((1, 3, 6, 6), np.float32)
     out = np.zeros((1, 4, 6, 6), np.float32)
-    ws = np.zeros(plan.workspace_size(1, 6, 6, 1, 1, 6, 6, -1), np.float32)
-    plan.forward(x, 1, 1, out, ws)
+
+    def run(x_: object, out_: object, pad: int = 1, threads: int = -1) -> None:
+        _C.winograd_run(x_, *arrays, None, 0, pad, 1, out_, threads)
+
+    run(x, out)
     with pytest.raises(TypeError, match="x must be C-contiguous"):
-        plan.forward(np.zeros((1, 3, 6, 12), np.float32)[..., ::2], 1, 1, out, ws)
+        run(np.zeros((1, 3, 6, 12), np.float32)[..., ::2], out)
     with pytest.raises(TypeError, match="x must have dtype float32"):
-        plan.forward(x.astype(np.float64), 1, 1, out, ws)
+        run(x.astype(np.float64), out)
     with pytest.raises(TypeError, match="out must be a numpy array"):
-        plan.forward(x, 1, 1, [0.0], ws)
+        run(x, [0.0])
     with pytest.raises(ValueError, match="x must have 3 channels"):
-        plan.forward(np.zeros((1, 2, 6, 6), np.float32), 1, 1, out, ws)
+        run(np.zeros((1, 2, 6, 6), np.float32), out)
     with pytest.raises(ValueError, match=r"out must have shape \(1, 4, 6, 6\)"):
-        plan.forward(x, 1, 1, np.zeros((2, 4, 6, 6), np.float32), ws)
+        run(x, np.zeros((2, 4, 6, 6), np.float32))
     with pytest.raises(ValueError, match="does not match the input"):
-        plan.forward(x, 1, 1, np.zeros((1, 4, 12, 12), np.float32), ws)
+        run(x, np.zeros((1, 4, 12, 12), np.float32))
     with pytest.raises(ValueError, match="padding must be >= 0"):
-        plan.forward(x, -1, 1, out, ws)
-    with pytest.raises(ValueError, match="workspace must hold at least"):
-        plan.forward(x, 1, 1, out, ws[:1])
+        run(x, out, pad=-1)
     with pytest.raises(ValueError, match="threads must be >= 1 or -1"):
-        plan.forward(x, 1, 1, out, ws, 0)
+        run(x, out, threads=0)
+    with pytest.raises(ValueError, match=r"act must be in \[0, 5\)"):
+        _C.winograd_run(x, *arrays, None, 5, 1, 1, out)
+    with pytest.raises(ValueError, match="unknown format"):
+        _C.winograd_plan_info(np.zeros(4, np.int64))
     dw = _C.pack_depthwise(np.zeros((3, 3, 3), np.float32), np.ones((3, 3, 3), bool))
     with pytest.raises(ValueError, match="stride must be >= 1"):
         _C.pack_depthwise(np.zeros((3, 3, 3), np.float32), np.ones((3, 3, 3), bool), 0)
     with pytest.raises(ValueError, match=r"weight must be 3-D"):
         _C.pack_depthwise(np.zeros((3, 3), np.float32), np.ones((3, 3), bool))
     with pytest.raises(ValueError, match="x must have 3 channels"):
-        dw.forward(np.zeros((1, 4, 6, 6), np.float32), 1, 1, np.zeros((1, 4, 6, 6), np.float32))
+        _C.depthwise_run(np.zeros((1, 4, 6, 6), np.float32), *dw, None, 0, 1, 1, np.zeros((1, 4, 6, 6), np.float32))
     with pytest.raises(ValueError, match=r"out must have shape \(1, 3, 6, 6\)"):
-        dw.forward(x, 1, 1, np.zeros((1, 4, 6, 6), np.float32))
+        _C.depthwise_run(x, *dw, None, 0, 1, 1, np.zeros((1, 4, 6, 6), np.float32))
 
 
 @needs_ext

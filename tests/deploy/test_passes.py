@@ -29,7 +29,7 @@ from lightning_winoprune.deploy._record import Chain
 from lightning_winoprune.deploy._routes import candidates, rule_route
 from lightning_winoprune.kernels import Backend, native_available
 
-needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 
 
 class Net(nn.Module):

@@ -22,7 +22,7 @@ from lightning_winoprune.pruning import Score, method_pattern, winograd_mask
 
 BWSP = method_pattern("bwsp")
 WSP = method_pattern("wsp-r")
-needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 
 
 def small_table(layers: dict[str, WinogradConv2d] | None = None, **kwargs: object) -> TorchLatencyTable:

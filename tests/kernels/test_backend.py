@@ -21,7 +21,7 @@ from lightning_winoprune.kernels import (
     resolve_backend,
 )
 
-needs_native = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_native = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 
 
 def test_backend_enum() -> None:

@@ -1,4 +1,4 @@
-"""Direct calls into ``lightning_winoprune._C``: bad inputs raise Python exceptions, edge cases compute correctly."""
+"""Direct calls into ``lightning_winoprune.kernels._C``: bad inputs raise Python errors, edge cases compute right."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from lightning_winoprune.winograd import (
     tile_geometry,
 )
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+pytestmark = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 
 if native_available():
-    from lightning_winoprune import _C
+    from lightning_winoprune.kernels import _C
 else:  # pragma: no cover
     _C = None
 
@@ -328,6 +328,11 @@ def test_module_attributes() -> None:
     assert _C.max_threads() >= 1
     for name in ALL:
         assert callable(getattr(_C, name))
+    from lightning_winoprune.deploy import Activation
+
+    # one table of activations: the extension's codes are the Python enum's order
+    assert tuple(_C.activation_names) == tuple(a.value for a in Activation)
+    assert [a.code for a in Activation] == list(range(len(_C.activation_names)))
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() not in ("x86_64", "AMD64"),
@@ -336,7 +341,7 @@ def test_extension_is_portable_baseline_x86_64():
     """No AVX code outside the runtime-dispatched ISA namespaces, so the module loads on any x86-64 CPU."""
     import re
 
-    import lightning_winoprune._C as ext
+    import lightning_winoprune.kernels._C as ext
 
     dis = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", ext.__file__], capture_output=True, text=True,
                          check=True).stdout

@@ -20,7 +20,7 @@ from lightning_winoprune.winograd._tiles import (
 )
 from lightning_winoprune.winograd._transforms import get_transforms
 
-pytestmark = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+pytestmark = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 
 
 def _native():

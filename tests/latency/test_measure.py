@@ -32,7 +32,7 @@ from lightning_winoprune.latency._measure import _gpu_rows
 from lightning_winoprune.pruning import depthwise_mask
 from lightning_winoprune.pruning._methods import method_pattern, winograd_mask
 
-needs_ext = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 FAST = {"repeats": 2, "warmup": 0, "progress": False}
 TINY = {"channels": (16, 32, 64, 128)}
 REPORT_KEYS = {"batch_size", "input_size", "threads", "isa", "repeats", "layer_speedup", "layers", "model", "gpu",
@@ -106,7 +106,7 @@ def resnet() -> nn.Module:
 @pytest.fixture(scope="module")
 def resnet_report(resnet) -> LatencyReport:
     if not native_available():
-        pytest.skip("native extension lightning_winoprune._C not loaded")
+        pytest.skip("the native extension is not loaded")
     return measure_latency(resnet, torch.randn(2, 1, 16, 16), **FAST)
 
 

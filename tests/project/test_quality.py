@@ -43,7 +43,7 @@ def test_public_api_is_explicit():
 
 #: The layers, lowest first: a package may import only from its own layer or lower ones (not even inside functions).
 LAYERS = [
-    {"_enum", "_io", "_utils", "_C"},
+    {"_enum", "_io", "_utils"},
     {"kernels"},
     {"winograd"},
     {"pruning", "data"},

@@ -20,7 +20,7 @@ from lightning_winoprune.winograd import (
     tile_geometry,
 )
 
-needs_native = pytest.mark.skipif(not native_available(), reason="native extension lightning_winoprune._C not loaded")
+needs_native = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
 BACKENDS = ["torch", pytest.param("native", marks=needs_native)]
 
 
