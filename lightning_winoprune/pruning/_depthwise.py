@@ -278,6 +278,32 @@ class DepthwiseMaskResult:
     notes: list[str] = field(default_factory=list)
 
 
+def _position_scope_keep(flat: torch.Tensor, imp: torch.Tensor | None, amount: float, method: str, tile: int,
+                         rnd: Rounding, score: Score, k: int, notes: list[str]) -> torch.Tensor:
+    """The keep-mask of the DR-view methods (``dcp-b``, ``dcp-bh``): the same count pruned in every sub-GEMM.
+
+    The full sub-GEMMs are one stacked view (position scope), the partial one on its own; ``notes`` gets what each
+    view reported.
+    """
+    pattern = Pattern(Block.ELEMENT, Scope.POSITION, score=score)
+    if method == "dcp-bh":
+        pattern = pattern.with_(align=tile, rounding=rnd)
+    n_full = (flat.numel() // (tile * k)) * tile * k
+    views = [(0, n_full, tile * k, "full sub-GEMMs"), (n_full, flat.numel(), flat.numel() - n_full,
+                                                         "partial sub-GEMM")]
+    parts = []
+    for lo, hi, cols, what in views:
+        if hi == lo:
+            continue
+        view = flat[lo:hi].view(-1, 1, cols)
+        res = compute_mask(view, amount, pattern, None if imp is None else imp[lo:hi].view(-1, 1, cols))
+        parts.append(res.mask.reshape(-1))
+        notes += [f"{what}: {note}" for note in res.notes]
+        if method == "dcp-bh" and cols < tile and amount > 0:
+            notes.append(f"{what} has {cols} columns, fewer than the tile {tile}: HSR cannot prune it")
+    return torch.cat(parts)
+
+
 def depthwise_mask(
     w: torch.Tensor,
     amount: float,
@@ -332,25 +358,7 @@ def depthwise_mask(
         keep = res.mask.reshape(-1)
         notes += res.notes
     else:
-        pattern = Pattern(Block.ELEMENT, Scope.POSITION, score=score_)
-        if method == "dcp-bh":
-            pattern = pattern.with_(align=tile, rounding=rnd)
-        # the full blocks as one stacked view (position scope: the same count in each), the partial one alone
-        g_full = c // tile
-        n_full = g_full * tile * k
-        views = [(0, n_full, tile * k, "full sub-GEMMs"), (n_full, flat.numel(), flat.numel() - n_full,
-                                                             "partial sub-GEMM")]
-        parts = []
-        for lo, hi, cols, what in views:
-            if hi == lo:
-                continue
-            view = flat[lo:hi].view(-1, 1, cols)
-            res = compute_mask(view, amount, pattern, None if imp is None else imp[lo:hi].view(-1, 1, cols))
-            parts.append(res.mask.reshape(-1))
-            notes += [f"{what}: {note}" for note in res.notes]
-            if method == "dcp-bh" and cols < tile and amount > 0:
-                notes.append(f"{what} has {cols} columns, fewer than the tile {tile}: HSR cannot prune it")
-        keep = torch.cat(parts)
+        keep = _position_scope_keep(flat, imp, amount, method, tile, rnd, score_, k, notes)
 
     pruned_columns = [int((~keep[s * k : (s + n) * k]).sum()) for s, n in blocks]
     ratios = [p / cols for p, cols in zip(pruned_columns, columns, strict=True)]
