@@ -128,6 +128,14 @@ def _fake_out_size(size: Any, kernel: Any, stride: int, pad: int, op: str) -> An
     return out
 
 
+def _fake_nchw(x: Tensor, op: str, channels: Any = None) -> None:
+    """The input checks of a fake kernel, as ``torch._check`` calls (guards under tracing, errors on real sizes)."""
+    torch._check(x.dim() == 4, lambda: f"winoprune::{op} needs an (N, C, H, W) input, got shape {tuple(x.shape)}")
+    if channels is not None:
+        torch._check(x.shape[1] == channels,
+                     lambda: f"winoprune::{op}: x must have {channels} channels, got shape {tuple(x.shape)}")
+
+
 def _inference_only(op: str) -> Callable[..., Any]:
     def backward(ctx: Any, grad: Tensor) -> Any:
         raise RuntimeError(
@@ -168,6 +176,7 @@ def winograd_conv(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc: Tens
 
 def _winograd_conv_fake(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc: Tensor, bias: Tensor | None,
                         out_channels: int, pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
+    _fake_nchw(x, "winograd_conv")
     return x.new_empty((x.shape[0], out_channels, _fake_out_size(x.shape[2], 3, 1, pad_h, "winograd_conv"),
                         _fake_out_size(x.shape[3], 3, 1, pad_w, "winograd_conv")))
 
@@ -190,6 +199,7 @@ def depthwise_conv(x: Tensor, meta: Tensor, taps: Tensor, weights: Tensor, bias:
 def _depthwise_conv_fake(x: Tensor, meta: Tensor, taps: Tensor, weights: Tensor, bias: Tensor | None, kernel_h: int,
                          kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, act: int,
                          threads: int) -> Tensor:
+    _fake_nchw(x, "depthwise_conv")
     return x.new_empty((x.shape[0], x.shape[1], _fake_out_size(x.shape[2], kernel_h, stride_h, pad_h, "depthwise_conv"),
                         _fake_out_size(x.shape[3], kernel_w, stride_w, pad_w, "depthwise_conv")))
 
@@ -258,6 +268,7 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, st
 def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int,
                      pad_w: int, groups: int, act: int) -> Tensor:
     kh, kw = weight.shape[2], weight.shape[3]
+    _fake_nchw(x, "conv2d_act", weight.shape[1] * groups)
     return x.new_empty((x.shape[0], weight.shape[0], _fake_out_size(x.shape[2], kh, stride_h, pad_h, "conv2d_act"),
                         _fake_out_size(x.shape[3], kw, stride_w, pad_w, "conv2d_act")))
 
@@ -294,6 +305,7 @@ def conv1x1_act(x: Tensor, weight: Tensor, bias: Tensor | None, act: int) -> Ten
 
 
 def _conv1x1_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, act: int) -> Tensor:
+    _fake_nchw(x, "conv1x1_act", weight.shape[1])
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
 
 
@@ -312,6 +324,7 @@ def max_pool2d(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w:
 
 def _max_pool2d_fake(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int,
                      threads: int) -> Tensor:
+    _fake_nchw(x, "max_pool2d")
     return x.new_empty((x.shape[0], x.shape[1], _fake_out_size(x.shape[2], kernel_h, stride_h, pad_h, "max_pool2d"),
                         _fake_out_size(x.shape[3], kernel_w, stride_w, pad_w, "max_pool2d")))
 
