@@ -60,7 +60,6 @@ class Activation(ParsableEnum):
 
 _ORDER = tuple(Activation)
 _CODES = {act: code for code, act in enumerate(_ORDER)}
-_BY_CODE = dict(enumerate(_ORDER))
 
 
 def _check_native_activations() -> None:
@@ -75,8 +74,8 @@ def _check_native_activations() -> None:
 
 _check_native_activations()
 # oneDNN's post-op names and scalars for each activation
-_ONEDNN = {0: ("none", None), 1: ("relu", None), 2: ("hardtanh", [0.0, 6.0]), 3: ("swish", None),
-           4: ("hardswish", None)}
+_ONEDNN = {Activation.NONE: ("none", None), Activation.RELU: ("relu", None), Activation.RELU6: ("hardtanh", [0.0, 6.0]),
+           Activation.SILU: ("swish", None), Activation.HARDSWISH: ("hardswish", None)}
 
 
 def apply_activation(y: Tensor, act: int) -> Tensor:
@@ -91,7 +90,7 @@ def apply_activation(y: Tensor, act: int) -> Tensor:
         return F.silu(y)
     if act == 4:
         return F.hardswish(y)
-    raise ValueError(f"act must be one of {sorted(_BY_CODE)}, got {act!r}")
+    raise ValueError(f"act must be one of {list(range(len(_ORDER)))}, got {act!r}")
 
 
 def activate_fresh(y: Tensor, act: int) -> Tensor:
@@ -257,7 +256,7 @@ def conv2d_act(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, st
     _out_size(x.shape[2], weight.shape[2], stride_h, pad_h, "conv2d_act")
     _out_size(x.shape[3], weight.shape[3], stride_w, pad_w, "conv2d_act")
     if onednn_available():
-        attr, scalars = _ONEDNN[act]
+        attr, scalars = _ONEDNN[_ORDER[act]]
         pad, stride = [pad_h, pad_w], [stride_h, stride_w]
         y = torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(x, weight, pad, stride, groups), bias, pad,
                                                     stride, [1, 1], groups, attr, scalars or [], "")
@@ -285,7 +284,7 @@ def apply_activation_(y: Tensor, act: int) -> Tensor:
     if act == 4:
         return F.hardswish(y, inplace=True)
     if act != 0:
-        raise ValueError(f"act must be one of {sorted(_BY_CODE)}, got {act!r}")
+        raise ValueError(f"act must be one of {list(range(len(_ORDER)))}, got {act!r}")
     return y
 
 

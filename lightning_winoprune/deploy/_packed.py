@@ -35,7 +35,6 @@ from lightning_winoprune.winograd._tiles import input_transform, output_transfor
 __all__ = ["DenseConv", "DenseRoute", "NativeMaxPool2d", "PackedDepthwiseConv", "PackedWinogradConv", "SparseForm"]
 
 
-
 class SparseForm(ParsableEnum):
     """How a Winograd layer's mask is packed: compacted panels, or element-wise CSR (the WWP baseline)."""
 
