@@ -99,6 +99,11 @@ def _torch_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return F.conv2d(x.to(dtype), w, b, stride, padding, 1, groups).to(x.dtype)
 
 
+def _check_weight(weight: torch.Tensor) -> None:
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+
+
 def _check_input(x: torch.Tensor, channels: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -171,8 +176,7 @@ class PackedWinogradConv(_Packed):
         act: Activation | str = Activation.NONE,
     ) -> None:
         super().__init__()
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+        _check_weight(weight)
         if isinstance(m, bool) or m not in (2, 4):
             raise ValueError(f"m={m!r} is not valid; valid values are [2, 4]")
         p = m + 2
@@ -379,8 +383,7 @@ class PackedDepthwiseConv(_Packed):
         act: Activation | str = Activation.NONE,
     ) -> None:
         super().__init__()
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-            raise TypeError(f"weight must be a floating-point tensor, got {type(weight).__name__}")
+        _check_weight(weight)
         if weight.dim() != 4 or weight.shape[1] != 1:
             raise ValueError(f"weight must be a depthwise (C, 1, kh, kw) tensor, got shape {tuple(weight.shape)}")
         if mask is not None:

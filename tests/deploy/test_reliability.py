@@ -94,6 +94,9 @@ def test_a_forked_child_and_a_dataloader_worker_can_call_the_model():
 def test_fuzzed_inputs_are_right_or_refused_in_one_line(target, cases):
     """Every case either matches the reference or is a one-line ValueError / TypeError (``fuzz_worker.py``)."""
     line = _worker("fuzz_worker.py", target, str(cases))
-    ran, refused = (int(v) for v in re.fullmatch(r"fuzz: (\d+) cases, (\d+) refused", line).groups())
+    found = re.fullmatch(r"fuzz: (\d+) cases, (\d+) refused, (\d+) without a second-shape check", line)
+    assert found, line
+    ran, refused, single = (int(v) for v in found.groups())
     assert ran >= cases, f"only {ran} of {cases} cases ran"
     assert refused < ran, "every case was refused: the fuzz tests nothing"
+    assert single <= (ran - refused) // 2, f"{single} of {ran - refused} deployed cases had no second-shape check"
