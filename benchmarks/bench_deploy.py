@@ -47,11 +47,35 @@ RUNTIMES = ("ours", "ours-dense", "eager", "jit.freeze", "compile", "ort", "open
 #: The float32 dense runtimes: the headline ratio is against the fastest of these. OpenVINO's default on CPUs with
 #: bfloat16 support runs in bfloat16 (another precision: relative errors near 1e-2); it is shown, not the baseline.
 DENSE_RUNTIMES = ("eager", "jit.freeze", "compile", "ort", "openvino", "ours-dense")
-OUT = Path(__file__).resolve().parent / "results" / "deploy"
+#: where the artifacts and results go (one folder per ISA cap: plans are packed for the ISA they run on)
+OUT = Path(__file__).resolve().parent / "results" / ("deploy" + (f"-{os.environ['WINOPRUNE_ISA']}"
+                                                                 if os.environ.get("WINOPRUNE_ISA") else ""))
 #: The layer kinds of ``deploy``'s report that hold pruned layers, and the ops they run: ``ours-rest`` runs the
 #: shipped graph with their compute taken out.
 PRUNED_KINDS = ("winograd", "depthwise")
 PRUNED_OPS = ("winograd_conv", "depthwise_conv")
+
+
+# ------------------------------------------------------------------------------------------------ machine
+def machine_line() -> str:
+    """The CPU this runs on (vendor, ``lscpu`` family/model, name, the ISA extensions that matter here) and the ISA
+    our kernels dispatch to (``$WINOPRUNE_ISA`` caps it: ``--isa``)."""
+    from lightning_winoprune.kernels import native_isa
+
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():
+                break
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    exts = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return (f"CPU: {fields.get('vendor_id', '?')} family {fields.get('cpu family', '?')} model "
+            f"{fields.get('model', '?')} ({fields.get('model name', '?')}), {os.cpu_count()} cores; "
+            f"{' '.join(exts) or 'no AVX2'}; our kernels dispatch to {native_isa() or 'none (extension not loaded)'}")
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -290,6 +314,11 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
                 model = torch.compile(model)
         torch.set_grad_enabled(False)
         fn = lambda: model(x)  # noqa: E731
+    return time_calls(fn, warmup, repeats)
+
+
+def time_calls(fn, warmup: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    """Median milliseconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -300,10 +329,11 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
     return statistics.median(times) * 1e3
 
 
-def run_worker(args: argparse.Namespace, name: str, batch: int, runtime: str) -> float | str:
-    cmd = [sys.executable, __file__, "--worker", runtime, "--models", name, "--batches", str(batch),
+def run_worker(args: argparse.Namespace, name: str, batch: int, runtime: str, script: str = __file__) -> float | str:
+    """One runtime timed in a process of its own (``script --worker``): its median ms, or why it could not run."""
+    cmd = [sys.executable, script, "--worker", runtime, "--models", name, "--batches", str(batch),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    cmd += ["--no-arena"] if args.no_arena else []
+    cmd += ["--no-arena"] if getattr(args, "no_arena", False) else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -323,12 +353,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-prepare", action="store_true", help="reuse the artifacts of an earlier run")
+    parser.add_argument("--isa", choices=("avx512", "avx2", "generic"),
+                        help="cap the ISA our kernels dispatch to (sets $WINOPRUNE_ISA for every process): "
+                             "measures the AVX2 path on an AVX-512 machine")
     parser.add_argument("--no-arena", action="store_true",
                         help="leave glibc's malloc as it is (by default every torch process calls "
                              "lightning_winoprune.deploy.keep_freed_memory: no page faults on large activations)")
     parser.add_argument("--worker", choices=RUNTIMES, help=argparse.SUPPRESS)
     parser.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.isa and not args.worker and not args.prepare_only:
+        global OUT
+        os.environ["WINOPRUNE_ISA"] = args.isa  # before the extension loads; inherited by every process
+        OUT = OUT.parent / f"deploy-{args.isa}"
     if args.worker:
         print("RESULT " + json.dumps(worker(args.models[0], args.batches[0], args.worker, args.threads,
                                             args.repeats, args.warmup, not args.no_arena)))
@@ -338,7 +375,9 @@ def main() -> None:
         return
     import torch
 
-    results: dict = {"torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
+    print(machine_line(), flush=True)
+    results: dict = {"machine": machine_line(), "torch": torch.__version__, "threads": args.threads,
+                     "rounds": args.rounds,
                      "keep_freed_memory": not args.no_arena, "rows": []}
     for name in args.models:
         for batch in args.batches:
@@ -379,7 +418,8 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1))
     cols = [r for r in RUNTIMES if r in args.runtimes]
-    print(f"\ntorch {results['torch']}, {args.threads} threads, 224x224, median of {args.rounds} rounds "
+    print(f"\n{results['machine']}\ntorch {results['torch']}, {args.threads} threads, 224x224, median of "
+          f"{args.rounds} rounds "
           f"(each the median of {args.repeats} runs in its own process), torch processes "
           + ("with keep_freed_memory()" if not args.no_arena else "with glibc's default malloc") + "\n")
     print("| model | batch | " + " | ".join(cols) + " | best dense | ours vs best dense | bound (ours-rest) |")
