@@ -21,11 +21,21 @@ def quiet() -> Console:
     return Console()
 
 
+#: The Trainer's ``precision`` for every fit of the accuracy benchmarks (their ``--precision`` sets it).
+PRECISION = {"value": "32-true"}
+
+
 def trainer(epochs: int, callbacks: list | None = None) -> L.Trainer:
-    """A quiet CPU trainer without checkpoints or loggers."""
+    """A quiet CPU trainer without checkpoints or loggers, in the precision ``--precision`` chose."""
     return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [],
-                     num_sanity_val_steps=0)
+                     num_sanity_val_steps=0, precision=PRECISION["value"])
+
+
+def add_precision_argument(ap) -> None:  # type: ignore[no-untyped-def]
+    """``--precision``: the Trainer precision of every fit (dense training and fine-tuning); tests stay float32."""
+    ap.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed"),
+                    help="Trainer precision of every fit; bf16-mixed is CPU autocast to bfloat16")
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ pruning and after fine-tuning, the drop from dense, the real-DW ratio (mean and 
 sub-GEMM pruning ratio, the paper's Table 2) and the u/o pattern per depthwise layer.
 
     python benchmarks/bench_deprune_accuracy.py [--epochs 6] [--finetune 2] [--json out.json]
+    python benchmarks/bench_deprune_accuracy.py --dw 0.7 --pw 0.3 --precision bf16-mixed   # Trainer(precision=...)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import statistics
 import time
 
 import torch
-from _common import finetune_copy, quiet, train_dense
+from _common import PRECISION, add_precision_argument, finetune_copy, quiet, train_dense
 from rich.table import Table
 
 from lightning_winoprune import DEPrune
@@ -48,9 +49,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(NAMES))
     ap.add_argument("--tile", type=int, default=32)
     ap.add_argument("--json", help="write the results to this JSON file")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the dense model's initialisation and batch order")
+    add_precision_argument(ap)
     args = ap.parse_args()
+    PRECISION["value"] = args.precision
     console = quiet()
-    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console)
+    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console, args.seed)
 
     rows = []
     for dw in args.dw:
@@ -71,8 +75,8 @@ def main() -> None:
                 console.print(f"  DW {dw:.0%} PW {pw:.0%} {NAMES[method]:15}: pruned {acc_pruned:.4f} -> "
                               f"fine-tuned {acc:.4f}, real DW mean {statistics.mean(rdw):.3f}")
 
-    table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, fine-tuning {args.finetune} "
-                        f"epochs per run, tile {args.tile}")
+    table = Table(title=f"{args.model} on digits ({args.precision}): dense test accuracy {dense_acc:.4f}, "
+                        f"fine-tuning {args.finetune} epochs per run, tile {args.tile}")
     for col in ("DW", "PW", "method", "DW sparsity", "acc. after pruning", "acc. fine-tuned", "drop",
                 "real DW mean/min", "DW-Pat. per layer"):
         table.add_column(col)

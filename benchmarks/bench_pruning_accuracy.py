@@ -8,6 +8,7 @@ mask-maintenance overhead (the forward ``weight * mask`` and its backward) as a 
 with the same model without masks.
 
     python benchmarks/bench_pruning_accuracy.py [--model resnet18] [--epochs 4] [--finetune 2] [--json out.json]
+    python benchmarks/bench_pruning_accuracy.py --amounts 0.7 --precision bf16-mixed   # Trainer(precision=...)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from _common import finetune_copy, quiet, train_dense
+from _common import PRECISION, add_precision_argument, finetune_copy, quiet, train_dense
 from rich.table import Table
 
 from lightning_winoprune import WinogradConv2d, WinogradPruning, winogradize
@@ -81,9 +82,12 @@ def main() -> None:
     ap.add_argument("--score", default="l2", help="block score of every run (l2, l1, l2-scaled, taylor)")
     ap.add_argument("--overhead-reps", type=int, default=20)
     ap.add_argument("--json", help="write the results to this JSON file")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the dense model's initialisation and batch order")
+    add_precision_argument(ap)
     args = ap.parse_args()
+    PRECISION["value"] = args.precision
     console = quiet()
-    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console)
+    dense, data, dense_acc = train_dense(args.model, args.image_size, args.epochs, console, args.seed)
 
     rows = []
     for amount in args.amounts:
@@ -101,8 +105,8 @@ def main() -> None:
                          "seconds": time.perf_counter() - t0})
             console.print(f"  {method:6} {amount:.0%}: pruned {acc_pruned:.4f} -> fine-tuned {acc:.4f}")
 
-    table = Table(title=f"{args.model} on digits: dense test accuracy {dense_acc:.4f}, score {args.score}, "
-                        f"fine-tuning {args.finetune} epochs per run")
+    table = Table(title=f"{args.model} on digits ({args.precision}): dense test accuracy {dense_acc:.4f}, "
+                        f"score {args.score}, fine-tuning {args.finetune} epochs per run")
     for col in ("amount", "method", "sparsity", "acc. after pruning", "acc. fine-tuned", "drop", "policies/layer"):
         table.add_column(col, justify="right" if col not in ("method", "policies/layer") else "left")
     for r in rows:

@@ -109,6 +109,18 @@ def test_every_recipe_runs_a_smoke_fit(name, smoke_runs, quiet_single_thread):
     check_smoke_run(smoke_runs(name), name)
 
 
+def test_a_recipe_trains_under_bf16_mixed(tmp_path, quiet_single_thread):
+    """``--trainer.precision bf16-mixed`` (CPU autocast to bfloat16) is the recipes' bfloat16 switch. 32x32: at 16x16
+    resnet18's layer4.0.conv1 sees a 1x1 map, where torch 2.14's bfloat16 weight gradient is garbage."""
+    cli = run_cli(["fit", "--config", "resnet18_wspr", "--trainer.logger", "false", *smoke_args(tmp_path, 32),
+                   "--trainer.precision", "bf16-mixed"])
+    assert cli.trainer.precision == "bf16-mixed"
+    check_smoke_run(cli, "resnet18_wspr")
+    layers = [m for m in cli.model.modules() if getattr(m, "mask", None) is not None]
+    assert layers and all(torch.count_nonzero(m.weight.detach()[~m.mask]) == 0 for m in layers)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in cli.model.parameters())
+
+
 def test_overrides_change_the_recipe_and_links_follow_the_data(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "")  # unset: left alone, since this run has no WandbLogger
     monkeypatch.setattr(sys, "argv", ["winoprune"])  # only the explicit arguments
