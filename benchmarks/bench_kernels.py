@@ -14,6 +14,12 @@ set. Run on a quiet machine::
     python benchmarks/bench_kernels.py --quick         # batch 1, 70% only, fewer repeats (about 2 minutes)
     python benchmarks/bench_kernels.py --section depthwise --repeats 50
     python benchmarks/bench_kernels.py --section pooling
+    python benchmarks/bench_kernels.py --stages        # each stage of the Winograd kernel, and its efficiency
+
+``--stages`` times the three stages of our Winograd kernel (input transform, sparse GEMM, output transform) inside
+each ResNet-18 layer, dense and BWSP 70%, F(2,3), and reports each layer's efficiency: kept multiply-adds per second
+as a share of this machine's FMA peak. The peak is measured, not looked up: every thread runs independent FMA chains
+on the dispatched ISA's vectors (``_C.fma_peak_gflops``), which is the most any kernel compiled for that ISA reaches.
 """
 
 from __future__ import annotations
@@ -120,6 +126,53 @@ def bench_winograd(console: Console, batches: list[int], amounts: list[float], r
                 best = ", ".join(f"{key} {row['ratio'][key]:.2f}x" for key in packed if "@70" in key or key == "dense")
                 console.print(f"{name} b{n} F({m},3): torch {med['torch']:.2f} ms | {best}")
     return rows
+
+
+def _profile(pk: PackedWinogradConv, x: torch.Tensor, out: torch.Tensor, threads: int) -> dict[str, float]:
+    """One run of ``pk``'s plan with each stage timed (thread-seconds)."""
+    from lightning_winoprune.kernels._backend import native_module
+
+    bias = None if pk.bias is None else pk.bias.numpy()
+    return native_module().winograd_profile(x.numpy(), pk.plan_meta.numpy(), pk.plan_cols.numpy(),
+                                            pk.plan_vals.numpy(), pk.plan_acc.numpy(), bias, pk.act_code, 1, 1,
+                                            out.numpy(), threads)
+
+
+def bench_stages(console: Console, batches: list[int], repeats: int, threads: int) -> dict:
+    """Stage shares and efficiency of our F(2,3) kernel on ResNet-18's 3x3 layers, dense and BWSP 70%."""
+    from lightning_winoprune.kernels._backend import native_module
+
+    native = native_module()
+    peak = statistics.median(native.fma_peak_gflops(threads) for _ in range(5))
+    console.print(f"FMA peak, {native.isa()} vectors, {threads} threads: {peak:.0f} GFLOP/s (median of 5)")
+    rows, gen = [], torch.Generator().manual_seed(0)
+    for name, c, k, h in RESNET18:
+        u = torch.randn(k, c, 4, 4, generator=gen)
+        for n in batches:
+            x, out = torch.randn(n, c, h, h, generator=gen), torch.empty(n, k, h, h)
+            for key, mask in (("dense", None), ("bwsp@70", winograd_mask(u, 0.7, method_pattern("bwsp"))[0])):
+                pk = PackedWinogradConv(u, mask, 2, 1, backend="native", threads=threads)
+                info = native.winograd_plan_info(pk.plan_meta.numpy())
+                ms = medians({"total": lambda pk=pk, x=x: pk(x)}, repeats)["total"]
+                stages = [_profile(pk, x, out, threads) for _ in range(repeats)]
+                sec = {s: statistics.median(r[s] for r in stages) for s in ("input", "gemm", "output")}
+                tiles = n * ((h + 1) // 2) ** 2
+                rows.append({"layer": name, "batch": n, "mask": key, "ms": ms, "stage_thread_s": sec,
+                             "share": {s: v / sum(sec.values()) for s, v in sec.items()},
+                             "kept_macs": info.kept * tiles, "work_macs": info.work * tiles,
+                             "efficiency": 2 * info.kept * tiles / (ms * 1e-3) / (peak * 1e9),
+                             "work_efficiency": 2 * info.work * tiles / (ms * 1e-3) / (peak * 1e9)})
+    table = Table(title=f"our F(2,3) kernel by stage ({threads} threads, ISA {native.isa()}, peak {peak:.0f} GFLOP/s)")
+    for col in ("layer", "batch", "mask", "ms", "input", "GEMM", "output", "kept MACs", "efficiency",
+                "incl. padding"):
+        table.add_column(col, justify="left" if col in ("layer", "mask") else "right")
+    for r in rows:
+        sh = r["share"]
+        table.add_row(r["layer"], str(r["batch"]), r["mask"], f"{r['ms']:.3f}", f"{sh['input']:.0%}",
+                      f"{sh['gemm']:.0%}", f"{sh['output']:.0%}", f"{r['kept_macs'] / 1e6:.1f} M",
+                      f"{r['efficiency']:.1%}", f"{r['work_efficiency']:.1%}")
+    console.print(table)
+    return {"peak_gflops": peak, "rows": rows}
 
 
 def bench_depthwise(console: Console, batches: list[int], amounts: list[float], repeats: int,
@@ -258,6 +311,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per median (default 30, quick 10)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default="benchmarks/results/kernels.json")
+    ap.add_argument("--stages", action="store_true",
+                    help="only the Winograd kernel's stages and efficiency against the measured FMA peak")
     args = ap.parse_args()
     console = Console(width=200)
     if not native_available():
@@ -269,6 +324,14 @@ def main() -> None:
     console.print(f"torch {torch.__version__}, ISA {native_isa()}, {args.threads} threads, "
                   f"OMP_PROC_BIND={os.environ.get('OMP_PROC_BIND')} OMP_PLACES={os.environ.get('OMP_PLACES')}, "
                   f"{platform.processor() or platform.machine()}")
+    if args.stages:
+        result = bench_stages(console, batches, repeats, args.threads)
+        out = Path(args.out).with_name("kernel_stages.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"threads": args.threads, "isa": native_isa(), "torch": torch.__version__,
+                                   **result}, indent=1))
+        console.print(f"results written to {out}")
+        return
     wino = dw = []
     e2e: dict = {}
     if args.section in ("all", "winograd"):

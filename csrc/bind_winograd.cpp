@@ -172,9 +172,11 @@ const winoprune::KernelTable& table_for_mr(int mr, bool csr) {
   return winoprune::kernel_table(best);  // winograd_view then names the mismatch
 }
 
-void winograd_run(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& cols_obj,
-                  const py::handle& vals_obj, const py::handle& acc_obj, const py::object& bias_obj, int act,
-                  index_t pad_top, index_t pad_left, const py::handle& out_obj, int threads) {
+// winograd_run's work; `stages` (nullable) receives the thread-seconds of each stage.
+void run_plan(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& cols_obj,
+              const py::handle& vals_obj, const py::handle& acc_obj, const py::object& bias_obj, int act,
+              index_t pad_top, index_t pad_left, const py::handle& out_obj, int threads,
+              winoprune::StageSeconds* stages) {
   auto x = as_array<float>(x_obj, "x");
   auto out = as_array<float>(out_obj, "out", true);
   auto meta = as_array<index_t>(meta_obj, "meta");
@@ -203,7 +205,35 @@ void winograd_run(const py::handle& x_obj, const py::handle& meta_obj, const py:
   const float* xp = x.data();
   float* yp = out.mutable_data();
   py::gil_scoped_release release;
-  table.winograd_forward(view, g, xp, yp, wp, need, nt);
+  table.winograd_forward(view, g, xp, yp, wp, need, nt, stages);
+}
+
+void winograd_run(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& cols_obj,
+                  const py::handle& vals_obj, const py::handle& acc_obj, const py::object& bias_obj, int act,
+                  index_t pad_top, index_t pad_left, const py::handle& out_obj, int threads) {
+  run_plan(x_obj, meta_obj, cols_obj, vals_obj, acc_obj, bias_obj, act, pad_top, pad_left, out_obj, threads, nullptr);
+}
+
+// winograd_run, and the thread-seconds each stage of the tile blocks took: {"input", "gemm", "output"}.
+py::dict winograd_profile(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& cols_obj,
+                          const py::handle& vals_obj, const py::handle& acc_obj, const py::object& bias_obj, int act,
+                          index_t pad_top, index_t pad_left, const py::handle& out_obj, int threads) {
+  winoprune::StageSeconds st;
+  run_plan(x_obj, meta_obj, cols_obj, vals_obj, acc_obj, bias_obj, act, pad_top, pad_left, out_obj, threads, &st);
+  py::dict d;
+  d["input"] = st.input;
+  d["gemm"] = st.gemm;
+  d["output"] = st.output;
+  return d;
+}
+
+// The FMA peak of the ISA the kernels dispatch to (see KernelTable::fma_peak_gflops).
+double fma_peak_gflops(int threads, index_t iters) {
+  if (iters < 1) throw py::value_error("iters must be a positive int, got " + std::to_string(iters));
+  const int nt = resolve_threads(threads);
+  const auto& table = winoprune::kernel_table(winoprune::detect_isa());
+  py::gil_scoped_release release;
+  return table.fma_peak_gflops(nt, iters);
 }
 
 // What Python may know about a plan, read from its meta (validated header, named fields).
@@ -255,6 +285,14 @@ void bind_winograd(py::module_& mod) {
           py::arg("acc"), py::arg("bias"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
           py::arg("threads") = -1,
           "Winograd conv of x into out from a plan's arrays (validated), with a fused activation; thread-safe.");
+  mod.def("winograd_profile", &winograd_profile, py::arg("x"), py::arg("meta"), py::arg("cols"), py::arg("vals"),
+          py::arg("acc"), py::arg("bias"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
+          py::arg("threads") = -1,
+          "winograd_run, timing each stage of the tile blocks: {'input', 'gemm', 'output'} thread-seconds (summed "
+          "over the threads; threads sharing a block count each stage's wait for the slowest).");
+  mod.def("fma_peak_gflops", &fma_peak_gflops, py::arg("threads") = -1, py::arg("iters") = 4000000,
+          "Multiply-add peak (GFLOP/s) of the dispatched ISA's vectors on `threads` threads, measured with "
+          "independent FMA chains in registers.");
 }
 
 }  // namespace winoprune_py

@@ -95,6 +95,13 @@ struct PoolGeometry {
   index_t kh, kw, stride_h, stride_w, pad_top, pad_left;
 };
 
+// Thread-seconds a Winograd forward spent in each stage of its tile blocks, summed over the threads (the kernel adds
+// to it when a caller passes one; nullptr: nothing is timed). Threads that share a block time each stage's whole
+// parallel loop, their wait for the slowest thread included.
+struct StageSeconds {
+  double input = 0.0, gemm = 0.0, output = 0.0;
+};
+
 // One ISA's entry points. Workspace sizes are in floats; workspaces are caller-owned (no allocation per call).
 struct KernelTable {
   Isa isa;
@@ -103,7 +110,10 @@ struct KernelTable {
   int mr;             // panel height used when packing for this ISA
   index_t (*winograd_workspace)(const WinogradPlanView&, const ConvGeometry&, int threads);
   void (*winograd_forward)(const WinogradPlanView&, const ConvGeometry&, const float* x, float* y, float* workspace,
-                           index_t workspace_size, int threads);
+                           index_t workspace_size, int threads, StageSeconds* stages);
+  // Multiply-add throughput of this ISA's vectors on `threads` threads (GFLOP/s, 2 per FMA lane): independent FMA
+  // chains in registers for `iters` rounds, the bound a compute kernel on this ISA can reach.
+  double (*fma_peak_gflops)(int threads, index_t iters);
   void (*depthwise_forward)(const DepthwisePlanView&, const DepthwiseGeometry&, const float* x, float* y,
                             int threads);
   void (*max_pool_forward)(const PoolGeometry&, const float* x, float* y, int threads);

@@ -2,6 +2,7 @@
 //   -DWINOPRUNE_ISA_NS=isa_generic|isa_avx2|isa_avx512 -DVW=<floats per vector> -DMR=<panel height>
 // and the matching -m flags; everything it defines lives in winoprune::<WINOPRUNE_ISA_NS> (see isa.h).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <cstring>
@@ -27,6 +28,7 @@ namespace WINOPRUNE_ISA_NS {
 #include "pool_kernels.h"
 #include "winograd_conv_kernels.h"
 #include "training_kernels.h"
+#include "peak.h"
 
 const KernelTable& table() {
   static const KernelTable t{static_cast<Isa>(WINOPRUNE_ISA_ID),
@@ -35,6 +37,7 @@ const KernelTable& table() {
                              MR,
                              &winograd_workspace,
                              &winograd_forward,
+                             &fma_peak_gflops,
                              &depthwise_forward,
                              &max_pool_forward,
                              &train_BT,

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "isa.h"
@@ -509,9 +510,34 @@ inline void gemm_item(const WinogradPlanView& pl, index_t w, const index_t* pane
   }
 }
 
+// Seconds since `start` when stage timing is on (the clock is read only then).
+struct StageClock {
+  using clock = std::chrono::steady_clock;
+  bool on;
+  clock::time_point last;
+  explicit StageClock(bool enabled) : on(enabled), last(enabled ? clock::now() : clock::time_point{}) {}
+  double lap() {
+    if (!on) return 0.0;
+    const auto now = clock::now();
+    const double s = std::chrono::duration<double>(now - last).count();
+    last = now;
+    return s;
+  }
+};
+
+inline void add_stages(StageSeconds* st, double in, double gemm, double out) {
+  if (!st) return;
+#pragma omp critical(winoprune_stage_seconds)
+  {
+    st->input += in;
+    st->gemm += gemm;
+    st->output += out;
+  }
+}
+
 template <int P, int NV>
 void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layout& L, const float* x, float* y,
-                  float* ws, const index_t* panel_xi, index_t n_items, int threads) {
+                  float* ws, const index_t* panel_xi, index_t n_items, int threads, StageSeconds* st) {
   const index_t C = pl.C, K = pl.K, Tb = L.Tb;
   if (!L.shared) {
 #pragma omp parallel num_threads(threads)
@@ -525,13 +551,20 @@ void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layou
       float* M = V + L.v_size;
       zero_pruned_rows(pl, M, Tb);
       TileInfo ti;
+      StageClock clk(st != nullptr);
+      double t_in = 0.0, t_gemm = 0.0, t_out = 0.0;
 #pragma omp for schedule(static)
       for (index_t b = 0; b < L.blocks; ++b) {
+        clk.lap();
         tile_info<P>(g, C, K, L.th, L.tw, b * Tb, Tb, L.T, ti);
         input_block<P>(x, g, C, 0, C, ti, Tb, V);
+        t_in += clk.lap();
         for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
+        t_gemm += clk.lap();
         output_block<P>(M, g, K, 0, K, pl.bias, pl.act, ti, Tb, y);
+        t_out += clk.lap();
       }
+      add_stages(st, t_in, t_gemm, t_out);
     }
     return;
   }
@@ -541,15 +574,22 @@ void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layou
 #pragma omp parallel num_threads(threads)
   {
     TileInfo ti;
+    StageClock clk(st != nullptr);
+    double t_in = 0.0, t_gemm = 0.0, t_out = 0.0;
     for (index_t b = 0; b < L.blocks; ++b) {
+      clk.lap();
       tile_info<P>(g, C, K, L.th, L.tw, b * Tb, Tb, L.T, ti);
 #pragma omp for schedule(static)
       for (index_t c = 0; c < C; ++c) input_block<P>(x, g, C, c, c + 1, ti, Tb, V);
+      t_in += clk.lap();
 #pragma omp for schedule(dynamic, 4)
       for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
+      t_gemm += clk.lap();
 #pragma omp for schedule(static)
       for (index_t k = 0; k < K; ++k) output_block<P>(M, g, K, k, k + 1, pl.bias, pl.act, ti, Tb, y);
+      t_out += clk.lap();
     }
+    add_stages(st, t_in, t_gemm, t_out);
   }
 }
 
@@ -561,7 +601,7 @@ inline index_t winograd_workspace(const WinogradPlanView& pl, const ConvGeometry
 
 // Throws std::invalid_argument on a plan packed for another panel height or a too-small workspace.
 inline void winograd_forward(const WinogradPlanView& pl, const ConvGeometry& g, const float* x, float* y,
-                             float* workspace, index_t workspace_size, int threads) {
+                             float* workspace, index_t workspace_size, int threads, StageSeconds* stages) {
   using namespace winograd_detail;
   if (!pl.csr && pl.mr != MR) throw std::invalid_argument("plan was packed for another ISA (panel height differs)");
   threads = std::max(threads, 1);
@@ -569,7 +609,7 @@ inline void winograd_forward(const WinogradPlanView& pl, const ConvGeometry& g, 
   if (workspace_size < L.slots * (L.v_size + L.m_size)) throw std::invalid_argument("workspace too small");
   const index_t P2 = static_cast<index_t>(pl.p) * pl.p;
   const index_t n_items = pl.csr ? P2 * pl.K : pl.n_items;
-#define WINOPRUNE_FWD(P, NV) forward_impl<P, NV>(pl, g, L, x, y, workspace, pl.panel_xi, n_items, threads)
+#define WINOPRUNE_FWD(P, NV) forward_impl<P, NV>(pl, g, L, x, y, workspace, pl.panel_xi, n_items, threads, stages)
   if (pl.p == 4) {
     if (L.nv == 1) WINOPRUNE_FWD(4, 1); else WINOPRUNE_FWD(4, 2);
   } else if (pl.p == 6) {

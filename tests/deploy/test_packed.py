@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, SparseForm
 from lightning_winoprune.kernels import native_available, native_isa
+from lightning_winoprune.pruning._methods import method_pattern, winograd_mask
 from lightning_winoprune.winograd import WinogradConv2d
 
 needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
@@ -276,6 +277,36 @@ def test_python_api_rejects_bad_input():
         PackedDepthwiseConv(torch.randn(3, 1, 3, 3))(torch.randn(1, 4, 5, 5))
     with pytest.raises(ValueError, match=r"depthwise \(C, 1, kh, kw\)"):
         PackedDepthwiseConv(torch.randn(3, 2, 3, 3))
+
+
+@needs_ext
+@pytest.mark.parametrize(("n", "h", "threads"), [(1, 7, 2), (4, 20, 2), (2, 9, 1)])  # shared block / per thread
+@pytest.mark.parametrize("amount", [0.0, 0.7])
+def test_winograd_profile_computes_what_run_computes_and_times_every_stage(n, h, threads, amount):
+    gen = torch.Generator().manual_seed(n * h)
+    u = torch.randn(12, 8, 4, 4, generator=gen)
+    mask = None if amount == 0 else winograd_mask(u, amount, method_pattern("bwsp"))[0]
+    pk = PackedWinogradConv(u, mask, 2, 1, backend="native", act="relu")
+    x = torch.randn(n, 8, h, h, generator=gen)
+    arrays = [t.numpy() for t in (pk.plan_meta, pk.plan_cols, pk.plan_vals, pk.plan_acc)]
+    run_out, prof_out = torch.empty(n, 12, h, h), torch.empty(n, 12, h, h)
+    _C.winograd_run(x.numpy(), *arrays, None, pk.act_code, 1, 1, run_out.numpy(), threads)
+    stages = _C.winograd_profile(x.numpy(), *arrays, None, pk.act_code, 1, 1, prof_out.numpy(), threads)
+    assert torch.equal(prof_out, run_out) and torch.equal(run_out, pk(x))
+    assert set(stages) == {"input", "gemm", "output"} and all(v > 0 for v in stages.values())
+    with pytest.raises(ValueError, match="threads must be >= 1 or -1"):
+        _C.winograd_profile(x.numpy(), *arrays, None, 0, 1, 1, prof_out.numpy(), 0)
+
+
+@needs_ext
+def test_fma_peak_is_measured_and_checks_its_arguments():
+    one = _C.fma_peak_gflops(1, 200_000)
+    assert one > 0.5  # even the portable build does a multiply and an add per lane per cycle or so
+    assert _C.fma_peak_gflops(threads=2, iters=200_000) > 0.5
+    with pytest.raises(ValueError, match="iters must be a positive int, got 0"):
+        _C.fma_peak_gflops(1, 0)
+    with pytest.raises(ValueError, match="threads must be >= 1 or -1"):
+        _C.fma_peak_gflops(0)
 
 
 @needs_ext
