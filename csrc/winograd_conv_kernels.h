@@ -300,17 +300,21 @@ inline void input_tiles(const wp_vf (&dv)[P][P], Store store_xi) {
     for (int j = 0; j < P; ++j) store_xi(i * P + j, combine(Mats<P>::BT[j], [&](int v) { return tmp[i][v]; }));
 }
 
-// V[(xi * C + c) * Tb + t] for channels [c0, c1) of one block.
+// V's stride between Winograd positions: C * Tb floats and one cache line more. With C and Tb powers of two the plain
+// stride is a multiple of 4 KiB, so the P*P rows a channel writes (and the GEMM reads) would all fall into one L1 set.
+inline index_t v_stride(index_t C, index_t Tb) { return C * Tb + 16; }
+
+// V[xi * v_stride + c * Tb + t] for channels [c0, c1) of one block.
 template <int P>
 void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, index_t c1, const TileInfo& ti,
                  index_t Tb, float* V) {
-  const index_t plane = g.H * g.W;
+  const index_t plane = g.H * g.W, vs = v_stride(C, Tb);
   for (index_t c = c0; c < c1; ++c) {
     const float* xc = x + c * plane;
     for (index_t l0 = 0; l0 < Tb; l0 += VW) {
       wp_vf dv[P][P];
       load_tiles<P>(xc, g, ti, l0, dv);
-      input_tiles<P>(dv, [&](int xi, wp_vf v) { store(V + (xi * C + c) * Tb + l0, v); });
+      input_tiles<P>(dv, [&](int xi, wp_vf v) { store(V + xi * vs + c * Tb + l0, v); });
     }
   }
 }
@@ -476,7 +480,7 @@ inline Layout layout(const WinogradPlanView& pl, const ConvGeometry& g, int thre
   L.blocks = (L.T + L.Tb - 1) / L.Tb;
   L.shared = threads > 1 && L.blocks < 4 * static_cast<index_t>(threads);
   const index_t P2 = static_cast<index_t>(pl.p) * pl.p;
-  L.v_size = P2 * pl.C * L.Tb;
+  L.v_size = P2 * v_stride(pl.C, L.Tb);
   L.m_size = P2 * (pl.K + 1) * L.Tb;
   L.slots = L.shared ? 1 : std::max(threads, 1);
   return L;
@@ -501,11 +505,11 @@ inline void gemm_item(const WinogradPlanView& pl, index_t w, const index_t* pane
                       index_t Tb) {
   if (pl.csr) {
     const index_t xi = w / pl.K, k = w % pl.K;
-    csr_row<NV>(pl, w, V + xi * pl.C * Tb, M + (xi * (pl.K + 1) + k) * Tb, Tb);
+    csr_row<NV>(pl, w, V + xi * v_stride(pl.C, Tb), M + (xi * (pl.K + 1) + k) * Tb, Tb);
   } else {
     for (index_t q = pl.item_begin[w]; q < pl.item_begin[w + 1]; ++q) {
       const index_t xi = panel_xi[q];
-      panel_gemm<NV>(pl, q, V + xi * pl.C * Tb, M + xi * (pl.K + 1) * Tb, Tb);
+      panel_gemm<NV>(pl, q, V + xi * v_stride(pl.C, Tb), M + xi * (pl.K + 1) * Tb, Tb);
     }
   }
 }
