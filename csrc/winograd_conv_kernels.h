@@ -300,6 +300,26 @@ inline void input_tiles(const wp_vf (&dv)[P][P], Store store_xi) {
     for (int j = 0; j < P; ++j) store_xi(i * P + j, combine(Mats<P>::BT[j], [&](int v) { return tmp[i][v]; }));
 }
 
+// How many channels ahead input_block asks for the input rows it will read: a block reads P rows of every channel
+// plane, hundreds of separate streams that the hardware prefetchers do not follow.
+constexpr index_t kPrefetchChannels = 4;
+
+// Prefetches the P input rows of every lane group's first and last tile in channel plane xc (the lines between
+// them follow from the same rows when a group is a run).
+template <int P>
+inline void prefetch_tiles(const float* xc, const ConvGeometry& g, const TileInfo& ti, index_t Tb) {
+  for (index_t l0 = 0; l0 < Tb && l0 < ti.nt; l0 += VW) {
+    const index_t last = std::min<index_t>(l0 + VW, ti.nt) - 1;
+    for (const index_t t : {l0, (l0 + last) / 2, last}) {
+      const index_t h0 = std::max<index_t>(ti.h0[t], 0), w0 = std::max<index_t>(ti.w0[t], 0);
+      for (int u = 0; u < P; ++u) {
+        const index_t h = std::min<index_t>(h0 + u, g.H - 1);
+        __builtin_prefetch(xc + ti.xbase[t] + h * g.W + w0);
+      }
+    }
+  }
+}
+
 // V's stride between Winograd positions: C * Tb floats and one cache line more. With C and Tb powers of two the plain
 // stride is a multiple of 4 KiB, so the P*P rows a channel writes (and the GEMM reads) would all fall into one L1 set.
 inline index_t v_stride(index_t C, index_t Tb) { return C * Tb + 16; }
@@ -311,6 +331,7 @@ void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, i
   const index_t plane = g.H * g.W, vs = v_stride(C, Tb);
   for (index_t c = c0; c < c1; ++c) {
     const float* xc = x + c * plane;
+    if (c + kPrefetchChannels < c1) prefetch_tiles<P>(xc + kPrefetchChannels * plane, g, ti, Tb);
     for (index_t l0 = 0; l0 < Tb; l0 += VW) {
       wp_vf dv[P][P];
       load_tiles<P>(xc, g, ti, l0, dv);
