@@ -304,20 +304,20 @@ inline void input_tiles(const wp_vf (&dv)[P][P], Store store_xi) {
 // plane, hundreds of separate streams that the hardware prefetchers do not follow.
 constexpr index_t kPrefetchChannels = 4;
 
-// Prefetches the P input rows of every lane group's first and last tile in channel plane xc (the lines between
-// them follow from the same rows when a group is a run).
+// The offsets, inside a channel plane, of the P input rows of every lane group's first, middle and last tile: what
+// input_block prefetches kPrefetchChannels planes ahead (the lines between them follow from the same rows when a
+// group is a run). The same for every channel, so computed once per block. Returns how many it wrote.
 template <int P>
-inline void prefetch_tiles(const float* xc, const ConvGeometry& g, const TileInfo& ti, index_t Tb) {
+inline int prefetch_offsets(const ConvGeometry& g, const TileInfo& ti, index_t Tb, index_t (&off)[6 * P]) {
+  int n = 0;
   for (index_t l0 = 0; l0 < Tb && l0 < ti.nt; l0 += VW) {
     const index_t last = std::min<index_t>(l0 + VW, ti.nt) - 1;
     for (const index_t t : {l0, (l0 + last) / 2, last}) {
       const index_t h0 = std::max<index_t>(ti.h0[t], 0), w0 = std::max<index_t>(ti.w0[t], 0);
-      for (int u = 0; u < P; ++u) {
-        const index_t h = std::min<index_t>(h0 + u, g.H - 1);
-        __builtin_prefetch(xc + ti.xbase[t] + h * g.W + w0);
-      }
+      for (int u = 0; u < P; ++u) off[n++] = ti.xbase[t] + std::min<index_t>(h0 + u, g.H - 1) * g.W + w0;
     }
   }
+  return n;
 }
 
 // V's stride between Winograd positions: C * Tb floats and one cache line more. With C and Tb powers of two the plain
@@ -329,9 +329,12 @@ template <int P>
 void input_block(const float* x, const ConvGeometry& g, index_t C, index_t c0, index_t c1, const TileInfo& ti,
                  index_t Tb, float* V) {
   const index_t plane = g.H * g.W, vs = v_stride(C, Tb);
+  index_t pf[6 * P];  // at most two lane groups x three tiles x P rows
+  const int n_pf = c1 - c0 > kPrefetchChannels ? prefetch_offsets<P>(g, ti, Tb, pf) : 0;
   for (index_t c = c0; c < c1; ++c) {
     const float* xc = x + c * plane;
-    if (c + kPrefetchChannels < c1) prefetch_tiles<P>(xc + kPrefetchChannels * plane, g, ti, Tb);
+    if (c + kPrefetchChannels < c1)
+      for (int i = 0; i < n_pf; ++i) __builtin_prefetch(xc + kPrefetchChannels * plane + pf[i]);
     for (index_t l0 = 0; l0 < Tb; l0 += VW) {
       wp_vf dv[P][P];
       load_tiles<P>(xc, g, ti, l0, dv);
@@ -535,7 +538,7 @@ inline void gemm_item(const WinogradPlanView& pl, index_t w, const index_t* pane
   }
 }
 
-// Seconds since `start` when stage timing is on (the clock is read only then).
+// Seconds since the previous lap when stage timing is on (the clock is read only then; 0 otherwise).
 struct StageClock {
   using clock = std::chrono::steady_clock;
   bool on;
