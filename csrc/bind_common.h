@@ -55,6 +55,7 @@ inline carray<T> as_array(const py::handle& obj, const char* name, bool writable
                      : std::is_same<T, std::int64_t>::value  ? "int64"
                      : std::is_same<T, std::int32_t>::value  ? "int32"
                      : std::is_same<T, std::uint8_t>::value  ? "uint8"
+                     : std::is_same<T, std::uint16_t>::value ? "uint16"
                                                              : "float64";
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array of " + want + ", got " +
@@ -172,6 +173,7 @@ inline void check_activation(int act) {
 // The families' registrations, called once from PYBIND11_MODULE (bindings.cpp).
 void bind_training(py::module_& mod);
 void bind_winograd(py::module_& mod);
+void bind_winograd_bf16(py::module_& mod);
 void bind_depthwise(py::module_& mod);
 void bind_pool(py::module_& mod);
 

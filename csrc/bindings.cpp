@@ -1,7 +1,8 @@
 // The pybind11 module lightning_winoprune.kernels._C: torch-free C++17 kernels on float32 buffers.
 // The kernels live in the headers; each bind_*.cpp validates and dispatches one kernel family (bind_common.h holds
 // the shared checks): bind_training.cpp (training tile transforms), bind_winograd.cpp (pruned Winograd inference
-// conv), bind_depthwise.cpp (pruned depthwise conv), bind_pool.cpp (max pooling).
+// conv), bind_winograd_bf16.cpp (its bfloat16 form), bind_depthwise.cpp (pruned depthwise conv), bind_pool.cpp
+// (max pooling).
 #include "bind_common.h"
 
 PYBIND11_MODULE(_C, mod) {
@@ -10,6 +11,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.doc() = "lightning_winoprune native kernels (torch-free C++17 on float32 buffers).";
   bind_training(mod);
   bind_winograd(mod);
+  bind_winograd_bf16(mod);
   bind_depthwise(mod);
   bind_pool(mod);
   mod.def("isa", [] { return isa_name(winoprune::detect_isa()); },

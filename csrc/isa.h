@@ -53,6 +53,27 @@ struct WinogradPlanView {
   int act;                           // Activation applied after the bias
 };
 
+// The bfloat16 multiply of a Winograd conv (winograd_bf16.h, winograd_bf16_kernels.h): AMX tiles (TDPBF16PS) where
+// the CPU has them, VDPBF16PS rows on AVX512-BF16 CPUs without AMX; none elsewhere (no bfloat16 kernels).
+enum class Bf16Path : int { none = 0, avx512bf16 = 1, amx = 2 };
+constexpr index_t kBf16Rows = 16;   // output rows of a bfloat16 panel (AMX tile rows)
+constexpr index_t kBf16Chunk = 32;  // input channels of a chunk (bfloat16 values in an AMX tile row)
+
+// A plan packed for the bfloat16 kernels: panels of 16 output rows by kept 32-channel chunks (see winograd_bf16.h).
+struct WinogradBf16View {
+  int p, m;
+  index_t K, C;
+  index_t n_panels;
+  const index_t* panel_xi;           // (n_panels) Winograd position of every panel
+  const index_t* panel_rows;         // (n_panels * 16) output row of every panel row; K marks a padding row
+  const index_t* chunk_begin;        // (n_panels + 1) into chunks
+  const std::int32_t* chunks;        // kept 32-channel chunks of every panel
+  const std::uint16_t* A;            // bfloat16 weights: 16 x 32 row-major per (panel, kept chunk)
+  const index_t* row_map;            // (P2 * K) row of the compacted M holding (xi, k), -1 when pruned
+  const float* bias;                 // (K) or nullptr
+  int act;                           // Activation applied after the bias
+};
+
 // A training tile transform's geometry (winograd_tiles.h, training_kernels.h).
 struct TileGeometry {
   index_t N, C, H, W;          // shape of the NCHW tensor on the spatial side (x for input, y for output)
@@ -114,6 +135,12 @@ struct KernelTable {
   // Multiply-add throughput of this ISA's vectors on `threads` threads (GFLOP/s, 2 per FMA lane): independent FMA
   // chains in registers for `iters` rounds, the bound a compute kernel on this ISA can reach.
   double (*fma_peak_gflops)(int threads, index_t iters);
+  // The bfloat16 Winograd conv (float32 in and out, bfloat16 multiply with float32 sums) on `path`; nullptr where
+  // this ISA has no bfloat16 kernels. Workspace sizes are in floats.
+  index_t (*winograd_bf16_workspace)(const WinogradBf16View&, const ConvGeometry&, int threads);
+  void (*winograd_bf16_forward)(const WinogradBf16View&, const ConvGeometry&, const float* x, float* y,
+                                float* workspace, index_t workspace_size, int threads, Bf16Path path,
+                                StageSeconds* stages);
   void (*depthwise_forward)(const DepthwisePlanView&, const DepthwiseGeometry&, const float* x, float* y,
                             int threads);
   void (*max_pool_forward)(const PoolGeometry&, const float* x, float* y, int threads);
@@ -146,5 +173,9 @@ Isa detect_isa();
 // The table of an ISA; throws std::invalid_argument when the CPU (or this build) does not support it.
 const KernelTable& kernel_table(Isa isa);
 bool isa_supported(Isa isa);
+// The fastest bfloat16 path this CPU (and this OS: AMX needs the tile state granted) supports, capped by the
+// WINOPRUNE_BF16 environment variable (avx512bf16 or none) when set.
+Bf16Path detect_bf16();
+bool bf16_supported(Bf16Path path);
 
 }  // namespace winoprune

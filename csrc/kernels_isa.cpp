@@ -29,6 +29,9 @@ namespace WINOPRUNE_ISA_NS {
 #include "winograd_conv_kernels.h"
 #include "training_kernels.h"
 #include "peak.h"
+#if WINOPRUNE_ISA_ID == 2
+#include "winograd_bf16_kernels.h"
+#endif
 
 const KernelTable& table() {
   static const KernelTable t{static_cast<Isa>(WINOPRUNE_ISA_ID),
@@ -38,6 +41,13 @@ const KernelTable& table() {
                              &winograd_workspace,
                              &winograd_forward,
                              &fma_peak_gflops,
+#if WINOPRUNE_ISA_ID == 2
+                             &winograd_bf16_workspace,
+                             &winograd_bf16_forward,
+#else
+                             nullptr,
+                             nullptr,
+#endif
                              &depthwise_forward,
                              &max_pool_forward,
                              &train_BT,

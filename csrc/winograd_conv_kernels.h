@@ -387,21 +387,24 @@ inline void store_tiles(const wp_vf (&ov)[m][m], float* yk, const ConvGeometry& 
   }
 }
 
-// y for output channels [k0, k1) of one block; M rows are (K + 1) long per position.
-template <int P>
-void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, index_t k1, const float* bias,
-                  int act, const TileInfo& ti, index_t Tb, float* y) {
+// y for output channels [k0, k1) of one block; row(xi, k) points at the Tb floats of M holding position xi of output
+// channel k (a zero row where the plan pruned it).
+template <int P, typename Row>
+void output_block(Row row, const ConvGeometry& g, index_t k0, index_t k1, const float* bias, int act,
+                  const TileInfo& ti, float* y) {
   constexpr int m = P - 2;
   const index_t plane = g.Ho * g.Wo;
   for (index_t k = k0; k < k1; ++k) {
     const wp_vf bias_v = splat(bias ? bias[k] : 0.0f);
     float* yk = y + k * plane;
+    const float* mrow[P * P];
+    for (int xi = 0; xi < P * P; ++xi) mrow[xi] = row(xi, k);
     for (index_t l0 = 0; l0 < ti.nt; l0 += VW) {
       wp_vf mv[P][P], ov[m][m];
 #pragma GCC unroll 8
       for (int i = 0; i < P; ++i)
 #pragma GCC unroll 8
-        for (int j = 0; j < P; ++j) mv[i][j] = load(M + ((i * P + j) * (K + 1) + k) * Tb + l0);
+        for (int j = 0; j < P; ++j) mv[i][j] = load(mrow[i * P + j] + l0);
       output_tiles<P>(mv, bias_v, ov);
       if (act != act_none) {
 #pragma GCC unroll 8
@@ -413,6 +416,13 @@ void output_block(const float* M, const ConvGeometry& g, index_t K, index_t k0, 
     }
   }
 }
+
+// The dense M layout of the float32 kernels: (P2, K + 1, Tb).
+struct DenseRows {
+  const float* M;
+  index_t K, Tb;
+  const float* operator()(int xi, index_t k) const { return M + (xi * (K + 1) + k) * Tb; }
+};
 
 // One panel of R rows: M rows panel_rows[...] = A_q (n_cols x R)^T . V[cols], for NV vectors of tiles.
 template <int NV, int R>
@@ -589,7 +599,7 @@ void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layou
         t_in += clk.lap();
         for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
         t_gemm += clk.lap();
-        output_block<P>(M, g, K, 0, K, pl.bias, pl.act, ti, Tb, y);
+        output_block<P>(DenseRows{M, K, Tb}, g, 0, K, pl.bias, pl.act, ti, y);
         t_out += clk.lap();
       }
       add_stages(st, t_in, t_gemm, t_out);
@@ -614,7 +624,7 @@ void forward_impl(const WinogradPlanView& pl, const ConvGeometry& g, const Layou
       for (index_t w = 0; w < n_items; ++w) gemm_item<NV>(pl, w, panel_xi, V, M, Tb);
       t_gemm += clk.lap();
 #pragma omp for schedule(static)
-      for (index_t k = 0; k < K; ++k) output_block<P>(M, g, K, k, k + 1, pl.bias, pl.act, ti, Tb, y);
+      for (index_t k = 0; k < K; ++k) output_block<P>(DenseRows{M, K, Tb}, g, k, k + 1, pl.bias, pl.act, ti, y);
       t_out += clk.lap();
     }
     add_stages(st, t_in, t_gemm, t_out);
