@@ -12,6 +12,10 @@ For each timm model (random weights: latency does not depend on their values, on
   OpenVINO (the optional ``bench`` extra; skipped with a note when absent), and through our own ``deploy``. Every
   runtime computes in float32; OpenVINO's bfloat16 default (on CPUs with bfloat16 support) is shown as an extra
   column, not as the baseline, because it changes the model's numerics.
+* **ours-bf16** (on CPUs with AVX512-BF16 or AMX): the pruned model through ``deploy(..., precision="bf16")``, every
+  layer free to take a bfloat16 route (our Winograd kernels on AMX tiles or AVX512-BF16, oneDNN's bfloat16 convs),
+  compared with **openvino-bf16**, the dense model in OpenVINO's bfloat16. bfloat16 is another precision: its
+  error against the float32 pruned model and the top-1 agreement are printed beside it.
 * where the time goes: **ours-rest** (the shipped ``.pt2`` with the pruned layers' ops replaced by a zero output of
   their shape) and **openvino-rest** (OpenVINO on the dense model with those layers replaced by a stand-in of their
   output shape). Whole model minus rest is the time spent on the pruned layers; ``best dense / ours-rest`` bounds
@@ -42,8 +46,8 @@ import warnings
 from pathlib import Path
 
 MODELS = ("resnet18", "resnet50", "vgg16_bn", "mobilenetv2_100", "efficientnet_b0")
-RUNTIMES = ("ours", "ours-dense", "eager", "jit.freeze", "compile", "ort", "openvino", "openvino-bf16", "ours-rest",
-            "openvino-rest")
+RUNTIMES = ("ours", "ours-dense", "eager", "jit.freeze", "compile", "ort", "openvino", "openvino-bf16", "ours-bf16",
+            "ours-rest", "ours-bf16-rest", "openvino-rest")
 #: The float32 dense runtimes: the headline ratio is against the fastest of these. OpenVINO's default on CPUs with
 #: bfloat16 support runs in bfloat16 (another precision: relative errors near 1e-2); it is shown, not the baseline.
 DENSE_RUNTIMES = ("eager", "jit.freeze", "compile", "ort", "openvino", "ours-dense")
@@ -53,7 +57,7 @@ OUT = Path(__file__).resolve().parent / "results" / ("deploy" + (f"-{os.environ[
 #: The layer kinds of ``deploy``'s report that hold pruned layers, and the ops they run: ``ours-rest`` runs the
 #: shipped graph with their compute taken out.
 PRUNED_KINDS = ("winograd", "depthwise")
-PRUNED_OPS = ("winograd_conv", "depthwise_conv")
+PRUNED_OPS = ("winograd_conv", "winograd_conv_bf16", "depthwise_conv")
 
 
 # ------------------------------------------------------------------------------------------------ machine
@@ -164,6 +168,7 @@ def prepare(name: str, batch: int, threads: int, arena: bool = True) -> dict:
             loaded = torch.export.load(str(folder / f"{tag}.pt2")).module()
             ref = model(x)
             info[f"{tag}_pt2_error"] = float((loaded(x) - ref).abs().max() / ref.abs().max())
+    _prepare_bf16(pruned, x, ex2, dim, threads, folder, info)
     info["slower_layers"] = [f"{r['name']} {r['ms']:.3f} vs dense {r['dense_ms']:.3f}" for r in info["ours_layers"]
                              if r["ms"] is not None and r["dense_ms"] is not None and r["ms"] > r["dense_ms"] * 1.02]
     with warnings.catch_warnings():
@@ -182,6 +187,31 @@ def prepare(name: str, batch: int, threads: int, arena: bool = True) -> dict:
             info["onnx_rest_error"] = f"{type(err).__name__}: {err}"[:300]
     (folder / "info.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def _prepare_bf16(pruned, x, ex2, dim, threads: int, folder: Path, info: dict) -> None:  # type: ignore[no-untyped-def]
+    """``ours-bf16.pt2``: the pruned model deployed with ``precision="bf16"`` (where this CPU has bfloat16 kernels)."""
+    import torch
+
+    import lightning_winoprune as lw
+    from lightning_winoprune.deploy._packed_bf16 import bf16_refusal
+
+    refusal = bf16_refusal()
+    if refusal is not None:
+        info["ours_bf16_skipped"] = refusal
+        return
+    deployed = lw.deploy(pruned, x, threads=threads, verbose=False, time_model=False, precision="bf16")
+    report = deployed.deploy_report
+    info["ours-bf16_max_error"] = report.max_error
+    info["ours-bf16_layers"] = [{"name": r.name, "kind": r.kind, "route": r.route, "ms": r.ms,
+                                 "dense_ms": r.dense_ms, "shape": r.shape} for r in report.layers]
+    program = torch.export.export(deployed, (ex2,), dynamic_shapes={"x": {0: dim}})
+    torch.export.save(program, folder / "ours-bf16.pt2")
+    with torch.no_grad():
+        loaded = torch.export.load(str(folder / "ours-bf16.pt2")).module()
+        ref, out = pruned(x), loaded(x)
+        info["ours-bf16_pt2_error"] = float((out - ref).abs().max() / ref.abs().max())
+        info["ours-bf16_top1_agreement"] = float((out.argmax(1) == ref.argmax(1)).float().mean())
 
 
 # ------------------------------------------------------------------------------------------------ workers
@@ -296,12 +326,16 @@ def worker(name: str, batch: int, runtime: str, threads: int, repeats: int, warm
         if arena:
             keep_freed_memory()
         torch.set_num_threads(threads)
-        if runtime in ("ours", "ours-dense", "ours-rest"):
-            model = torch.export.load(str(folder / f"{runtime.replace('-rest', '')}.pt2")).module()
-            if runtime == "ours-rest":
+        if runtime in ("ours", "ours-dense", "ours-rest", "ours-bf16", "ours-bf16-rest"):
+            artifact = folder / f"{runtime.replace('-rest', '')}.pt2"
+            if not artifact.is_file():
                 info = json.loads((folder / "info.json").read_text())
-                model = without_pruned_compute(model, {r["name"] for r in info["ours_layers"]
-                                                       if r.get("kind") in PRUNED_KINDS})
+                return info.get("ours_bf16_skipped", f"no {artifact.name}")
+            model = torch.export.load(str(artifact)).module()
+            if runtime.endswith("-rest"):
+                info = json.loads((folder / "info.json").read_text())
+                layers = info["ours-bf16_layers" if runtime == "ours-bf16-rest" else "ours_layers"]
+                model = without_pruned_compute(model, {r["name"] for r in layers if r.get("kind") in PRUNED_KINDS})
         else:
             model = build(name, False)
             if runtime == "jit.freeze":
@@ -410,9 +444,13 @@ def main() -> None:
                    else None, "ratio_vs_eager": med["eager"] / med["ours"] if {"eager", "ours"} <= med.keys() else None,
                    "bound_vs_best_dense": (dense[best] / med["ours-rest"]) if best and "ours-rest" in med else None,
                    # time on the pruned layers: the whole model minus the model without them
-                   "pruned_layers_ms": {r: med[r] - med[f"{r}-rest"] for r in ("ours", "openvino")
+                   "pruned_layers_ms": {r: med[r] - med[f"{r}-rest"] for r in ("ours", "ours-bf16", "openvino")
                                         if {r, f"{r}-rest"} <= med.keys()},
-                   "max_error": info.get("ours_pt2_error"), "slower_layers": info.get("slower_layers", [])}
+                   "max_error": info.get("ours_pt2_error"), "slower_layers": info.get("slower_layers", []),
+                   "bf16_ratio_vs_openvino_bf16": (med["openvino-bf16"] / med["ours-bf16"])
+                   if {"openvino-bf16", "ours-bf16"} <= med.keys() else None,
+                   "bf16_max_error": info.get("ours-bf16_pt2_error"),
+                   "bf16_top1_agreement": info.get("ours-bf16_top1_agreement")}
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -431,6 +469,12 @@ def main() -> None:
               f" | {row['best_dense']} | {'-' if ratio is None else f'**{ratio:.2f}x**'} | "
               f"{'-' if bound is None else f'{bound:.2f}x'} |")
     print("\nbound: best dense / ours-rest, the ratio if the pruned layers' kernels took no time at all")
+    for row in results["rows"]:
+        if row["bf16_ratio_vs_openvino_bf16"] is not None:
+            print(f"{row['model']} batch {row['batch']}: bfloat16: ours-bf16 vs openvino-bf16 "
+                  f"**{row['bf16_ratio_vs_openvino_bf16']:.2f}x**; ours-bf16 against the float32 pruned model: "
+                  f"relative max error {row['bf16_max_error']:.1e}, top-1 agreement "
+                  f"{row['bf16_top1_agreement']:.0%} (batch {row['batch']}, random weights)")
     for row in results["rows"]:
         if row["pruned_layers_ms"]:
             print(f"{row['model']} batch {row['batch']}: time on the pruned layers (whole model minus the model "

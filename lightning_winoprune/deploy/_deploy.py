@@ -29,14 +29,15 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from lightning_winoprune.deploy._packed_bf16 import bf16_refusal
 from lightning_winoprune.deploy._passes import PASSES, DeployOptions, DeployState, run_passes
 from lightning_winoprune.deploy._report import DeployMismatchError, DeployReport, LayerRoute
-from lightning_winoprune.deploy._routes import DeployRoute
+from lightning_winoprune.deploy._routes import DeployRoute, Precision
 from lightning_winoprune.deploy._shapes import check_dynamic
 from lightning_winoprune.deploy._timing import cache_flusher, threads_context
 from lightning_winoprune.kernels._backend import Backend, native_available
 
-__all__ = ["PASSES", "DeployMismatchError", "DeployReport", "DeployRoute", "LayerRoute", "deploy"]
+__all__ = ["PASSES", "DeployMismatchError", "DeployReport", "DeployRoute", "LayerRoute", "Precision", "deploy"]
 
 
 def _check_args(model: nn.Module, example_input: torch.Tensor, repeats: int, threads: int | None,
@@ -74,6 +75,7 @@ def deploy(
     verbose: bool = True,
     cold_cache: bool = True,
     dynamic: str = "batch",
+    precision: Precision | str = Precision.FP32,
 ) -> nn.Module:
     """Turn a pruned model into the fast inference model: BN folded, activations fused, the fastest route per conv.
 
@@ -109,14 +111,21 @@ def deploy(
             dynamic H / W no route that fits one input size only is chosen (a ``Linear`` for a conv that covers its
             whole input), the smallest H and W are found by probing, and the output is also checked at that size
             and at a larger, odd one (routes are still timed at ``example_input``'s shape only).
+        precision: ``"fp32"`` (float32 everywhere, the default) or ``"bf16"``: every layer may also take a bfloat16
+            route (products in bfloat16, sums in float32, float32 between layers; our Winograd kernels on AMX or
+            AVX512-BF16, oneDNN's bfloat16 convs), the fastest of all candidates wins. bfloat16 is a different
+            precision: the output is checked against the float32 model with a looser tolerance (5e-2 relative max
+            error) and the report gives the top-1 agreement on ``example_input``. Refused (``ValueError``) on a CPU
+            without AVX512-BF16 or AMX-BF16.
 
     Returns:
         The deployed ``nn.Module`` (eval mode, CPU float32); its ``deploy_report`` attribute holds the
         :class:`DeployReport`, its ``deploy_shapes`` the :class:`~lightning_winoprune.deploy.DeployShapes`.
 
     Raises:
-        ValueError: On a model in training mode, a bad ``example_input``, ``repeats``, ``threads``, ``tolerance`` or
-            ``dynamic``, or, with a dynamic H / W, a model that fails at a size inside the range.
+        ValueError: On a model in training mode, a bad ``example_input``, ``repeats``, ``threads``, ``tolerance``,
+            ``dynamic`` or ``precision`` (``"bf16"`` on a CPU without bfloat16 kernels), or, with a dynamic H / W, a
+            model that fails at a size inside the range.
         TypeError: If ``model`` is not an ``nn.Module``.
         DeployMismatchError: If the deployed model's output differs from the model's beyond the tolerance.
 
@@ -124,9 +133,15 @@ def deploy(
     _check_args(model, example_input, repeats, threads, dynamic)
     if tolerance is not None and not tolerance > 0:
         raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
+    precision = Precision.parse(precision, "precision")
+    resolved = _resolve_backend(backend)
+    if precision is Precision.BF16:
+        refusal = "precision='bf16' needs backend='native'" if resolved is not Backend.NATIVE else bf16_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
     options = DeployOptions(tune, fold_bn, fuse_activation, threads or torch.get_num_threads(),
-                            -1 if threads is None else threads, repeats, warmup, _resolve_backend(backend), tolerance,
-                            time_model, dynamic, cache_flusher() if tune and cold_cache else None)
+                            -1 if threads is None else threads, repeats, warmup, resolved, tolerance,
+                            time_model, dynamic, cache_flusher() if tune and cold_cache else None, precision)
     x = example_input.detach().to("cpu", torch.float32).contiguous()
     state = DeployState(model, copy.deepcopy(model).to("cpu").float().eval(), x, options)
     with torch.no_grad(), threads_context(options.threads):

@@ -7,11 +7,15 @@ per calling thread. Every op has a fake (meta) implementation for tracing, and a
 deployed model is inference only (train the :class:`~lightning_winoprune.winograd.WinogradConv2d` model instead).
 
 * ``winoprune::winograd_conv``: a 3x3 stride-1 conv from packed Winograd-domain weights (dense, structured or CSR).
+* ``winoprune::winograd_conv_bf16``: the same conv with a bfloat16 multiply (AMX tiles or AVX512-BF16 rows; float32
+  transforms and sums, float32 in and out).
 * ``winoprune::depthwise_conv``: a depthwise conv from the kept taps of each channel.
 * ``winoprune::conv2d_act``: a dense conv with a fused activation on oneDNN (``mkldnn._convolution_pointwise``), with
   ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs. The weight
   stays a plain tensor (what is saved and exported); its oneDNN-blocked copy is made on first use and cached per
   weight tensor and input shape, and made again when the weight changes in place.
+* ``winoprune::conv2d_act_bf16``: ``conv2d_act`` in bfloat16 (oneDNN's AMX / AVX512-BF16 convs): the input is
+  rounded to bfloat16 (channels-last), the weight is bfloat16, the output comes back as float32 NCHW.
 * ``winoprune::conv1x1_act``: a 1x1 conv as one matrix product per image, bias and activation in place.
 * ``winoprune::max_pool2d``: max pooling of NCHW planes (PyTorch's is slow at small batches).
 
@@ -33,7 +37,7 @@ from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune._utils import conv_output_size
 from lightning_winoprune.kernels._backend import native_available, native_module
 
-__all__ = ["Activation", "activate_fresh", "apply_activation", "apply_activation_"]
+__all__ = ["Activation", "activate_fresh", "apply_activation", "apply_activation_", "onednn_bf16_available"]
 
 
 class Activation(ParsableEnum):
@@ -154,6 +158,10 @@ _LIB.define("depthwise_conv(Tensor x, Tensor meta, Tensor taps, Tensor weights, 
             "int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, int act, int threads) -> Tensor")
 _LIB.define("conv2d_act(Tensor x, Tensor weight, Tensor? bias, int stride_h, int stride_w, int pad_h, int pad_w, "
             "int groups, int act) -> Tensor")
+_LIB.define("winograd_conv_bf16(Tensor x, Tensor meta, Tensor chunks, Tensor A, Tensor? bias, int out_channels, "
+            "int pad_h, int pad_w, int act, int threads) -> Tensor")
+_LIB.define("conv2d_act_bf16(Tensor x, Tensor weight, Tensor? bias, int stride_h, int stride_w, int pad_h, "
+            "int pad_w, int groups, int act) -> Tensor")
 _LIB.define("conv1x1_act(Tensor x, Tensor weight, Tensor? bias, int act) -> Tensor")
 _LIB.define("max_pool2d(Tensor x, int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, int pad_w, "
             "int threads) -> Tensor")
@@ -178,6 +186,30 @@ def _winograd_conv_fake(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc
     _fake_nchw(x, "winograd_conv")
     return x.new_empty((x.shape[0], out_channels, _fake_out_size(x.shape[2], 3, 1, pad_h, "winograd_conv"),
                         _fake_out_size(x.shape[3], 3, 1, pad_w, "winograd_conv")))
+
+
+# ------------------------------------------------------------------------------------------- winograd_conv_bf16
+def winograd_conv_bf16(x: Tensor, meta: Tensor, chunks: Tensor, A: Tensor, bias: Tensor | None, out_channels: int,
+                       pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
+    """A 3x3 stride-1 conv from a bfloat16 plan's arrays (:class:`~lightning_winoprune.deploy.PackedWinogradConvBf16`).
+
+    ``A`` holds the bfloat16 bits as int16 (numpy has no bfloat16); the kernel reads them as uint16.
+    """
+    x = _cpu_float(x, "winograd_conv_bf16")
+    n, _, h, w = x.shape
+    out = torch.empty(n, out_channels, _out_size(h, 3, 1, pad_h, "winograd_conv_bf16"),
+                      _out_size(w, 3, 1, pad_w, "winograd_conv_bf16"))
+    native_module().winograd_bf16_run(x.numpy(), meta.numpy(), chunks.numpy(), A.numpy().view("uint16"),
+                                      None if bias is None else bias.detach().numpy(), act, pad_h, pad_w, out.numpy(),
+                                      threads)
+    return out
+
+
+def _winograd_conv_bf16_fake(x: Tensor, meta: Tensor, chunks: Tensor, A: Tensor, bias: Tensor | None,
+                             out_channels: int, pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
+    _fake_nchw(x, "winograd_conv_bf16")
+    return x.new_empty((x.shape[0], out_channels, _fake_out_size(x.shape[2], 3, 1, pad_h, "winograd_conv_bf16"),
+                        _fake_out_size(x.shape[3], 3, 1, pad_w, "winograd_conv_bf16")))
 
 
 # ------------------------------------------------------------------------------------------------ depthwise_conv
@@ -272,6 +304,34 @@ def _conv2d_act_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: i
                         _fake_out_size(x.shape[3], kw, stride_w, pad_w, "conv2d_act")))
 
 
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN runs bfloat16 convs on this CPU (AVX512-BF16 or AMX; torch's own check)."""
+    return onednn_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def conv2d_act_bf16(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int,
+                    pad_w: int, groups: int, act: int) -> Tensor:
+    """``conv2d_act`` in bfloat16: ``x`` rounded to bfloat16 channels-last, a bfloat16 ``weight``, float32 NCHW out."""
+    x = _cpu_float(x, "conv2d_act_bf16")
+    if weight.dtype != torch.bfloat16:
+        raise TypeError(f"winoprune::conv2d_act_bf16 needs a bfloat16 weight, got {weight.dtype}")
+    _out_size(x.shape[2], weight.shape[2], stride_h, pad_h, "conv2d_act_bf16")
+    _out_size(x.shape[3], weight.shape[3], stride_w, pad_w, "conv2d_act_bf16")
+    if not onednn_bf16_available():
+        raise RuntimeError("winoprune::conv2d_act_bf16: oneDNN has no bfloat16 convs on this CPU (it needs "
+                           "AVX512-BF16 or AMX); deploy with precision='fp32'")
+    xb = x.to(torch.bfloat16, memory_format=torch.channels_last)
+    attr, scalars = _ONEDNN[_ORDER[act]]
+    pad, stride = [pad_h, pad_w], [stride_h, stride_w]
+    b = None if bias is None else bias.to(torch.bfloat16)
+    y = torch.ops.mkldnn._convolution_pointwise(xb, _packed_weight(xb, weight, pad, stride, groups), b, pad, stride,
+                                                [1, 1], groups, attr, scalars or [], "")
+    return y.to(torch.float32, memory_format=torch.contiguous_format)
+
+
+_conv2d_act_bf16_fake = _conv2d_act_fake
+
+
 # ------------------------------------------------------------------------------------------------- conv1x1_act
 def apply_activation_(y: Tensor, act: int) -> Tensor:
     """``y`` through the activation with native code ``act``, in place."""
@@ -329,6 +389,8 @@ def _max_pool2d_fake(x: Tensor, kernel_h: int, kernel_w: int, stride_h: int, str
 
 
 for _name, _impl, _fake in (("winograd_conv", winograd_conv, _winograd_conv_fake),
+                             ("winograd_conv_bf16", winograd_conv_bf16, _winograd_conv_bf16_fake),
+                             ("conv2d_act_bf16", conv2d_act_bf16, _conv2d_act_bf16_fake),
                              ("max_pool2d", max_pool2d, _max_pool2d_fake),
                              ("conv1x1_act", conv1x1_act, _conv1x1_act_fake),
                              ("depthwise_conv", depthwise_conv, _depthwise_conv_fake),

@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune._utils import MASK_ATTR, conv_output_size
-from lightning_winoprune.deploy._ops import Activation, activate_fresh, onednn_available
+from lightning_winoprune.deploy._ops import Activation, activate_fresh, onednn_available, onednn_bf16_available
 from lightning_winoprune.kernels._backend import Backend, native_module, resolve_backend
 from lightning_winoprune.pruning._depthwise import DEFAULT_DR_TILE, dr_column_masks
 from lightning_winoprune.winograd._layer import WinogradConv2d
@@ -51,12 +51,16 @@ class DenseRoute(ParsableEnum):
       input sizes run ``F.conv2d``.
     * ``gemm``: a 1x1 stride-1 conv as one matrix product per image (``W @ x`` on the ``(C, H*W)`` view): no layout
       reorders, often 1.5-2x faster than ``F.conv2d`` at small batches (14x for 16 -> 96 channels at 112x112).
+    * ``onednn-bf16``: oneDNN's bfloat16 conv (AMX or AVX512-BF16) on a bfloat16 copy of the weight, the input
+      rounded to bfloat16 and the output returned in float32 (``winoprune::conv2d_act_bf16``): a different precision,
+      chosen only by ``deploy(precision="bf16")``.
     """
 
     EAGER = "eager"
     ONEDNN = "onednn"
     LINEAR = "linear"
     GEMM = "gemm"
+    ONEDNN_BF16 = "onednn-bf16"
 
 
 def _check_threads(threads: int) -> int:
@@ -513,6 +517,8 @@ class DenseConv(nn.Module):
         self.route = DenseRoute.parse(route, "route")
         if self.route is DenseRoute.ONEDNN and not onednn_available():
             raise ValueError("route='onednn' needs a torch build with oneDNN (torch.backends.mkldnn)")
+        if self.route is DenseRoute.ONEDNN_BF16 and not onednn_bf16_available():
+            raise ValueError("route='onednn-bf16' needs oneDNN with bfloat16 convs on this CPU (AVX512-BF16 or AMX)")
         if self.route is DenseRoute.LINEAR and (groups != 1 or tuple(padding) != (0, 0)):
             raise ValueError(f"route='linear' needs an ungrouped conv without padding, got groups={groups}, "
                              f"padding={tuple(padding)}")
@@ -525,7 +531,8 @@ class DenseConv(nn.Module):
         self.act_code = _act_code(act)
         self.out_channels, self.in_channels = int(weight.shape[0]), int(weight.shape[1]) * self.groups
         self.kernel_size = (int(weight.shape[2]), int(weight.shape[3]))
-        self.register_buffer("weight", weight.detach().float().contiguous())
+        dtype = torch.bfloat16 if self.route is DenseRoute.ONEDNN_BF16 else torch.float32
+        self.register_buffer("weight", weight.detach().to(dtype).contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous())
 
     @property
@@ -547,6 +554,9 @@ class DenseConv(nn.Module):
         if self.route is DenseRoute.ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
             return torch.ops.winoprune.conv2d_act(x, self.weight, self.bias, self.stride[0], self.stride[1],
                                                   self.padding[0], self.padding[1], self.groups, self.act_code)
+        if self.route is DenseRoute.ONEDNN_BF16 and x.device.type == "cpu" and x.dtype == torch.float32:
+            return torch.ops.winoprune.conv2d_act_bf16(x, self.weight, self.bias, self.stride[0], self.stride[1],
+                                                       self.padding[0], self.padding[1], self.groups, self.act_code)
         if self.route is DenseRoute.GEMM and x.device.type == "cpu" and x.dtype == torch.float32:
             # one op in eager and in an exported graph alike: the route that was timed is the route that ships
             return torch.ops.winoprune.conv1x1_act(x, self.weight, self.bias, self.act_code)

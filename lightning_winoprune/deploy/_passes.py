@@ -23,10 +23,13 @@ from lightning_winoprune.deploy._packed import NativeMaxPool2d
 from lightning_winoprune.deploy._record import Chain, bn_act, record
 from lightning_winoprune.deploy._report import DeployMismatchError, DeployReport, LayerRoute
 from lightning_winoprune.deploy._routes import (
+    BF16_ROUTES,
     DENSE_ROUTES,
+    TOL_BF16_MODEL,
     TOL_M2,
     TOL_M4,
     DeployRoute,
+    Precision,
     candidates,
     dense_reference,
     rule_route,
@@ -56,6 +59,7 @@ class DeployOptions:
     time_model: bool = True
     dynamic: str = "batch"
     flush: Callable[[], None] | None = None  # runs before every timed call (cold caches)
+    precision: Precision = Precision.FP32
 
 
 @dataclass
@@ -72,6 +76,7 @@ class DeployState:
     chosen: dict[str, nn.Module] = field(default_factory=dict)  # chain name -> the module of its route
     notes: list[str] = field(default_factory=list)
     error: float = float("inf")
+    top1_agreement: float | None = None
     tol: float = TOL_M2
     shapes: DeployShapes | None = None
     report: DeployReport | None = None
@@ -178,7 +183,7 @@ def _build(chain: Chain, row: LayerRoute, factories: dict) -> dict[DeployRoute, 
 def _time(chain: Chain, row: LayerRoute, built: dict[DeployRoute, nn.Module], options: DeployOptions) -> None:
     """Time every built candidate (and a dense reference for a pruned Winograd layer); the fastest wins."""
     fns: dict[str, Callable[[], object]] = {k: functools.partial(m, chain.x) for k, m in built.items()}
-    dense_fn = dense_reference(chain)
+    dense_fn = dense_reference(chain, options.precision)
     if dense_fn is not None:
         fns["dense-reference"] = dense_fn
     row.times_ms = median_ms(fns, options.repeats, options.warmup, options.flush)
@@ -192,7 +197,8 @@ def route_pass(state: DeployState) -> DeployState:
     """Choose every chain's route: candidates built, checked against the layer's output and (tuned) timed."""
     opts = state.options
     for chain in state.chains:
-        factories, note = candidates(chain, opts.kernel_threads, opts.backend, fixed_hw="hw" not in opts.dynamic)
+        factories, note = candidates(chain, opts.kernel_threads, opts.backend, fixed_hw="hw" not in opts.dynamic,
+                                     precision=opts.precision)
         kind = ("winograd" if isinstance(chain.conv, WinogradConv2d)
                 else "depthwise" if DeployRoute.DEPTHWISE in factories else "conv")
         row = LayerRoute(chain.name, kind, _shape(chain), DeployRoute.MODULE, chain.bn_name, chain.act.value,
@@ -299,14 +305,28 @@ def _check_dynamic(state: DeployState) -> DeployShapes:
     return shapes
 
 
+def top1_agreement(out: torch.Tensor, reference: torch.Tensor) -> float | None:
+    """Fraction of images whose arg-max class is the reference's (``None`` unless both are ``(N, classes)``)."""
+    if out.dim() != 2 or reference.dim() != 2 or out.shape != reference.shape or out.shape[1] < 2:
+        return None
+    return float((out.argmax(dim=1) == reference.argmax(dim=1)).float().mean())
+
+
 def check_pass(state: DeployState) -> DeployState:
-    """The deployed model's output against the model's (and at more sizes with a dynamic H / W)."""
+    """The deployed model's output against the model's (and at more sizes with a dynamic H / W).
+
+    Where a bfloat16 route runs, the tolerance is that precision's and the top-1 agreement on the example batch is
+    recorded too (a different precision changes the output; the report says by how much).
+    """
     used_m4 = any(r.route is DeployRoute.WINOGRAD_F4 or (r.kind == "winograd" and "F(4,3)" in r.shape)
                   for r in state.rows)
+    used_bf16 = any(r.route in BF16_ROUTES for r in state.rows)
     tol = state.options.tolerance
-    state.tol = tol if tol is not None else (TOL_M4 if used_m4 else TOL_M2)
+    state.tol = tol if tol is not None else (TOL_BF16_MODEL if used_bf16 else TOL_M4 if used_m4 else TOL_M2)
     assert state.reference is not None, "check_pass runs after record_pass"
-    state.error = rel_error(state.work(state.x), state.reference)
+    out = state.work(state.x)
+    state.error = rel_error(out, state.reference)
+    state.top1_agreement = top1_agreement(out, state.reference)
     if not state.error <= state.tol:
         raise DeployMismatchError(
             f"the deployed model's output differs from the model's by {state.error:.2e} (relative max error, "
@@ -321,7 +341,8 @@ def report_pass(state: DeployState) -> DeployState:
     """The :class:`DeployReport`; with ``time_model``, the deployed model timed against the model as given."""
     opts, x = state.options, state.x
     report = DeployReport(state.rows, int(x.shape[0]), (int(x.shape[2]), int(x.shape[3])), opts.threads, opts.tune,
-                          state.error, state.tol, notes=state.notes)
+                          state.error, state.tol, notes=state.notes, precision=opts.precision.value,
+                          top1_agreement=state.top1_agreement)
     if opts.time_model:
         original = copy.deepcopy(state.model).to("cpu").float().eval()
         work = state.work

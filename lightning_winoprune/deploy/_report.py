@@ -77,6 +77,10 @@ class DeployReport:
         model_ms: Median ms of the deployed model (``None`` unless timed).
         original_ms: Median ms of the model as given, on torch eager (``None`` unless timed).
         notes: Fallbacks and warnings, one line each.
+        precision: ``"fp32"``, or ``"bf16"`` when bfloat16 routes were allowed (bfloat16 is a different precision:
+            ``max_error`` and ``top1_agreement`` say how far the deployed model's output moved).
+        top1_agreement: Fraction of the example batch whose arg-max class the deployed model keeps, for a model
+            with ``(N, classes)`` outputs (``None`` otherwise).
 
     """
 
@@ -90,6 +94,8 @@ class DeployReport:
     model_ms: float | None = None
     original_ms: float | None = None
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    top1_agreement: float | None = None
 
     @property
     def routes(self) -> dict[str, str]:
@@ -104,7 +110,7 @@ class DeployReport:
     def table(self) -> Table:
         """The routes as a rich table."""
         title = (f"Deployed routes (batch {self.batch_size}, {self.input_size[0]}x{self.input_size[1]}, "
-                 f"{self.threads} threads{', tuned' if self.tuned else ''})")
+                 f"{self.threads} threads{', tuned' if self.tuned else ''}, precision {self.precision})")
         t = Table(title=title, title_style="bold")
         for col in ("layer", "shape", "fused", "route", "ms", "dense ms", "speedup", "candidates (ms)"):
             t.add_column(col, justify="left" if col in ("layer", "shape", "fused", "route", "candidates (ms)")
@@ -122,7 +128,8 @@ class DeployReport:
         t.add_row("whole model", "as given (eager) / deployed", "", "",
                   "-" if self.model_ms is None else f"{self.model_ms:.3f}",
                   "-" if self.original_ms is None else f"{self.original_ms:.3f}", whole,
-                  f"max error {self.max_error:.1e} (tolerance {self.tolerance:.0e})")
+                  f"max error {self.max_error:.1e} (tolerance {self.tolerance:.0e})"
+                  + ("" if self.top1_agreement is None else f", top-1 agreement {self.top1_agreement:.1%}"))
         return t
 
     def __rich__(self) -> Table:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_winoprune._enum import ParsableEnum
 from lightning_winoprune._utils import MASK_ATTR, is_depthwise
-from lightning_winoprune.deploy._ops import Activation, onednn_available
+from lightning_winoprune.deploy._ops import Activation, onednn_available, onednn_bf16_available
 from lightning_winoprune.deploy._packed import (
     DenseConv,
     DenseRoute,
@@ -18,16 +18,32 @@ from lightning_winoprune.deploy._packed import (
     PackedWinogradConv,
     SparseForm,
 )
+from lightning_winoprune.deploy._packed_bf16 import PackedWinogradConvBf16
 from lightning_winoprune.deploy._record import Chain
 from lightning_winoprune.kernels._backend import Backend
 from lightning_winoprune.winograd._layer import WinogradConv2d
 from lightning_winoprune.winograd._tiles import filter_transform
 from lightning_winoprune.winograd._transforms import get_transforms
 
-__all__ = ["DENSE_ROUTES", "DeployRoute", "Factories", "candidates", "dense_reference", "rule_route", "tolerance"]
+__all__ = ["BF16_ROUTES", "DENSE_ROUTES", "DeployRoute", "Factories", "Precision", "candidates", "dense_reference",
+           "rule_route", "tolerance"]
 
 #: Relative max error allowed per layer and for the whole model: F(2,3)-like routes, and F(4,3).
 TOL_M2, TOL_M4 = 1e-4, 1e-3
+#: The same for a bfloat16 route (8 significant bits: about 4e-3 per layer on random data, see docs/deploy.md), and
+#: for a whole model that runs bfloat16 routes (the rounding of every layer adds up).
+TOL_BF16, TOL_BF16_MODEL = 2e-2, 5e-2
+
+
+class Precision(ParsableEnum):
+    """The arithmetic a deployed model may use: ``fp32`` (float32 everywhere), or ``bf16``.
+
+    With ``bf16``, each layer may also take a bfloat16 route (bfloat16 products, float32 sums, float32 between
+    layers): our Winograd kernels on AMX tiles or AVX512-BF16, and oneDNN's bfloat16 convs for unpruned layers.
+    """
+
+    FP32 = "fp32"
+    BF16 = "bf16"
 
 
 class DeployRoute(ParsableEnum):
@@ -38,6 +54,7 @@ class DeployRoute(ParsableEnum):
     * ``depthwise``: our kept-taps kernel for a DEPrune-masked depthwise conv.
     * ``winograd-f2`` / ``winograd-f4``: our dense Winograd kernel for a plain 3x3 conv.
     * ``eager``, ``onednn``, ``linear``, ``gemm``: the dense routes of :class:`~lightning_winoprune.deploy.DenseConv`.
+    * ``winograd-bf16`` / ``onednn-bf16``: the bfloat16 forms of ``winograd`` and ``onednn`` (``precision="bf16"``).
     * ``native``: our max-pool kernel (``eager`` is ``nn.MaxPool2d``).
     * ``module``: the layer is kept as it is (no candidate applies).
     """
@@ -51,6 +68,8 @@ class DeployRoute(ParsableEnum):
     ONEDNN = "onednn"
     LINEAR = "linear"
     GEMM = "gemm"
+    WINOGRAD_BF16 = "winograd-bf16"
+    ONEDNN_BF16 = "onednn-bf16"
     NATIVE = "native"
     MODULE = "module"
 
@@ -62,10 +81,12 @@ class DeployRoute(ParsableEnum):
 
 
 #: The dense routes: a layer's ``dense_ms`` is the fastest of these when no dense reference was timed.
-DENSE_ROUTES = (DeployRoute.EAGER, DeployRoute.ONEDNN, DeployRoute.LINEAR, DeployRoute.GEMM)
-#: The route taken without timing: the first of these that was built.
-_RULE_ORDER = (DeployRoute.WINOGRAD, DeployRoute.DEPTHWISE, DeployRoute.LINEAR, DeployRoute.GEMM, DeployRoute.ONEDNN,
-               DeployRoute.EAGER)
+DENSE_ROUTES = (DeployRoute.EAGER, DeployRoute.ONEDNN, DeployRoute.LINEAR, DeployRoute.GEMM, DeployRoute.ONEDNN_BF16)
+#: The routes that compute in bfloat16.
+BF16_ROUTES = (DeployRoute.WINOGRAD_BF16, DeployRoute.ONEDNN_BF16)
+#: The route taken without timing: the first of these that was built (the bfloat16 ones exist only for bf16).
+_RULE_ORDER = (DeployRoute.WINOGRAD_BF16, DeployRoute.WINOGRAD, DeployRoute.DEPTHWISE, DeployRoute.LINEAR,
+               DeployRoute.GEMM, DeployRoute.ONEDNN_BF16, DeployRoute.ONEDNN, DeployRoute.EAGER)
 Factories = dict[DeployRoute, Callable[[], nn.Module]]
 
 
@@ -95,7 +116,7 @@ def is_masked_depthwise(conv: nn.Module) -> bool:
 
 
 def _dense(w: torch.Tensor, b: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int], groups: int,
-           act: Activation, x: torch.Tensor, fixed_hw: bool) -> Factories:
+           act: Activation, x: torch.Tensor, fixed_hw: bool, precision: Precision = Precision.FP32) -> Factories:
     def make(route: DenseRoute, g: int = groups) -> Callable[[], nn.Module]:
         return lambda: DenseConv(w, b, stride, padding, g, route, act)
 
@@ -106,10 +127,13 @@ def _dense(w: torch.Tensor, b: torch.Tensor | None, stride: tuple[int, int], pad
         out[DeployRoute.LINEAR] = make(DenseRoute.LINEAR, 1)
     if groups == 1 and padding == (0, 0) and stride == (1, 1) and tuple(w.shape[2:]) == (1, 1):
         out[DeployRoute.GEMM] = make(DenseRoute.GEMM, 1)
+    if precision is Precision.BF16 and onednn_bf16_available():
+        out[DeployRoute.ONEDNN_BF16] = make(DenseRoute.ONEDNN_BF16)
     return out
 
 
-def _winograd_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool) -> tuple[Factories, str]:
+def _winograd_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool,
+                         precision: Precision) -> tuple[Factories, str]:
     conv = chain.conv
     assert isinstance(conv, WinogradConv2d)
     u, mask, b, act = chain.weight, chain.mask, chain.bias, chain.act
@@ -122,17 +146,22 @@ def _winograd_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw:
         if backend is Backend.NATIVE and pruned:
             out[DeployRoute.CSR] = lambda: PackedWinogradConv(u, mask, conv.m, conv.padding, b, SparseForm.CSR,
                                                               backend, threads, act)
+        if backend is Backend.NATIVE and precision is Precision.BF16:
+            out[DeployRoute.WINOGRAD_BF16] = lambda: PackedWinogradConvBf16(u, mask, conv.m, conv.padding, b, threads,
+                                                                            act)
     else:
         note = f"no native kernel for F({conv.m},3)"
     g = None if pruned else _spatial_equivalent(u, conv.m)
     if g is not None:  # unpruned: the dense routes compute the same function
-        out.update(_dense(g, b, (1, 1), tuple(conv.padding), 1, act, chain.x, fixed_hw))  # type: ignore[arg-type]
+        out.update(_dense(g, b, (1, 1), tuple(conv.padding), 1, act, chain.x, fixed_hw,  # type: ignore[arg-type]
+                          precision))
     elif not out:
         note += "; kept on its own (torch) path"
     return out, note
 
 
-def _conv_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool) -> tuple[Factories, str]:
+def _conv_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool,
+                     precision: Precision) -> tuple[Factories, str]:
     conv = chain.conv
     assert isinstance(conv, nn.Conv2d)
     w, mask, b, act = chain.weight, chain.mask, chain.bias, chain.act
@@ -141,7 +170,7 @@ def _conv_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: boo
                     f"dilation={tuple(conv.dilation)})")
     stride: tuple[int, int] = (int(conv.stride[0]), int(conv.stride[1]))
     padding: tuple[int, int] = (int(conv.padding[0]), int(conv.padding[1]))
-    out = _dense(w, b, stride, padding, conv.groups, act, chain.x, fixed_hw)
+    out = _dense(w, b, stride, padding, conv.groups, act, chain.x, fixed_hw, precision)
     if is_masked_depthwise(conv):
         out[DeployRoute.DEPTHWISE] = lambda: PackedDepthwiseConv(w, mask, stride, padding, b,
                                                                  backend, threads, act)
@@ -156,7 +185,8 @@ def _conv_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: boo
     return out, ""
 
 
-def candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool = True) -> tuple[Factories, str]:
+def candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool = True,
+               precision: Precision = Precision.FP32) -> tuple[Factories, str]:
     """``(route -> module factory, note)`` for one folded conv chain (``fixed_hw=False``: routes for any H x W).
 
     Args:
@@ -164,14 +194,17 @@ def candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool = Tr
         threads: The deployed kernels' threads (-1: torch's count at call time).
         backend: ``native`` or ``torch`` (resolved).
         fixed_hw: Whether the deployed model runs at the example's H x W only (allows the ``linear`` route).
+        precision: ``bf16`` adds the bfloat16 routes to the float32 ones.
     """
     if isinstance(chain.conv, WinogradConv2d):
-        return _winograd_candidates(chain, threads, backend, fixed_hw)
-    return _conv_candidates(chain, threads, backend, fixed_hw)
+        return _winograd_candidates(chain, threads, backend, fixed_hw, precision)
+    return _conv_candidates(chain, threads, backend, fixed_hw, precision)
 
 
 def tolerance(route: DeployRoute, conv: nn.Module) -> float:
     """The relative max error a route may show against the layer's own output."""
+    if route in BF16_ROUTES:
+        return TOL_BF16
     f4 = isinstance(conv, WinogradConv2d) and conv.m == 4 and route in (DeployRoute.WINOGRAD, DeployRoute.CSR)
     return TOL_M4 if route is DeployRoute.WINOGRAD_F4 or f4 else TOL_M2
 
@@ -181,12 +214,17 @@ def rule_route(built: dict[DeployRoute, nn.Module]) -> DeployRoute:
     return next((route for route in _RULE_ORDER if route in built), next(iter(built)))
 
 
-def dense_reference(chain: Chain) -> Callable[[], object] | None:
-    """The layer's dense route with random weights (for a Winograd layer pruned beyond any spatial equivalent)."""
+def dense_reference(chain: Chain, precision: Precision = Precision.FP32) -> Callable[[], object] | None:
+    """The layer's dense route with random weights (for a Winograd layer pruned beyond any spatial equivalent).
+
+    In the deployment's precision: oneDNN's bfloat16 conv for ``precision="bf16"`` where it runs.
+    """
     conv = chain.conv
     if not isinstance(conv, WinogradConv2d):
         return None
     w = torch.randn(conv.out_channels, conv.in_channels, 3, 3) * (2.0 / (9 * conv.in_channels)) ** 0.5
     route = DenseRoute.ONEDNN if onednn_available() else DenseRoute.EAGER
+    if precision is Precision.BF16 and onednn_bf16_available():
+        route = DenseRoute.ONEDNN_BF16
     mod = DenseConv(w, torch.zeros(conv.out_channels), (1, 1), conv.padding, 1, route, chain.act)
     return lambda: mod(chain.x)

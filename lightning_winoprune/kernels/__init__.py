@@ -8,6 +8,7 @@ from lightning_winoprune.kernels._backend import (
     Backend,
     extension_status,
     native_available,
+    native_bf16_path,
     native_isa,
     resolve_backend,
 )
@@ -17,6 +18,7 @@ __all__ = [
     "Backend",
     "extension_status",
     "native_available",
+    "native_bf16_path",
     "native_isa",
     "resolve_backend",
 ]

@@ -74,6 +74,18 @@ def native_isa() -> str | None:
     return str(native_module().isa()) if native_available() else None
 
 
+def native_bf16_path() -> str | None:
+    """The bfloat16 path the native Winograd kernels dispatch to (``"amx"``, ``"avx512bf16"``), or ``None``.
+
+    ``None`` where the extension is not loaded, the CPU has neither AMX-BF16 nor AVX512-BF16, Linux refused the AMX
+    tile state and there is no AVX512-BF16, or ``$WINOPRUNE_BF16`` is ``none``.
+    """
+    if not native_available():
+        return None
+    path = str(native_module().bf16_path())
+    return None if path == "none" else path
+
+
 def native_module() -> ModuleType:
     """The loaded ``_C`` module.
 

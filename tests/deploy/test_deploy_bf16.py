@@ -1,0 +1,144 @@
+"""``deploy(..., precision="bf16")``: bfloat16 routes, the error check, the report and the ``.pt2``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from deploy_helpers import prune, randomize_bn, rel_error
+
+from lightning_winoprune import winogradize
+from lightning_winoprune.deploy import DenseConv, DeployRoute, deploy, load_deployed, save_deployed
+from lightning_winoprune.deploy._ops import onednn_bf16_available
+from lightning_winoprune.deploy._packed_bf16 import bf16_refusal
+
+needs_bf16 = pytest.mark.skipif(bf16_refusal() is not None, reason=f"no bfloat16 kernels here: {bf16_refusal()}")
+needs_onednn_bf16 = pytest.mark.skipif(not onednn_bf16_available(), reason="oneDNN has no bfloat16 convs on this CPU")
+FAST = {"tune": False, "verbose": False, "time_model": False}
+
+
+@pytest.fixture(scope="module")
+def resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1)
+    winogradize(model, m=2)
+    return randomize_bn(prune(model), 1).eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(8, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+
+
+@needs_bf16
+def test_every_layer_takes_a_bfloat16_route_and_the_output_stays_close(resnet, x):
+    deployed = deploy(resnet, x, precision="bf16", **FAST)
+    report = deployed.deploy_report
+    routes = {r.kind: set() for r in report.layers}
+    for r in report.layers:
+        routes[r.kind].add(r.route)
+    assert routes["winograd"] == {DeployRoute.WINOGRAD_BF16}
+    if onednn_bf16_available():
+        assert DeployRoute.ONEDNN_BF16 in routes["conv"]
+    assert report.precision == "bf16"
+    assert report.max_error <= report.tolerance == 5e-2
+    assert report.top1_agreement is not None and report.top1_agreement >= 0.75  # random weights: near-ties flip
+    with torch.no_grad():
+        assert rel_error(deployed(x), resnet(x)) == pytest.approx(report.max_error, rel=1e-6)
+    assert "precision bf16" in str(report) and "top-1" in str(report)
+
+
+@needs_bf16
+def test_tuned_routes_choose_among_both_precisions(resnet, x):
+    deployed = deploy(resnet, x[:1], precision="bf16", verbose=False, time_model=False, repeats=2, warmup=1)
+    for row in deployed.deploy_report.layers:
+        if row.kind == "winograd":
+            assert {DeployRoute.WINOGRAD, DeployRoute.WINOGRAD_BF16} <= row.times_ms.keys()
+            assert row.route == min(row.times_ms, key=row.times_ms.__getitem__)
+
+
+@needs_bf16
+def test_the_pt2_round_trip_in_a_fresh_process(resnet, x, tmp_path):
+    deployed = deploy(resnet, x, precision="bf16", **FAST)
+    path = save_deployed(deployed, tmp_path / "bf16.pt2")
+    loaded = load_deployed(path)
+    with torch.no_grad():
+        want = deployed(x)
+        assert torch.equal(loaded(x), want)
+    torch.save({"x": x, "y": want}, tmp_path / "io.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from lightning_winoprune.deploy import load_deployed
+        model = load_deployed({str(path)!r})
+        io = torch.load({str(tmp_path / 'io.pt')!r})
+        assert torch.equal(model(io["x"]), io["y"]), "outputs differ"
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@needs_bf16
+def test_the_bfloat16_model_compiles(resnet, x):
+    deployed = deploy(resnet, x, precision="bf16", **FAST)
+    compiled = torch.compile(deployed, fullgraph=True)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), deployed(x))
+
+
+def test_a_bad_precision_names_the_valid_ones(resnet, x):
+    with pytest.raises(ValueError, match=r"precision='fp16' is not valid; valid values are \['fp32', 'bf16'\]"):
+        deploy(resnet, x, precision="fp16", **FAST)
+
+
+def test_bfloat16_needs_the_native_backend(resnet, x):
+    with pytest.raises(ValueError, match="precision='bf16' needs backend='native'"):
+        deploy(resnet, x, precision="bf16", backend="torch", **FAST)
+
+
+def test_a_cpu_without_bfloat16_kernels_is_refused(resnet, x, monkeypatch):
+    from lightning_winoprune.deploy import _deploy as deploy_module
+
+    monkeypatch.setattr(deploy_module, "bf16_refusal", lambda: "precision='bf16' needs a CPU with AVX512-BF16")
+    with pytest.raises(ValueError, match="precision='bf16' needs a CPU with AVX512-BF16"):
+        deploy(resnet, x, precision="bf16", **FAST)
+
+
+def test_float32_deploys_never_take_a_bfloat16_route(resnet, x):
+    report = deploy(resnet, x, **FAST).deploy_report
+    assert report.precision == "fp32" and report.tolerance == 1e-4
+    assert not any(r.route in (DeployRoute.WINOGRAD_BF16, DeployRoute.ONEDNN_BF16) for r in report.layers)
+
+
+# ------------------------------------------------------------------------------------------------ DenseConv
+@needs_onednn_bf16
+@pytest.mark.parametrize(("kernel", "stride", "groups"), [(3, 1, 1), (7, 2, 1), (1, 2, 1), (3, 1, 4)])
+def test_the_dense_bfloat16_route_matches_conv2d(kernel, stride, groups):
+    gen = torch.Generator().manual_seed(3)
+    w, b = torch.randn(16, 16 // groups, kernel, kernel, generator=gen) * 0.1, torch.randn(16, generator=gen)
+    conv = DenseConv(w, b, (stride, stride), (kernel // 2, kernel // 2), groups, "onednn-bf16", "relu")
+    assert conv.weight.dtype == torch.bfloat16
+    x = torch.randn(2, 16, 13, 11, generator=gen)
+    ref = F.relu(F.conv2d(x, w, b, stride, kernel // 2, 1, groups))
+    out = conv(x)
+    assert out.dtype == torch.float32 and out.is_contiguous()
+    assert rel_error(out, ref) <= 2e-2
+    loaded = DenseConv(w, b, (stride, stride), (kernel // 2, kernel // 2), groups, "onednn-bf16", "relu")
+    loaded.load_state_dict(conv.state_dict())
+    assert torch.equal(loaded(x), out)
+    torch.library.opcheck(torch.ops.winoprune.conv2d_act_bf16.default,
+                          (x, conv.weight, conv.bias, stride, stride, kernel // 2, kernel // 2, groups, 1),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_dense_bfloat16_route_is_refused_without_onednn_bfloat16(monkeypatch):
+    from lightning_winoprune.deploy import _packed as packed
+
+    monkeypatch.setattr(packed, "onednn_bf16_available", lambda: False)
+    with pytest.raises(ValueError, match="route='onednn-bf16' needs oneDNN with bfloat16 convs"):
+        DenseConv(torch.randn(4, 4, 3, 3), None, route="onednn-bf16")
