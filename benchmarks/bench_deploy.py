@@ -230,8 +230,9 @@ def without_pruned_compute(graph_module, pruned: set[str]):  # type: ignore[no-u
     for node in graph_module.graph.nodes:
         if node.op != "call_function" or node.target not in targets:
             continue
-        plan = node.args[1]  # the layer's plan_meta buffer: "<layer>.plan_meta"
-        if getattr(plan, "op", None) == "get_attr" and str(plan.target).rsplit(".", 1)[0] in pruned:
+        plan = node.args[1]  # the layer's plan_meta buffer: "<layer>.plan_meta" ("inner.<layer>" in a bfloat16 model)
+        layer = str(getattr(plan, "target", "")).rsplit(".", 1)[0]
+        if getattr(plan, "op", None) == "get_attr" and (layer in pruned or layer.removeprefix("inner.") in pruned):
             node.target = _zero_output(node.target)
             swapped += 1
     if not swapped:  # a pruned layer that deploy put on a dense route stays: it is part of the rest
@@ -268,16 +269,17 @@ def without_pruned_layers(model, names: list[str]):  # type: ignore[no-untyped-d
 
 
 def _zero_output(op):  # type: ignore[no-untyped-def]
-    """A stand-in for ``op`` that returns zeros of its output shape (found by running ``op`` once per input shape)."""
+    """A stand-in for ``op`` that returns zeros of its output's shape, dtype and layout (found by running ``op`` once
+    per input shape and dtype: a bfloat16 model's layers return bfloat16 channels-last)."""
     import torch
 
-    shapes: dict = {}
+    outs: dict = {}
 
     def free(x, *args):  # type: ignore[no-untyped-def]
-        key = tuple(x.shape)
-        if key not in shapes:
-            shapes[key] = tuple(op(x, *args).shape)
-        return torch.zeros(shapes[key])
+        key = (tuple(x.shape), x.dtype)
+        if key not in outs:
+            outs[key] = op(x, *args)
+        return torch.zeros_like(outs[key])
 
     return free
 

@@ -145,11 +145,43 @@ winoprune::WinogradBf16View bf16_view(const carray<index_t>& meta, const carray<
           A.data(), seg[s_row_map].p, bias, act};
 }
 
+// The activations of one call: float32 NCHW (N, C, H, W), or bfloat16 bits NHWC (N, H, W, C) as uint16.
+struct Activations {
+  py::array x, out;
+  bool nhwc;
+  index_t N, C, H, W, K, Ho, Wo;
+};
+
+Activations activations(const py::handle& x_obj, const py::handle& out_obj) {
+  const bool nhwc = py::isinstance<py::array>(x_obj) &&
+                    py::reinterpret_borrow<py::array>(x_obj).dtype().is(py::dtype::of<std::uint16_t>());
+  Activations a{};
+  a.nhwc = nhwc;
+  if (nhwc) {
+    auto x = as_array<std::uint16_t>(x_obj, "x");
+    auto out = as_array<std::uint16_t>(out_obj, "out", true);
+    expect_ndim(x, 4, "x");
+    expect_ndim(out, 4, "out");
+    a = {x, out, true, x.shape(0), x.shape(3), x.shape(1), x.shape(2), out.shape(3), out.shape(1), out.shape(2)};
+    if (out.shape(0) != a.N) throw py::value_error("out must have x's batch size, got shape " + shape_str(out));
+    if (2 * std::max(x.size(), out.size()) >= INT32_MAX)
+      throw py::value_error("an NHWC bfloat16 tensor over 2 GiB is too large for the kernel");
+  } else {
+    auto x = as_array<float>(x_obj, "x");
+    auto out = as_array<float>(out_obj, "out", true);
+    expect_ndim(x, 4, "x");
+    expect_ndim(out, 4, "out");
+    a = {x, out, false, x.shape(0), x.shape(1), x.shape(2), x.shape(3), out.shape(1), out.shape(2), out.shape(3)};
+    expect_shape(out, {a.N, a.K, a.Ho, a.Wo}, "out");
+  }
+  return a;
+}
+
+// x / out: float32 NCHW, or bfloat16 bits (uint16) NHWC.
 void run_plan(const py::handle& x_obj, const py::handle& meta_obj, const py::handle& chunks_obj,
               const py::handle& A_obj, const py::object& bias_obj, int act, index_t pad_top, index_t pad_left,
               const py::handle& out_obj, int threads, const py::object& path_obj, winoprune::StageSeconds* stages) {
-  auto x = as_array<float>(x_obj, "x");
-  auto out = as_array<float>(out_obj, "out", true);
+  Activations io = activations(x_obj, out_obj);
   auto meta = as_array<index_t>(meta_obj, "meta");
   auto chunks = as_array<std::int32_t>(chunks_obj, "chunks");
   auto A = as_array<std::uint16_t>(A_obj, "A");
@@ -158,24 +190,23 @@ void run_plan(const py::handle& x_obj, const py::handle& meta_obj, const py::han
   const float* bias = optional_bias(bias_obj, b, n_bias);
   const Bf16Path path = parse_path(path_obj);
   const auto view = bf16_view(meta, chunks, A, bias, n_bias, act);
-  expect_ndim(x, 4, "x");
-  expect_ndim(out, 4, "out");
-  if (x.shape(1) != view.C)
-    throw py::value_error("x must have " + std::to_string(view.C) + " channels, got shape " + shape_str(x));
-  expect_shape(out, {x.shape(0), view.K, out.shape(2), out.shape(3)}, "out");
-  if (x.shape(0) == 0) return;
-  if (x.shape(2) < 1 || x.shape(3) < 1) throw py::value_error("x must have a non-empty spatial size");
-  check_conv_geometry(x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2), out.shape(3), 3, 3, 1, 1);
-  const winoprune::ConvGeometry g{x.shape(0), x.shape(2), x.shape(3), pad_top, pad_left, out.shape(2), out.shape(3)};
+  if (io.C != view.C)
+    throw py::value_error("x must have " + std::to_string(view.C) + " channels, got shape " + shape_str(io.x));
+  if (io.K != view.K)
+    throw py::value_error("out must have " + std::to_string(view.K) + " channels, got shape " + shape_str(io.out));
+  if (io.N == 0) return;
+  if (io.H < 1 || io.W < 1) throw py::value_error("x must have a non-empty spatial size");
+  check_conv_geometry(io.H, io.W, pad_top, pad_left, io.Ho, io.Wo, 3, 3, 1, 1);
+  const winoprune::ConvGeometry g{io.N, io.H, io.W, pad_top, pad_left, io.Ho, io.Wo};
   const auto& table = winoprune::kernel_table(winoprune::Isa::avx512);
   const int nt = resolve_threads(threads);
   const index_t need = table.winograd_bf16_workspace(view, g, nt);
   if (static_cast<index_t>(tls_workspace.size()) < need) tls_workspace.resize(static_cast<std::size_t>(need));
   float* wp = tls_workspace.data();
-  const float* xp = x.data();
-  float* yp = out.mutable_data();
+  const void* xp = io.x.data();
+  void* yp = io.out.mutable_data();
   py::gil_scoped_release release;
-  table.winograd_bf16_forward(view, g, xp, yp, wp, need, nt, path, stages);
+  table.winograd_bf16_forward(view, g, xp, yp, io.nhwc, wp, need, nt, path, stages);
 }
 
 void winograd_bf16_run(const py::handle& x, const py::handle& meta, const py::handle& chunks, const py::handle& A,
@@ -230,8 +261,9 @@ void bind_winograd_bf16(py::module_& mod) {
   mod.def("winograd_bf16_run", &winograd_bf16_run, py::arg("x"), py::arg("meta"), py::arg("chunks"), py::arg("A"),
           py::arg("bias"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
           py::arg("threads") = -1, py::arg("path") = py::none(),
-          "Winograd conv of float32 x into float32 out with a bfloat16 multiply (float32 sums) from a plan's arrays "
-          "(validated); path: 'amx', 'avx512bf16' or None (the best this CPU has). Thread-safe.");
+          "Winograd conv of x into out with a bfloat16 multiply (float32 sums) from a plan's arrays (validated): "
+          "float32 NCHW tensors, or bfloat16 bits (uint16) NHWC ones; path: 'amx', 'avx512bf16' or None (the best "
+          "this CPU has). Thread-safe.");
   mod.def("winograd_bf16_profile", &winograd_bf16_profile, py::arg("x"), py::arg("meta"), py::arg("chunks"),
           py::arg("A"), py::arg("bias"), py::arg("act"), py::arg("pad_top"), py::arg("pad_left"), py::arg("out"),
           py::arg("threads") = -1, py::arg("path") = py::none(),

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <cstring>
 
 #include "common.h"
 
@@ -58,6 +59,15 @@ struct WinogradPlanView {
 enum class Bf16Path : int { none = 0, avx512bf16 = 1, amx = 2 };
 constexpr index_t kBf16Rows = 16;   // output rows of a bfloat16 panel (AMX tile rows)
 constexpr index_t kBf16Chunk = 32;  // input channels of a chunk (bfloat16 values in an AMX tile row)
+
+// float -> bfloat16 bits, rounded to nearest even (what VCVTNEPS2BF16 does); NaN stays a quiet NaN.
+inline std::uint16_t to_bf16(float f) {
+  std::uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((b >> 16) | 0x40u);
+  b += 0x7fffu + ((b >> 16) & 1u);
+  return static_cast<std::uint16_t>(b >> 16);
+}
 
 // A plan packed for the bfloat16 kernels: panels of 16 output rows by kept 32-channel chunks (see winograd_bf16.h).
 struct WinogradBf16View {
@@ -135,10 +145,10 @@ struct KernelTable {
   // Multiply-add throughput of this ISA's vectors on `threads` threads (GFLOP/s, 2 per FMA lane): independent FMA
   // chains in registers for `iters` rounds, the bound a compute kernel on this ISA can reach.
   double (*fma_peak_gflops)(int threads, index_t iters);
-  // The bfloat16 Winograd conv (float32 in and out, bfloat16 multiply with float32 sums) on `path`; nullptr where
-  // this ISA has no bfloat16 kernels. Workspace sizes are in floats.
+  // The bfloat16 Winograd conv (bfloat16 multiply with float32 sums) on `path`: float32 NCHW x and y, or with
+  // nhwc bfloat16 NHWC ones; nullptr where this ISA has no bfloat16 kernels. Workspace sizes are in floats.
   index_t (*winograd_bf16_workspace)(const WinogradBf16View&, const ConvGeometry&, int threads);
-  void (*winograd_bf16_forward)(const WinogradBf16View&, const ConvGeometry&, const float* x, float* y,
+  void (*winograd_bf16_forward)(const WinogradBf16View&, const ConvGeometry&, const void* x, void* y, bool nhwc,
                                 float* workspace, index_t workspace_size, int threads, Bf16Path path,
                                 StageSeconds* stages);
   void (*depthwise_forward)(const DepthwisePlanView&, const DepthwiseGeometry&, const float* x, float* y,

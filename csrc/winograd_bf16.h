@@ -22,15 +22,6 @@
 
 namespace winoprune {
 
-// float -> bfloat16 bits, rounded to nearest even (what VCVTNEPS2BF16 does); NaN stays a quiet NaN.
-inline std::uint16_t to_bf16(float f) {
-  std::uint32_t b;
-  std::memcpy(&b, &f, 4);
-  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((b >> 16) | 0x40u);
-  b += 0x7fffu + ((b >> 16) & 1u);
-  return static_cast<std::uint16_t>(b >> 16);
-}
-
 struct WinogradBf16Plan {
   int p = 0, m = 0;
   index_t K = 0, C = 0;

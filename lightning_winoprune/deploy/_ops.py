@@ -8,14 +8,14 @@ deployed model is inference only (train the :class:`~lightning_winoprune.winogra
 
 * ``winoprune::winograd_conv``: a 3x3 stride-1 conv from packed Winograd-domain weights (dense, structured or CSR).
 * ``winoprune::winograd_conv_bf16``: the same conv with a bfloat16 multiply (AMX tiles or AVX512-BF16 rows; float32
-  transforms and sums, float32 in and out).
+  transforms and sums): float32 NCHW in and out, or bfloat16 channels-last in and out.
 * ``winoprune::depthwise_conv``: a depthwise conv from the kept taps of each channel.
 * ``winoprune::conv2d_act``: a dense conv with a fused activation on oneDNN (``mkldnn._convolution_pointwise``), with
   ``F.conv2d`` as its fallback: the dense route of :func:`~lightning_winoprune.deploy` for unpruned convs. The weight
   stays a plain tensor (what is saved and exported); its oneDNN-blocked copy is made on first use and cached per
   weight tensor and input shape, and made again when the weight changes in place.
-* ``winoprune::conv2d_act_bf16``: ``conv2d_act`` in bfloat16 (oneDNN's AMX / AVX512-BF16 convs): the input is
-  rounded to bfloat16 (channels-last), the weight is bfloat16, the output comes back as float32 NCHW.
+* ``winoprune::conv2d_act_bf16``: ``conv2d_act`` in bfloat16 (oneDNN's AMX / AVX512-BF16 convs) with a bfloat16
+  weight: bfloat16 channels-last in and out, or float32 NCHW in and out (rounded to bfloat16 inside).
 * ``winoprune::conv1x1_act``: a 1x1 conv as one matrix product per image, bias and activation in place.
 * ``winoprune::max_pool2d``: max pooling of NCHW planes (PyTorch's is slow at small batches).
 
@@ -189,27 +189,52 @@ def _winograd_conv_fake(x: Tensor, meta: Tensor, cols: Tensor, vals: Tensor, acc
 
 
 # ------------------------------------------------------------------------------------------- winograd_conv_bf16
+def _cpu_float_or_bf16(x: Tensor, op: str) -> Tensor:
+    """A float32 input as contiguous NCHW, a bfloat16 one as contiguous channels-last."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"winoprune::{op} runs on CPU float32 or bfloat16 inputs, got {x.device.type}/{x.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"winoprune::{op} needs an (N, C, H, W) input, got shape {tuple(x.shape)}")
+    x = x.detach()
+    return x.contiguous() if x.dtype == torch.float32 else x.contiguous(memory_format=torch.channels_last)
+
+
+def _empty_like_layout(x: Tensor, shape: tuple[Any, ...]) -> Tensor:
+    """A new ``(N, K, Ho, Wo)`` output: float32 NCHW for a float32 input, bfloat16 channels-last for a bfloat16 one."""
+    if x.dtype == torch.bfloat16:
+        return torch.empty(shape, dtype=torch.bfloat16, device=x.device, memory_format=torch.channels_last)
+    return x.new_empty(shape)
+
+
+def _nhwc_bits(t: Tensor) -> Any:
+    """A channels-last bfloat16 tensor's bits as an ``(N, H, W, C)`` uint16 numpy view (numpy has no bfloat16)."""
+    return t.permute(0, 2, 3, 1).view(torch.int16).numpy().view("uint16")
+
+
 def winograd_conv_bf16(x: Tensor, meta: Tensor, chunks: Tensor, A: Tensor, bias: Tensor | None, out_channels: int,
                        pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
     """A 3x3 stride-1 conv from a bfloat16 plan's arrays (:class:`~lightning_winoprune.deploy.PackedWinogradConvBf16`).
 
+    A float32 input gives a float32 NCHW output; a bfloat16 input (read channels-last) a bfloat16 channels-last one.
     ``A`` holds the bfloat16 bits as int16 (numpy has no bfloat16); the kernel reads them as uint16.
     """
-    x = _cpu_float(x, "winograd_conv_bf16")
+    x = _cpu_float_or_bf16(x, "winograd_conv_bf16")
     n, _, h, w = x.shape
-    out = torch.empty(n, out_channels, _out_size(h, 3, 1, pad_h, "winograd_conv_bf16"),
-                      _out_size(w, 3, 1, pad_w, "winograd_conv_bf16"))
-    native_module().winograd_bf16_run(x.numpy(), meta.numpy(), chunks.numpy(), A.numpy().view("uint16"),
-                                      None if bias is None else bias.detach().numpy(), act, pad_h, pad_w, out.numpy(),
-                                      threads)
+    out = _empty_like_layout(x, (n, out_channels, _out_size(h, 3, 1, pad_h, "winograd_conv_bf16"),
+                                 _out_size(w, 3, 1, pad_w, "winograd_conv_bf16")))
+    bf16 = x.dtype == torch.bfloat16
+    native_module().winograd_bf16_run(_nhwc_bits(x) if bf16 else x.numpy(), meta.numpy(), chunks.numpy(),
+                                      A.numpy().view("uint16"), None if bias is None else bias.detach().numpy(), act,
+                                      pad_h, pad_w, _nhwc_bits(out) if bf16 else out.numpy(), threads)
     return out
 
 
 def _winograd_conv_bf16_fake(x: Tensor, meta: Tensor, chunks: Tensor, A: Tensor, bias: Tensor | None,
                              out_channels: int, pad_h: int, pad_w: int, act: int, threads: int) -> Tensor:
     _fake_nchw(x, "winograd_conv_bf16")
-    return x.new_empty((x.shape[0], out_channels, _fake_out_size(x.shape[2], 3, 1, pad_h, "winograd_conv_bf16"),
-                        _fake_out_size(x.shape[3], 3, 1, pad_w, "winograd_conv_bf16")))
+    return _empty_like_layout(x, (x.shape[0], out_channels,
+                                  _fake_out_size(x.shape[2], 3, 1, pad_h, "winograd_conv_bf16"),
+                                  _fake_out_size(x.shape[3], 3, 1, pad_w, "winograd_conv_bf16")))
 
 
 # ------------------------------------------------------------------------------------------------ depthwise_conv
@@ -311,8 +336,12 @@ def onednn_bf16_available() -> bool:
 
 def conv2d_act_bf16(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int,
                     pad_w: int, groups: int, act: int) -> Tensor:
-    """``conv2d_act`` in bfloat16: ``x`` rounded to bfloat16 channels-last, a bfloat16 ``weight``, float32 NCHW out."""
-    x = _cpu_float(x, "conv2d_act_bf16")
+    """``conv2d_act`` on oneDNN's bfloat16 convs with a bfloat16 ``weight``.
+
+    A bfloat16 input (read channels-last) gives a bfloat16 channels-last output, with no conversion; a float32 one is
+    rounded to bfloat16 first and the output comes back as float32 NCHW.
+    """
+    x = _cpu_float_or_bf16(x, "conv2d_act_bf16")
     if weight.dtype != torch.bfloat16:
         raise TypeError(f"winoprune::conv2d_act_bf16 needs a bfloat16 weight, got {weight.dtype}")
     _out_size(x.shape[2], weight.shape[2], stride_h, pad_h, "conv2d_act_bf16")
@@ -326,10 +355,18 @@ def conv2d_act_bf16(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: in
     b = None if bias is None else bias.to(torch.bfloat16)
     y = torch.ops.mkldnn._convolution_pointwise(xb, _packed_weight(xb, weight, pad, stride, groups), b, pad, stride,
                                                 [1, 1], groups, attr, scalars or [], "")
+    if x.dtype == torch.bfloat16:
+        return y.contiguous(memory_format=torch.channels_last)
     return y.to(torch.float32, memory_format=torch.contiguous_format)
 
 
-_conv2d_act_bf16_fake = _conv2d_act_fake
+def _conv2d_act_bf16_fake(x: Tensor, weight: Tensor, bias: Tensor | None, stride_h: int, stride_w: int, pad_h: int,
+                          pad_w: int, groups: int, act: int) -> Tensor:
+    kh, kw = weight.shape[2], weight.shape[3]
+    _fake_nchw(x, "conv2d_act_bf16", weight.shape[1] * groups)
+    return _empty_like_layout(x, (x.shape[0], weight.shape[0],
+                                  _fake_out_size(x.shape[2], kh, stride_h, pad_h, "conv2d_act_bf16"),
+                                  _fake_out_size(x.shape[3], kw, stride_w, pad_w, "conv2d_act_bf16")))
 
 
 # ------------------------------------------------------------------------------------------------- conv1x1_act

@@ -554,7 +554,8 @@ class DenseConv(nn.Module):
         if self.route is DenseRoute.ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32:
             return torch.ops.winoprune.conv2d_act(x, self.weight, self.bias, self.stride[0], self.stride[1],
                                                   self.padding[0], self.padding[1], self.groups, self.act_code)
-        if self.route is DenseRoute.ONEDNN_BF16 and x.device.type == "cpu" and x.dtype == torch.float32:
+        if self.route is DenseRoute.ONEDNN_BF16 and x.device.type == "cpu" and x.dtype in (torch.float32,
+                                                                                             torch.bfloat16):
             return torch.ops.winoprune.conv2d_act_bf16(x, self.weight, self.bias, self.stride[0], self.stride[1],
                                                        self.padding[0], self.padding[1], self.groups, self.act_code)
         if self.route is DenseRoute.GEMM and x.device.type == "cpu" and x.dtype == torch.float32:

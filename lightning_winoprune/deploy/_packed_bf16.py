@@ -1,9 +1,13 @@
-"""A pruned Winograd layer packed for the bfloat16 kernels: :class:`PackedWinogradConvBf16`.
+"""The bfloat16 deployment: the Winograd layer of the bfloat16 kernels, and the boundary of a bfloat16 model.
+
+:class:`PackedWinogradConvBf16` is a pruned Winograd layer packed for the bfloat16 kernels; :class:`Bf16Model`
+converts a ``precision="bf16"`` model's input and outputs.
 
 The kept rows of every Winograd position are cut into panels of 16 rows and the input channels into chunks of 32,
 the shape of an AMX tile (``TDPBF16PS``) and of 16 ``VDPBF16PS`` rows; a pruned row and a chunk that a whole panel
 pruned are never loaded. The weights are rounded to bfloat16 once, at packing; the input and output transforms run
-in float32, the products in bfloat16 with float32 sums, and the layer takes and returns float32 tensors.
+in float32, the products in bfloat16 with float32 sums. The layer takes float32 NCHW (and returns it) or bfloat16
+channels-last (and returns that: what a ``precision="bf16"`` model passes between layers).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from lightning_winoprune.deploy._ops import Activation
 from lightning_winoprune.deploy._packed import (
@@ -25,7 +30,7 @@ from lightning_winoprune.deploy._packed import (
 from lightning_winoprune.kernels._backend import extension_status, native_available, native_bf16_path, native_module
 from lightning_winoprune.winograd._layer import WinogradConv2d
 
-__all__ = ["PackedWinogradConvBf16", "bf16_refusal"]
+__all__ = ["Bf16Model", "PackedWinogradConvBf16", "bf16_refusal"]
 
 
 def bf16_refusal() -> str | None:
@@ -117,7 +122,7 @@ class PackedWinogradConvBf16(nn.Module):
         return _output_size(height, width, (3, 3), (1, 1), self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve ``x`` ``(N, C, H, W)`` (CPU float32), then the fused activation."""
+        """Convolve ``x`` ``(N, C, H, W)`` (CPU float32, or bfloat16 read channels-last), then the fused activation."""
         _check_input(x, self.in_channels)
         return torch.ops.winoprune.winograd_conv_bf16(x, self.plan_meta, self.plan_chunks, self.plan_A, self.bias,
                                                       self.out_channels, self.padding[0], self.padding[1],
@@ -149,3 +154,23 @@ def _bgemm_view(weight: torch.Tensor, mask: torch.Tensor | None, p: int) -> tupl
     elif not (w.dim() == 3 and w.shape[0] == p * p):
         raise ValueError(f"weight must be (K, C, {p}, {p}) or ({p * p}, K, C), got shape {tuple(weight.shape)}")
     return w, torch.ones(w.shape, dtype=torch.bool) if mk is None else mk
+
+
+class Bf16Model(nn.Module):
+    """A deployed ``precision="bf16"`` model: the input goes in as bfloat16 channels-last, the outputs come out float32.
+
+    Between the two, every layer takes and returns bfloat16 channels-last activations (no conversion between layers).
+
+    Args:
+        inner: The deployed layers, their weights in bfloat16 (the Winograd layers' biases stay float32).
+
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> Any:
+        """``inner`` on ``x`` in bfloat16 channels-last; floating-point outputs back in float32."""
+        out = self.inner(x.to(torch.bfloat16, memory_format=torch.channels_last))
+        return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, out)

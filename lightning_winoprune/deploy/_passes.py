@@ -1,4 +1,6 @@
-"""The passes of :func:`~lightning_winoprune.deploy.deploy`: record, fold, fuse, route, pack, pools, check, report.
+"""The passes of :func:`~lightning_winoprune.deploy.deploy`, in order (:data:`PASSES`).
+
+record, fold, fuse, route, pack, pools, precision (a ``bf16`` model's boundary), check, report.
 
 Each pass takes the :class:`DeployState` (the working copy of the model and what the earlier passes learnt about it)
 and returns it; :data:`PASSES` names them, so a test (or a new pass) can run the pipeline up to any step.
@@ -20,6 +22,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 from lightning_winoprune._utils import MASK_ATTR, is_depthwise, median_ms, set_submodule
 from lightning_winoprune.deploy._ops import Activation
 from lightning_winoprune.deploy._packed import NativeMaxPool2d
+from lightning_winoprune.deploy._packed_bf16 import Bf16Model, PackedWinogradConvBf16
 from lightning_winoprune.deploy._record import Chain, bn_act, record
 from lightning_winoprune.deploy._report import DeployMismatchError, DeployReport, LayerRoute
 from lightning_winoprune.deploy._routes import (
@@ -160,19 +163,27 @@ def _shape(chain: Chain) -> str:
     return f"{conv.in_channels}->{conv.out_channels}{kind} {hw} k{conv.kernel_size[0]} s{conv.stride[0]}"
 
 
-def _build(chain: Chain, row: LayerRoute, factories: dict) -> dict[DeployRoute, nn.Module]:
-    """Every candidate that applies and reproduces the layer's output within its tolerance."""
+def route_input(chain: Chain, precision: Precision) -> torch.Tensor:
+    """The input a layer's routes run on in the deployed model: the recorded one, or in bfloat16 channels-last."""
+    if precision is Precision.BF16:
+        return chain.x.to(torch.bfloat16, memory_format=torch.channels_last)
+    return chain.x
+
+
+def _build(chain: Chain, row: LayerRoute, factories: dict, x: torch.Tensor,
+           precision: Precision) -> dict[DeployRoute, nn.Module]:
+    """Every candidate that applies and reproduces the layer's output (from ``x``) within its tolerance."""
     ref = chain.ref if chain.ref.numel() else _chain_reference(chain)
     built: dict[DeployRoute, nn.Module] = {}
     for key, make in factories.items():
         try:
             mod = make().eval()
-            err = rel_error(mod(chain.x), ref)
+            err = rel_error(mod(x).float(), ref)
         except (ValueError, TypeError, RuntimeError) as exc:  # a candidate that does not apply here
             row.note = (row.note + "; " if row.note else "") + f"{key} skipped: {exc}"
             continue
         row.errors[key] = err
-        if err <= tolerance(key, chain.conv):
+        if err <= tolerance(key, chain.conv, precision):
             built[key] = mod
     if not built:
         raise DeployMismatchError(f"{chain.name}: no route reproduces the layer's output within tolerance "
@@ -180,10 +191,11 @@ def _build(chain: Chain, row: LayerRoute, factories: dict) -> dict[DeployRoute, 
     return built
 
 
-def _time(chain: Chain, row: LayerRoute, built: dict[DeployRoute, nn.Module], options: DeployOptions) -> None:
-    """Time every built candidate (and a dense reference for a pruned Winograd layer); the fastest wins."""
-    fns: dict[str, Callable[[], object]] = {k: functools.partial(m, chain.x) for k, m in built.items()}
-    dense_fn = dense_reference(chain, options.precision)
+def _time(chain: Chain, row: LayerRoute, built: dict[DeployRoute, nn.Module], options: DeployOptions,
+          x: torch.Tensor) -> None:
+    """Time every built candidate on ``x`` (and a dense reference for a pruned Winograd layer); the fastest wins."""
+    fns: dict[str, Callable[[], object]] = {k: functools.partial(m, x) for k, m in built.items()}
+    dense_fn = dense_reference(chain, options.precision, x)
     if dense_fn is not None:
         fns["dense-reference"] = dense_fn
     row.times_ms = median_ms(fns, options.repeats, options.warmup, options.flush)
@@ -209,9 +221,10 @@ def route_pass(state: DeployState) -> DeployState:
                 state.notes.append(f"{chain.name}: {note}")
                 warnings.warn(f"deploy: {chain.name} {note}", RuntimeWarning, stacklevel=2)
             continue
-        built = _build(chain, row, factories)
-        if opts.tune and len(built) > 1:
-            _time(chain, row, built, opts)
+        x = route_input(chain, opts.precision)
+        built = _build(chain, row, factories, x, opts.precision)
+        if opts.tune and (len(built) > 1 or kind == "winograd"):  # a Winograd layer is timed against dense
+            _time(chain, row, built, opts, x)
         else:
             row.route = rule_route(built)
         state.chosen[chain.name] = built[row.route]
@@ -259,7 +272,7 @@ def _pool_inputs(work: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.MaxPool
 def pools_pass(state: DeployState) -> DeployState:
     """Every ``nn.MaxPool2d`` on the native pooling kernel where it is exact (and, when tuned, faster)."""
     opts = state.options
-    if opts.backend is not Backend.NATIVE:
+    if opts.backend is not Backend.NATIVE or opts.precision is Precision.BF16:  # the native pool is float32 NCHW
         return state
     for name, (pool, xin) in _pool_inputs(state.work, state.x).items():
         shape = f"{xin.shape[1]} {xin.shape[-2]}x{xin.shape[-1]} k{pool.kernel_size} s{pool.stride}"
@@ -283,6 +296,23 @@ def pools_pass(state: DeployState) -> DeployState:
             row.route = DeployRoute.NATIVE
         if row.route is DeployRoute.NATIVE:
             set_submodule(state.work, name, native)
+    return state
+
+
+def precision_pass(state: DeployState) -> DeployState:
+    """A ``bf16`` model: every other floating-point weight in bfloat16, the whole model behind :class:`Bf16Model`."""
+    if state.options.precision is not Precision.BF16:
+        return state
+    for mod in state.work.modules():
+        if isinstance(mod, PackedWinogradConvBf16):  # its bias stays float32: the kernel adds it in float32
+            continue
+        for name, param in list(mod.named_parameters(recurse=False)):
+            if param.dtype == torch.float32:
+                setattr(mod, name, nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False))
+        for name, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None and buf.dtype == torch.float32:
+                setattr(mod, name, buf.to(torch.bfloat16))
+    state.work = Bf16Model(state.work)
     return state
 
 
@@ -320,7 +350,7 @@ def check_pass(state: DeployState) -> DeployState:
     """
     used_m4 = any(r.route is DeployRoute.WINOGRAD_F4 or (r.kind == "winograd" and "F(4,3)" in r.shape)
                   for r in state.rows)
-    used_bf16 = any(r.route in BF16_ROUTES for r in state.rows)
+    used_bf16 = state.options.precision is Precision.BF16 or any(r.route in BF16_ROUTES for r in state.rows)
     tol = state.options.tolerance
     state.tol = tol if tol is not None else (TOL_BF16_MODEL if used_bf16 else TOL_M4 if used_m4 else TOL_M2)
     assert state.reference is not None, "check_pass runs after record_pass"
@@ -362,6 +392,7 @@ PASSES: tuple[tuple[str, Pass], ...] = (
     ("route", route_pass),
     ("pack", pack_pass),
     ("pools", pools_pass),
+    ("precision", precision_pass),
     ("check", check_pass),
     ("report", report_pass),
 )

@@ -30,16 +30,17 @@ __all__ = ["BF16_ROUTES", "DENSE_ROUTES", "DeployRoute", "Factories", "Precision
 
 #: Relative max error allowed per layer and for the whole model: F(2,3)-like routes, and F(4,3).
 TOL_M2, TOL_M4 = 1e-4, 1e-3
-#: The same for a bfloat16 route (8 significant bits: about 4e-3 per layer on random data, see docs/deploy.md), and
-#: for a whole model that runs bfloat16 routes (the rounding of every layer adds up).
+#: The same for a bfloat16 route (8 significant bits: about 3e-3 per layer on random data, see docs/deploy.md), and
+#: for a whole bfloat16 model (the rounding of every layer, and of the activations between them, adds up).
 TOL_BF16, TOL_BF16_MODEL = 2e-2, 5e-2
 
 
 class Precision(ParsableEnum):
-    """The arithmetic a deployed model may use: ``fp32`` (float32 everywhere), or ``bf16``.
+    """The arithmetic of a deployed model: ``fp32`` (float32 everywhere), or ``bf16``.
 
-    With ``bf16``, each layer may also take a bfloat16 route (bfloat16 products, float32 sums, float32 between
-    layers): our Winograd kernels on AMX tiles or AVX512-BF16, and oneDNN's bfloat16 convs for unpruned layers.
+    A ``bf16`` model keeps its activations in bfloat16, channels-last, from input to output: Winograd layers run our
+    kernels on AMX tiles or AVX512-BF16 (float32 transforms and sums), the other convs oneDNN's bfloat16 convs, and
+    the rest (adds, pooling, the head) torch's bfloat16 ops; only the input and the output are converted.
     """
 
     FP32 = "fp32"
@@ -121,14 +122,19 @@ def _dense(w: torch.Tensor, b: torch.Tensor | None, stride: tuple[int, int], pad
         return lambda: DenseConv(w, b, stride, padding, g, route, act)
 
     out: Factories = {DeployRoute.EAGER: make(DenseRoute.EAGER)}
+    linear = fixed_hw and groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:])
+    if precision is Precision.BF16:  # the routes that take and return bfloat16 channels-last activations
+        if onednn_bf16_available():
+            out[DeployRoute.ONEDNN_BF16] = make(DenseRoute.ONEDNN_BF16)
+        if linear:
+            out[DeployRoute.LINEAR] = make(DenseRoute.LINEAR, 1)
+        return out
     if onednn_available():
         out[DeployRoute.ONEDNN] = make(DenseRoute.ONEDNN)
-    if fixed_hw and groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:]):
+    if linear:
         out[DeployRoute.LINEAR] = make(DenseRoute.LINEAR, 1)
     if groups == 1 and padding == (0, 0) and stride == (1, 1) and tuple(w.shape[2:]) == (1, 1):
         out[DeployRoute.GEMM] = make(DenseRoute.GEMM, 1)
-    if precision is Precision.BF16 and onednn_bf16_available():
-        out[DeployRoute.ONEDNN_BF16] = make(DenseRoute.ONEDNN_BF16)
     return out
 
 
@@ -140,15 +146,16 @@ def _winograd_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw:
     out: Factories = {}
     note = ""
     pruned = mask is not None and not bool(mask.all())
-    if conv.m in (2, 4):
+    if conv.m in (2, 4) and precision is Precision.BF16:
+        if backend is Backend.NATIVE:
+            out[DeployRoute.WINOGRAD_BF16] = lambda: PackedWinogradConvBf16(u, mask, conv.m, conv.padding, b, threads,
+                                                                            act)
+    elif conv.m in (2, 4):
         out[DeployRoute.WINOGRAD] = lambda: PackedWinogradConv(u, mask, conv.m, conv.padding, b,
                                                                SparseForm.STRUCTURED, backend, threads, act)
         if backend is Backend.NATIVE and pruned:
             out[DeployRoute.CSR] = lambda: PackedWinogradConv(u, mask, conv.m, conv.padding, b, SparseForm.CSR,
                                                               backend, threads, act)
-        if backend is Backend.NATIVE and precision is Precision.BF16:
-            out[DeployRoute.WINOGRAD_BF16] = lambda: PackedWinogradConvBf16(u, mask, conv.m, conv.padding, b, threads,
-                                                                            act)
     else:
         note = f"no native kernel for F({conv.m},3)"
     g = None if pruned else _spatial_equivalent(u, conv.m)
@@ -171,6 +178,8 @@ def _conv_candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: boo
     stride: tuple[int, int] = (int(conv.stride[0]), int(conv.stride[1]))
     padding: tuple[int, int] = (int(conv.padding[0]), int(conv.padding[1]))
     out = _dense(w, b, stride, padding, conv.groups, act, chain.x, fixed_hw, precision)
+    if precision is Precision.BF16:  # our depthwise and dense Winograd kernels are float32 NCHW
+        return out, ""
     if is_masked_depthwise(conv):
         out[DeployRoute.DEPTHWISE] = lambda: PackedDepthwiseConv(w, mask, stride, padding, b,
                                                                  backend, threads, act)
@@ -194,16 +203,19 @@ def candidates(chain: Chain, threads: int, backend: Backend, fixed_hw: bool = Tr
         threads: The deployed kernels' threads (-1: torch's count at call time).
         backend: ``native`` or ``torch`` (resolved).
         fixed_hw: Whether the deployed model runs at the example's H x W only (allows the ``linear`` route).
-        precision: ``bf16`` adds the bfloat16 routes to the float32 ones.
+        precision: ``bf16``: the routes of a bfloat16 model instead (bfloat16 channels-last activations in and out).
     """
     if isinstance(chain.conv, WinogradConv2d):
         return _winograd_candidates(chain, threads, backend, fixed_hw, precision)
     return _conv_candidates(chain, threads, backend, fixed_hw, precision)
 
 
-def tolerance(route: DeployRoute, conv: nn.Module) -> float:
-    """The relative max error a route may show against the layer's own output."""
-    if route in BF16_ROUTES:
+def tolerance(route: DeployRoute, conv: nn.Module, precision: Precision = Precision.FP32) -> float:
+    """The relative max error a route may show against the layer's own output.
+
+    Every route of a bfloat16 model runs on bfloat16 activations: that precision's tolerance.
+    """
+    if route in BF16_ROUTES or precision is Precision.BF16:
         return TOL_BF16
     f4 = isinstance(conv, WinogradConv2d) and conv.m == 4 and route in (DeployRoute.WINOGRAD, DeployRoute.CSR)
     return TOL_M4 if route is DeployRoute.WINOGRAD_F4 or f4 else TOL_M2
@@ -214,10 +226,12 @@ def rule_route(built: dict[DeployRoute, nn.Module]) -> DeployRoute:
     return next((route for route in _RULE_ORDER if route in built), next(iter(built)))
 
 
-def dense_reference(chain: Chain, precision: Precision = Precision.FP32) -> Callable[[], object] | None:
+def dense_reference(chain: Chain, precision: Precision = Precision.FP32,
+                    x: torch.Tensor | None = None) -> Callable[[], object] | None:
     """The layer's dense route with random weights (for a Winograd layer pruned beyond any spatial equivalent).
 
-    In the deployment's precision: oneDNN's bfloat16 conv for ``precision="bf16"`` where it runs.
+    In the deployment's precision (oneDNN's bfloat16 conv for ``precision="bf16"`` where it runs), called on ``x``
+    (default: the layer's recorded input).
     """
     conv = chain.conv
     if not isinstance(conv, WinogradConv2d):
@@ -227,4 +241,5 @@ def dense_reference(chain: Chain, precision: Precision = Precision.FP32) -> Call
     if precision is Precision.BF16 and onednn_bf16_available():
         route = DenseRoute.ONEDNN_BF16
     mod = DenseConv(w, torch.zeros(conv.out_channels), (1, 1), conv.padding, 1, route, chain.act)
-    return lambda: mod(chain.x)
+    xin = chain.x if x is None else x
+    return lambda: mod(xin)

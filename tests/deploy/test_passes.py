@@ -1,4 +1,5 @@
-"""``deploy``'s passes, each run alone on a small model: record, fold, fuse, route, pack, pools, check, report."""
+"""``deploy``'s passes, each run alone on a small model: record, fold, fuse, route, pack, pools, precision, check,
+report."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from lightning_winoprune import WinogradConv2d
 from lightning_winoprune.deploy import DeployMismatchError, DeployRoute, PackedWinogradConv
+from lightning_winoprune.deploy._packed_bf16 import Bf16Model, bf16_refusal
 from lightning_winoprune.deploy._passes import (
     PASSES,
     DeployOptions,
@@ -20,13 +22,14 @@ from lightning_winoprune.deploy._passes import (
     fuse_pass,
     pack_pass,
     pools_pass,
+    precision_pass,
     record_pass,
     report_pass,
     route_pass,
     run_passes,
 )
 from lightning_winoprune.deploy._record import Chain
-from lightning_winoprune.deploy._routes import candidates, rule_route
+from lightning_winoprune.deploy._routes import Precision, candidates, rule_route
 from lightning_winoprune.kernels import Backend, native_available
 
 needs_ext = pytest.mark.skipif(not native_available(), reason="the native extension is not loaded")
@@ -77,7 +80,8 @@ def chain(state: DeployState, name: str) -> Chain:
 
 
 def test_pass_names_in_order():
-    assert [name for name, _ in PASSES] == ["record", "fold", "fuse", "route", "pack", "pools", "check", "report"]
+    assert [name for name, _ in PASSES] == ["record", "fold", "fuse", "route", "pack", "pools", "precision", "check",
+                                            "report"]
     with pytest.raises(ValueError, match=r"until='nope' is not valid; valid values are \['record'"):
         run_passes(state_for(nn.Identity()), until="nope")
 
@@ -159,6 +163,25 @@ def test_pools_moves_an_exact_max_pool_to_the_native_kernel(net):
     assert pool_row.route is DeployRoute.NATIVE and type(state.work.pool).__name__ == "NativeMaxPool2d"
     torch_state = pools_pass(state_for(net, backend=Backend.TORCH))
     assert not any(r.kind == "pool" for r in torch_state.rows)
+
+
+def test_precision_leaves_a_float32_model_alone(net):
+    state = run_passes(state_for(net), until="pools")
+    work = state.work
+    assert precision_pass(state).work is work
+
+
+@pytest.mark.skipif(bf16_refusal() is not None, reason=f"no bfloat16 kernels here: {bf16_refusal()}")
+def test_precision_puts_a_bfloat16_model_behind_its_boundary(net):
+    state = run_passes(state_for(net, precision=Precision.BF16), until="pools")
+    assert not any(r.kind == "pool" for r in state.rows)  # the native pool is float32 NCHW: pools stay in torch
+    state = precision_pass(state)
+    assert isinstance(state.work, Bf16Model)
+    kinds = {type(m).__name__: m for m in state.work.modules()}
+    assert kinds["PackedWinogradConvBf16"].bias.dtype == torch.float32  # added in float32 by the kernel
+    assert kinds["DenseConv"].weight.dtype == torch.bfloat16
+    out = state.work(state.x)
+    assert out.dtype == torch.float32 and check_pass(state).error <= state.tol == 5e-2
 
 
 def test_check_catches_a_wrong_module_and_report_summarises(net):
