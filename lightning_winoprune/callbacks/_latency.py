@@ -243,6 +243,9 @@ class LatencyValidation(Callback):
             metrics["latency/model_native_ms"] = report.model.native_ms
             metrics["latency/model_torch_dense_ms"] = report.model.torch_dense_ms
             metrics["latency/model_best_dense_ms"] = report.model.best_dense_ms
+            if report.model.bf16_speedup is not None and report.model.native_bf16_ms is not None:
+                metrics["latency/model_bf16_speedup"] = report.model.bf16_speedup
+                metrics["latency/model_native_bf16_ms"] = report.model.native_bf16_ms
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
             if isinstance(logger, WandbLogger):

@@ -519,6 +519,9 @@ class DenseConv(nn.Module):
             raise ValueError("route='onednn' needs a torch build with oneDNN (torch.backends.mkldnn)")
         if self.route is DenseRoute.ONEDNN_BF16 and not onednn_bf16_available():
             raise ValueError("route='onednn-bf16' needs oneDNN with bfloat16 convs on this CPU (AVX512-BF16 or AMX)")
+        if self.route is DenseRoute.ONEDNN_BF16 and groups != 1:
+            raise ValueError(f"route='onednn-bf16' takes ungrouped convs only, got groups={groups} (torch 2.14's "
+                             "bfloat16 grouped conv is wrong for some channels-last shapes); use route='eager'")
         if self.route is DenseRoute.LINEAR and (groups != 1 or tuple(padding) != (0, 0)):
             raise ValueError(f"route='linear' needs an ungrouped conv without padding, got groups={groups}, "
                              f"padding={tuple(padding)}")

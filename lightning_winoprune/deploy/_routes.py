@@ -124,7 +124,9 @@ def _dense(w: torch.Tensor, b: torch.Tensor | None, stride: tuple[int, int], pad
     out: Factories = {DeployRoute.EAGER: make(DenseRoute.EAGER)}
     linear = fixed_hw and groups == 1 and padding == (0, 0) and tuple(x.shape[2:]) == tuple(w.shape[2:])
     if precision is Precision.BF16:  # the routes that take and return bfloat16 channels-last activations
-        if onednn_bf16_available():
+        # grouped convs stay on eager (float32 inside): torch 2.14's bfloat16 grouped conv on a channels-last input is
+        # wrong for some small shapes (docs/reliability.md)
+        if onednn_bf16_available() and groups == 1:
             out[DeployRoute.ONEDNN_BF16] = make(DenseRoute.ONEDNN_BF16)
         if linear:
             out[DeployRoute.LINEAR] = make(DenseRoute.LINEAR, 1)

@@ -15,6 +15,7 @@ from torch import nn
 
 from lightning_winoprune._utils import MASK_ATTR, is_depthwise
 from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, SparseForm, deploy
+from lightning_winoprune.deploy._packed_bf16 import bf16_refusal
 from lightning_winoprune.deploy._timing import median_ms, rel_error, threads_context
 from lightning_winoprune.kernels import Backend, native_available, native_isa
 from lightning_winoprune.latency._report import GpuLatency, LatencyReport, LayerLatency, ModelLatency
@@ -182,7 +183,9 @@ def measure_latency(
     The whole-model row times the dense PyTorch model on torch eager, the same dense model through
     :func:`~lightning_winoprune.deploy` (BN folded, fastest dense route per conv: the best dense deployment), the
     model as trained, and the deployed pruned model: exactly what :func:`~lightning_winoprune.deploy` returns and a
-    user ships. With CUDA available (and ``gpu`` not ``False``) it also times the compacted batched GEMM via torch
+    user ships. On a CPU with bfloat16 kernels (AVX512-BF16 or AMX) it also times both deployed with
+    ``precision="bf16"``: a row of its own, with its own error, since bfloat16 is another precision. With CUDA
+    available (and ``gpu`` not ``False``) it also times the compacted batched GEMM via torch
     against cuDNN per Winograd layer.
 
     Pin threads for stable numbers (``OMP_PROC_BIND=close OMP_PLACES=cores`` before starting Python).
@@ -290,19 +293,31 @@ def _layer_rows(layers: dict[str, nn.Module], inputs: dict[str, torch.Tensor], t
 
 def _model_row(work: nn.Module, layers: dict[str, nn.Module], x: torch.Tensor, deployed: nn.Module | None,
                tune: bool, timing: _Timing) -> ModelLatency:
-    """The whole model: dense eager, dense deployed, as trained and deployed pruned, in interleaved rounds."""
+    """The whole model: dense eager, dense deployed, as trained and deployed pruned, in interleaved rounds.
+
+    On a CPU with bfloat16 kernels, also the dense and the pruned model deployed in bfloat16 (another precision: a row
+    and an error of its own).
+    """
     dense = _dense_copy(work, layers).eval()
     opts: dict[str, Any] = {"threads": timing.threads, "backend": timing.backend, "tune": tune, "verbose": False,
                             "time_model": False}
     native = deployed if deployed is not None else deploy(work, x, **opts)
     dense_deployed = deploy(dense, x, **opts)
-    err = rel_error(native(x), work(x)) if timing.check_output else 0.0
+    reference = work(x)
+    err = rel_error(native(x), reference) if timing.check_output else 0.0
     if timing.check_output and err > timing.tolerance * 10:
         raise LatencyMismatchError(
             f"the deployed model differs from the model as trained by {err:.2e} "
             f"(relative max error of the output, tolerance {timing.tolerance * 10:.0e})"
         )
-    medians = median_ms({"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x),
-                         "trained": lambda: work(x), "native": lambda: native(x)},
-                        max(3, timing.repeats // 2), timing.warmup)
-    return ModelLatency(medians["dense"], medians["trained"], medians["native"], err, medians["dense_deployed"])
+    fns = {"dense": lambda: dense(x), "dense_deployed": lambda: dense_deployed(x), "trained": lambda: work(x),
+           "native": lambda: native(x)}
+    bf16_err = None
+    if timing.backend is not Backend.TORCH and bf16_refusal() is None:
+        native_bf16 = deploy(work, x, precision="bf16", **opts)
+        dense_bf16 = deploy(dense, x, precision="bf16", **opts)
+        bf16_err = rel_error(native_bf16(x), reference)
+        fns.update(native_bf16=lambda: native_bf16(x), dense_bf16=lambda: dense_bf16(x))
+    medians = median_ms(fns, max(3, timing.repeats // 2), timing.warmup)
+    return ModelLatency(medians["dense"], medians["trained"], medians["native"], err, medians["dense_deployed"],
+                        medians.get("dense_bf16"), medians.get("native_bf16"), bf16_err)

@@ -97,6 +97,10 @@ class ModelLatency:
         max_error: Relative max error of the deployed model's logits against the model as trained.
         dense_deployed_ms: The dense model through the same :func:`~lightning_winoprune.deploy` pipeline (BN folded,
             fastest dense route per conv): the best dense deployment here.
+        dense_bf16_ms: The dense model deployed with ``precision="bf16"`` (``None`` on CPUs without bfloat16
+            kernels): the dense bfloat16 model a user could pick instead.
+        native_bf16_ms: The pruned model deployed with ``precision="bf16"``.
+        bf16_max_error: Relative max error of the bfloat16 pruned model's output against the model as trained.
 
     """
 
@@ -105,6 +109,16 @@ class ModelLatency:
     native_ms: float
     max_error: float
     dense_deployed_ms: float | None = None
+    dense_bf16_ms: float | None = None
+    native_bf16_ms: float | None = None
+    bf16_max_error: float | None = None
+
+    @property
+    def bf16_speedup(self) -> float | None:
+        """Dense bfloat16 deployment / pruned bfloat16 deployment (``None`` where bfloat16 was not measured)."""
+        if self.dense_bf16_ms is None or self.native_bf16_ms is None:
+            return None
+        return self.dense_bf16_ms / self.native_bf16_ms
 
     @property
     def best_dense_ms(self) -> float:
@@ -192,7 +206,7 @@ class LatencyReport:
         model = None
         if self.model is not None:
             model = {**asdict(self.model), "speedup": self.model.speedup, "eager_speedup": self.model.eager_speedup,
-                     "best_dense_ms": self.model.best_dense_ms}
+                     "best_dense_ms": self.model.best_dense_ms, "bf16_speedup": self.model.bf16_speedup}
         return {
             "batch_size": self.batch_size,
             "input_size": list(self.input_size),
@@ -244,6 +258,10 @@ class LatencyReport:
                 ratio = _fmt_x(_ratio(mdl.dense_deployed_ms, mdl.native_ms))
                 t.add_row("whole model", "deployed: dense / pruned", "", _fmt_ms(mdl.dense_deployed_ms), "",
                           _fmt_ms(mdl.native_ms), "", "", f"[bold]{ratio}", "")
+            if mdl.dense_bf16_ms is not None and mdl.native_bf16_ms is not None:
+                t.add_row("whole model", "bfloat16: dense / pruned", "", _fmt_ms(mdl.dense_bf16_ms), "",
+                          _fmt_ms(mdl.native_bf16_ms), "", "", _fmt_x(mdl.bf16_speedup),
+                          "-" if mdl.bf16_max_error is None else f"{mdl.bf16_max_error:.1e}")
         for g in self.gpu:
             t.add_row(f"GPU {g.name}", "cuDNN / compacted bmm", "", _fmt_ms(g.cudnn_ms), "", _fmt_ms(g.compacted_ms),
                       "", "", _fmt_x(g.speedup), "")

@@ -20,6 +20,7 @@ from torch import nn
 
 from lightning_winoprune import WinogradConv2d, measure_latency, winogradize
 from lightning_winoprune.deploy import PackedDepthwiseConv, PackedWinogradConv, deploy
+from lightning_winoprune.deploy._packed_bf16 import bf16_refusal
 from lightning_winoprune.kernels import _backend, native_available, native_isa
 from lightning_winoprune.latency import (
     LatencyMismatchError,
@@ -161,6 +162,30 @@ def test_whole_model_row(resnet_report):
     assert 0 <= mdl.max_error < 1e-4
 
 
+@needs_ext
+def test_a_bfloat16_row_where_the_cpu_has_bfloat16_kernels(resnet_report):
+    mdl = resnet_report.model
+    console = Console(record=True, width=250)
+    console.print(resnet_report)
+    if bf16_refusal() is not None:  # this CPU: no bfloat16 kernels, no row
+        assert mdl.dense_bf16_ms is None and mdl.bf16_speedup is None
+        assert "bfloat16" not in console.export_text()
+        return
+    assert positive_finite(mdl.dense_bf16_ms, mdl.native_bf16_ms)
+    assert mdl.bf16_speedup == pytest.approx(mdl.dense_bf16_ms / mdl.native_bf16_ms)
+    assert mdl.bf16_max_error is not None and 0 <= mdl.bf16_max_error <= 5e-2
+    assert "bfloat16: dense / pruned" in console.export_text()
+
+
+@needs_ext
+def test_no_bfloat16_row_without_bfloat16_kernels(resnet, monkeypatch):
+    from lightning_winoprune.latency import _measure
+
+    monkeypatch.setattr(_measure, "bf16_refusal", lambda: "precision='bf16' needs a CPU with AVX512-BF16")
+    report = measure_latency(resnet, torch.randn(1, 1, 16, 16), **FAST)
+    assert report.model is not None and report.model.native_bf16_ms is None and report.model.bf16_max_error is None
+
+
 def test_whole_model_false_leaves_the_model_row_out(resnet):
     report = measure_latency(resnet, torch.randn(1, 1, 16, 16), whole_model=False, backend="torch", **FAST)
     assert report.model is None and report.to_dict()["model"] is None
@@ -263,7 +288,8 @@ def test_to_json_writes_the_documented_keys(resnet_report, tmp_path):
         assert set(row) == ROW_KEYS
         assert row["speedup"] == pytest.approx(r.speedup) and row["pruned_ms"] == pytest.approx(r.pruned_ms)
     assert set(data["model"]) == {"torch_dense_ms", "torch_pruned_ms", "native_ms", "max_error", "speedup",
-                                  "dense_deployed_ms", "best_dense_ms", "eager_speedup"}
+                                  "dense_deployed_ms", "best_dense_ms", "eager_speedup", "dense_bf16_ms",
+                                  "native_bf16_ms", "bf16_max_error", "bf16_speedup"}
     assert data["model"]["speedup"] == pytest.approx(resnet_report.model.speedup)
     assert isinstance(data["gpu"], list) and "torch" in data["environment"]
 
