@@ -89,8 +89,8 @@ inline Bf16Slot bf16_slot(float* ws, const Bf16Layout& L, index_t s) {
 // The pair rows no channel writes (C rounded up to 32) and M's zero row: zeroed once per call.
 inline void bf16_clear(const WinogradBf16View& pl, const Bf16Layout& L, const Bf16Slot& s) {
   const index_t P2 = static_cast<index_t>(pl.p) * pl.p, first = (pl.C + 1) / 2, last = padded_channels(pl.C) / 2;
-  for (index_t xi = 0; xi < P2; ++xi)
-    std::memset(s.Vb + xi * vb_stride(pl.C, L.Tb) + first * L.Tb * 2, 0, sizeof(std::uint16_t) * (last - first) * L.Tb * 2);
+  const std::size_t bytes = sizeof(std::uint16_t) * static_cast<std::size_t>((last - first) * L.Tb * 2);
+  for (index_t xi = 0; xi < P2; ++xi) std::memset(s.Vb + xi * vb_stride(pl.C, L.Tb) + first * L.Tb * 2, 0, bytes);
   std::memset(s.Mc + (L.mc_rows - 1) * L.Tb, 0, sizeof(float) * L.Tb);
 }
 

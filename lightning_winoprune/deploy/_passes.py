@@ -170,10 +170,33 @@ def route_input(chain: Chain, precision: Precision) -> torch.Tensor:
     return chain.x
 
 
-def _build(chain: Chain, row: LayerRoute, factories: dict, x: torch.Tensor,
-           precision: Precision) -> dict[DeployRoute, nn.Module]:
-    """Every candidate that applies and reproduces the layer's output (from ``x``) within its tolerance."""
-    ref = chain.ref if chain.ref.numel() else _chain_reference(chain)
+def layer_reference(chain: Chain) -> torch.Tensor:
+    """The layer's own output on its recorded input (the recorded one where it matches the fusion)."""
+    return chain.ref if chain.ref.numel() else _chain_reference(chain)
+
+
+def rounded_reference(chain: Chain, x: torch.Tensor, opts: DeployOptions) -> torch.Tensor:
+    """The layer's float32 output on ``x``, its bfloat16-rounded input: what a bfloat16 route is compared with.
+
+    A bfloat16 route's own error is its rounding of the weights and of the Winograd domain; the rounding of the input
+    is the previous layers' (the whole-model check sees it). The float32 routes of the layer compute the output:
+    the first that reproduces the layer on its recorded input runs on the rounded one.
+    """
+    factories, _ = candidates(chain, opts.kernel_threads, opts.backend, fixed_hw="hw" not in opts.dynamic)
+    ref = layer_reference(chain)
+    for key, make in factories.items():
+        try:
+            mod = make().eval()
+            if rel_error(mod(chain.x), ref) <= tolerance(key, chain.conv):
+                return mod(x.float().contiguous())
+        except (ValueError, TypeError, RuntimeError):  # a candidate that does not apply here
+            continue
+    return ref
+
+
+def _build(chain: Chain, row: LayerRoute, factories: dict, x: torch.Tensor, precision: Precision,
+           ref: torch.Tensor) -> dict[DeployRoute, nn.Module]:
+    """Every candidate that applies and reproduces ``ref``, the layer's output on ``x``, within its tolerance."""
     built: dict[DeployRoute, nn.Module] = {}
     for key, make in factories.items():
         try:
@@ -222,7 +245,8 @@ def route_pass(state: DeployState) -> DeployState:
                 warnings.warn(f"deploy: {chain.name} {note}", RuntimeWarning, stacklevel=2)
             continue
         x = route_input(chain, opts.precision)
-        built = _build(chain, row, factories, x, opts.precision)
+        ref = rounded_reference(chain, x, opts) if opts.precision is Precision.BF16 else layer_reference(chain)
+        built = _build(chain, row, factories, x, opts.precision, ref)
         if opts.tune and (len(built) > 1 or kind == "winograd"):  # a Winograd layer is timed against dense
             _time(chain, row, built, opts, x)
         else:
@@ -357,6 +381,13 @@ def check_pass(state: DeployState) -> DeployState:
     out = state.work(state.x)
     state.error = rel_error(out, state.reference)
     state.top1_agreement = top1_agreement(out, state.reference)
+    if not state.error <= state.tol and state.options.precision is Precision.BF16:
+        agree = "" if state.top1_agreement is None else f", top-1 agreement {state.top1_agreement:.1%}"
+        raise DeployMismatchError(
+            f"the bfloat16 model's output differs from the float32 model's by {state.error:.2e} (relative max error"
+            f"{agree}; tolerance {state.tol:.0e}): bfloat16 rounds every activation and deep models add it up; "
+            "check the agreement on real data and pass a larger tolerance= to accept it, or deploy in float32"
+        )
     if not state.error <= state.tol:
         raise DeployMismatchError(
             f"the deployed model's output differs from the model's by {state.error:.2e} (relative max error, "

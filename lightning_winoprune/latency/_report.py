@@ -101,6 +101,8 @@ class ModelLatency:
             kernels): the dense bfloat16 model a user could pick instead.
         native_bf16_ms: The pruned model deployed with ``precision="bf16"``.
         bf16_max_error: Relative max error of the bfloat16 pruned model's output against the model as trained.
+        bf16_note: Why the bfloat16 row is missing on a CPU that has bfloat16 kernels (its deploy check refused the
+            bfloat16 model), or ``""``.
 
     """
 
@@ -112,6 +114,7 @@ class ModelLatency:
     dense_bf16_ms: float | None = None
     native_bf16_ms: float | None = None
     bf16_max_error: float | None = None
+    bf16_note: str = ""
 
     @property
     def bf16_speedup(self) -> float | None:
@@ -262,6 +265,9 @@ class LatencyReport:
                 t.add_row("whole model", "bfloat16: dense / pruned", "", _fmt_ms(mdl.dense_bf16_ms), "",
                           _fmt_ms(mdl.native_bf16_ms), "", "", _fmt_x(mdl.bf16_speedup),
                           "-" if mdl.bf16_max_error is None else f"{mdl.bf16_max_error:.1e}")
+            elif mdl.bf16_note:
+                t.add_row("whole model", "bfloat16: not deployed", "", "", "", "", "", "", "", "")
+                t.caption = f"bfloat16 row: {mdl.bf16_note}"
         for g in self.gpu:
             t.add_row(f"GPU {g.name}", "cuDNN / compacted bmm", "", _fmt_ms(g.cudnn_ms), "", _fmt_ms(g.compacted_ms),
                       "", "", _fmt_x(g.speedup), "")

@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from deploy_helpers import prune, randomize_bn, rel_error
 
 from lightning_winoprune import winogradize
-from lightning_winoprune.deploy import DenseConv, DeployRoute, deploy, load_deployed, save_deployed
+from lightning_winoprune.deploy import (
+    DenseConv,
+    DeployMismatchError,
+    DeployRoute,
+    deploy,
+    load_deployed,
+    save_deployed,
+)
 from lightning_winoprune.deploy._ops import onednn_bf16_available
 from lightning_winoprune.deploy._packed_bf16 import Bf16Model, bf16_refusal
 
@@ -94,6 +101,20 @@ def test_the_bfloat16_model_compiles(resnet, x):
     compiled = torch.compile(deployed, fullgraph=True)
     with torch.no_grad():  # inductor fuses the bfloat16 adds and ReLUs (rounding once): close, not bit-equal
         assert rel_error(compiled(x), deployed(x)) <= 2e-2
+
+
+@needs_bf16
+def test_a_bfloat16_model_beyond_the_tolerance_is_refused_with_its_agreement(resnet, x):
+    with pytest.raises(DeployMismatchError, match=r"bfloat16 model's output differs .* top-1 agreement .* tolerance="):
+        deploy(resnet, x, precision="bf16", tolerance=1e-6, **FAST)
+
+
+@needs_bf16
+def test_a_layer_is_checked_on_its_rounded_input(resnet, x):
+    """Each bfloat16 route answers for its own rounding: the layers' errors stay small even where rounding the
+    input alone moves a layer's output a lot."""
+    report = deploy(resnet, x, precision="bf16", **FAST).deploy_report
+    assert all(err <= 2e-2 for row in report.layers for err in row.errors.values())
 
 
 def test_a_bad_precision_names_the_valid_ones(resnet, x):

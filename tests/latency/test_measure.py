@@ -186,6 +186,29 @@ def test_no_bfloat16_row_without_bfloat16_kernels(resnet, monkeypatch):
     assert report.model is not None and report.model.native_bf16_ms is None and report.model.bf16_max_error is None
 
 
+@needs_ext
+def test_a_refused_bfloat16_model_is_said_in_the_report_not_raised(resnet, monkeypatch):
+    from lightning_winoprune.deploy import DeployMismatchError
+    from lightning_winoprune.latency import _measure
+
+    real = _measure.deploy
+
+    def deploy(model, x, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("precision") == "bf16":
+            raise DeployMismatchError("the bfloat16 model's output differs from the float32 model's by 1.3e-01")
+        return real(model, x, **kwargs)
+
+    monkeypatch.setattr(_measure, "bf16_refusal", lambda: None)
+    monkeypatch.setattr(_measure, "deploy", deploy)
+    report = measure_latency(resnet, torch.randn(1, 1, 16, 16), **FAST)
+    assert report.model is not None and report.model.native_bf16_ms is None
+    assert report.model.bf16_note.startswith("the bfloat16 model's output differs")
+    console = Console(record=True, width=250)
+    console.print(report)
+    text = console.export_text()
+    assert "bfloat16: not deployed" in text and "bfloat16 row: the bfloat16 model's output differs" in text
+
+
 def test_whole_model_false_leaves_the_model_row_out(resnet):
     report = measure_latency(resnet, torch.randn(1, 1, 16, 16), whole_model=False, backend="torch", **FAST)
     assert report.model is None and report.to_dict()["model"] is None
@@ -289,7 +312,7 @@ def test_to_json_writes_the_documented_keys(resnet_report, tmp_path):
         assert row["speedup"] == pytest.approx(r.speedup) and row["pruned_ms"] == pytest.approx(r.pruned_ms)
     assert set(data["model"]) == {"torch_dense_ms", "torch_pruned_ms", "native_ms", "max_error", "speedup",
                                   "dense_deployed_ms", "best_dense_ms", "eager_speedup", "dense_bf16_ms",
-                                  "native_bf16_ms", "bf16_max_error", "bf16_speedup"}
+                                  "native_bf16_ms", "bf16_max_error", "bf16_note", "bf16_speedup"}
     assert data["model"]["speedup"] == pytest.approx(resnet_report.model.speedup)
     assert isinstance(data["gpu"], list) and "torch" in data["environment"]
 
