@@ -170,6 +170,26 @@ inline void check_activation(int act) {
                           std::to_string(act));
 }
 
+// U (p*p, K, C) float32 and its bool mask of the same shape, for an F(m, 3) plan; m must be 2 or 4.
+inline void check_winograd_weights(const carray<float>& U, const carray<bool>& mask, int m) {
+  if (m != 2 && m != 4) throw py::value_error("m=" + std::to_string(m) + " is not valid; valid values are [2, 4]");
+  const index_t P2 = static_cast<index_t>(m + 2) * (m + 2);
+  expect_ndim(U, 3, "U");
+  if (U.shape(0) != P2 || U.shape(1) < 1 || U.shape(2) < 1)
+    throw py::value_error("U must be (p*p, K, C) = (" + std::to_string(P2) + ", K, C) with K, C >= 1, got " +
+                          shape_str(U));
+  expect_shape(mask, {P2, U.shape(1), U.shape(2)}, "mask");
+}
+
+// A kernel's stage times as the profile functions return them: {"input", "gemm", "output"} thread-seconds.
+inline py::dict stage_dict(const winoprune::StageSeconds& st) {
+  py::dict d;
+  d["input"] = st.input;
+  d["gemm"] = st.gemm;
+  d["output"] = st.output;
+  return d;
+}
+
 // The families' registrations, called once from PYBIND11_MODULE (bindings.cpp).
 void bind_training(py::module_& mod);
 void bind_winograd(py::module_& mod);

@@ -66,13 +66,7 @@ py::tuple pack_winograd(const py::handle& U_obj, const py::handle& mask_obj, int
                         bool csr) {
   auto U = as_array<float>(U_obj, "U");
   auto mask = as_array<bool>(mask_obj, "mask");
-  if (m != 2 && m != 4) throw py::value_error("m=" + std::to_string(m) + " is not valid; valid values are [2, 4]");
-  const index_t P2 = static_cast<index_t>(m + 2) * (m + 2);
-  expect_ndim(U, 3, "U");
-  if (U.shape(0) != P2 || U.shape(1) < 1 || U.shape(2) < 1)
-    throw py::value_error("U must be (p*p, K, C) = (" + std::to_string(P2) + ", K, C) with K, C >= 1, got " +
-                          shape_str(U));
-  expect_shape(mask, {P2, U.shape(1), U.shape(2)}, "mask");
+  check_winograd_weights(U, mask, m);
   carray<float> b;
   index_t n_bias = 0;
   const float* bias = optional_bias(bias_obj, b, n_bias);
@@ -220,11 +214,7 @@ py::dict winograd_profile(const py::handle& x_obj, const py::handle& meta_obj, c
                           index_t pad_top, index_t pad_left, const py::handle& out_obj, int threads) {
   winoprune::StageSeconds st;
   run_plan(x_obj, meta_obj, cols_obj, vals_obj, acc_obj, bias_obj, act, pad_top, pad_left, out_obj, threads, &st);
-  py::dict d;
-  d["input"] = st.input;
-  d["gemm"] = st.gemm;
-  d["output"] = st.output;
-  return d;
+  return stage_dict(st);
 }
 
 // The FMA peak of the ISA the kernels dispatch to (see KernelTable::fma_peak_gflops).

@@ -81,13 +81,7 @@ py::tuple plan_arrays(const winoprune::WinogradBf16Plan& pl) {
 py::tuple pack_winograd_bf16(const py::handle& U_obj, const py::handle& mask_obj, int m) {
   auto U = as_array<float>(U_obj, "U");
   auto mask = as_array<bool>(mask_obj, "mask");
-  if (m != 2 && m != 4) throw py::value_error("m=" + std::to_string(m) + " is not valid; valid values are [2, 4]");
-  const index_t P2 = static_cast<index_t>(m + 2) * (m + 2);
-  expect_ndim(U, 3, "U");
-  if (U.shape(0) != P2 || U.shape(1) < 1 || U.shape(2) < 1)
-    throw py::value_error("U must be (p*p, K, C) = (" + std::to_string(P2) + ", K, C) with K, C >= 1, got " +
-                          shape_str(U));
-  expect_shape(mask, {P2, U.shape(1), U.shape(2)}, "mask");
+  check_winograd_weights(U, mask, m);
   const float* up = U.data();
   const bool* mp = mask.data();
   winoprune::WinogradBf16Plan plan;
@@ -220,11 +214,7 @@ py::dict winograd_bf16_profile(const py::handle& x, const py::handle& meta, cons
                                index_t pad_left, const py::handle& out, int threads, const py::object& path) {
   winoprune::StageSeconds st;
   run_plan(x, meta, chunks, A, bias, act, pad_top, pad_left, out, threads, path, &st);
-  py::dict d;
-  d["input"] = st.input;
-  d["gemm"] = st.gemm;
-  d["output"] = st.output;
-  return d;
+  return stage_dict(st);
 }
 
 struct Bf16PlanInfo {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "isa.h"
+#include "winograd_conv.h"
 
 namespace winoprune {
 
@@ -95,9 +96,7 @@ inline void pack_bf16_position(WinogradBf16Plan& pl, index_t xi, const float* u,
 // U, mask: (p*p, K, C); bias: (K) or nullptr.
 inline WinogradBf16Plan pack_winograd_bf16(const float* U, const bool* mask, int m, index_t K, index_t C,
                                            const float* bias) {
-  if (m != 2 && m != 4) throw std::invalid_argument("native Winograd kernels support m = 2 and m = 4");
-  if (K < 1 || C < 1) throw std::invalid_argument("K and C must be >= 1");
-  if (C > INT32_MAX) throw std::invalid_argument("C too large");
+  check_plan_shape(m, K, C);
   WinogradBf16Plan pl;
   pl.m = m;
   pl.p = m + 2;

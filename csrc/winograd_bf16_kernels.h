@@ -48,10 +48,11 @@ struct Bf16Layout {
 
 inline Bf16Layout bf16_layout(const WinogradBf16View& pl, const ConvGeometry& g, int threads) {
   Bf16Layout L{};
-  L.th = (g.Ho + pl.m - 1) / pl.m;
-  L.tw = (g.Wo + pl.m - 1) / pl.m;
-  L.T = g.N * L.th * L.tw;
-  L.nv = L.T <= VW ? 1 : 2;
+  const TileCounts tc = tile_counts(pl.m, g);
+  L.th = tc.th;
+  L.tw = tc.tw;
+  L.T = tc.T;
+  L.nv = tc.nv;
   L.sub = L.nv * VW;
   const index_t n_sub = (L.T + L.sub - 1) / L.sub;
   L.shared = threads > 1 && n_sub < 4 * static_cast<index_t>(threads);
@@ -101,13 +102,30 @@ WINOPRUNE_BF16_TARGET inline __m512i pack_pair(wp_vf lo, wp_vf hi) {
   return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
 
+// One pair row of Vb for one lane group, at dst (positions vs apart): load_lo(dv) / load_hi(dv) give the d[u][v] of
+// channels 2j and 2j + 1 (alone: 2j is the last channel, 2j + 1 reads as zero). The low channel's transform waits in
+// a stack buffer (two channels' transforms at once would not fit in the registers).
+template <int P, typename Lo, typename Hi>
+WINOPRUNE_BF16_TARGET inline void transform_pair(Lo load_lo, Hi load_hi, bool alone, std::uint16_t* dst, index_t vs) {
+  alignas(64) float lo[P * P][VW];
+  wp_vf dv[P][P];
+  load_lo(dv);
+  input_tiles<P>(dv, [&](int xi, wp_vf v) { store(lo[xi], v); });
+  const auto put = [&](int xi, wp_vf hi) { _mm512_storeu_si512(dst + xi * vs, pack_pair(load(lo[xi]), hi)); };
+  if (alone) {
+    for (int xi = 0; xi < P * P; ++xi) put(xi, wp_vf{});
+    return;
+  }
+  load_hi(dv);
+  input_tiles<P>(dv, put);
+}
+
 // Vb pair rows [j0, j1) of one sub-block of `sub` tiles at column col0 of Vb's rows of Tb tiles (channels 2 j0 ..
 // 2 j1 - 1; a channel >= C reads as zero).
 template <int P>
 WINOPRUNE_BF16_TARGET void input_block_bf16(const float* x, const ConvGeometry& g, index_t C, index_t j0, index_t j1,
                                             const TileInfo& ti, index_t sub, index_t col0, index_t Tb,
                                             std::uint16_t* Vb) {
-  constexpr int P2 = P * P;
   const index_t plane = g.H * g.W, vs = vb_stride(C, Tb);
   index_t pf[6 * P];
   const int n_pf = 2 * (j1 - j0) > kPrefetchChannels ? prefetch_offsets<P>(g, ti, sub, pf) : 0;
@@ -118,22 +136,10 @@ WINOPRUNE_BF16_TARGET void input_block_bf16(const float* x, const ConvGeometry& 
         __builtin_prefetch(x + (c0 + kPrefetchChannels) * plane + pf[i]);
         __builtin_prefetch(x + (c1 + kPrefetchChannels) * plane + pf[i]);
       }
-    for (index_t l0 = 0; l0 < sub; l0 += VW) {
-      alignas(64) float lo[P2][VW];
-      wp_vf dv[P][P];
-      load_tiles<P>(x + c0 * plane, g, ti, l0, dv);
-      input_tiles<P>(dv, [&](int xi, wp_vf v) { store(lo[xi], v); });
-      std::uint16_t* dst = Vb + j * Tb * 2 + (col0 + l0) * 2;
-      const auto put = [&](int xi, wp_vf hi) {
-        _mm512_storeu_si512(dst + xi * vs, pack_pair(load(lo[xi]), hi));
-      };
-      if (c1 < C) {
-        load_tiles<P>(x + c1 * plane, g, ti, l0, dv);
-        input_tiles<P>(dv, put);
-      } else {
-        for (int xi = 0; xi < P2; ++xi) put(xi, wp_vf{});
-      }
-    }
+    for (index_t l0 = 0; l0 < sub; l0 += VW)
+      transform_pair<P>([&](wp_vf(&dv)[P][P]) { load_tiles<P>(x + c0 * plane, g, ti, l0, dv); },
+                        [&](wp_vf(&dv)[P][P]) { load_tiles<P>(x + c1 * plane, g, ti, l0, dv); }, c1 >= C,
+                        Vb + j * Tb * 2 + (col0 + l0) * 2, vs);
   }
 }
 
@@ -206,29 +212,22 @@ template <int P>
 WINOPRUNE_BF16_TARGET void input_block_nhwc(const std::uint8_t* x, const ConvGeometry& g, index_t C, index_t j0,
                                             index_t j1, const TileInfo& ti, const NhwcBlock& nb, index_t sub,
                                             index_t col0, index_t Tb, std::uint16_t* Vb) {
-  constexpr int P2 = P * P;
   const index_t vs = vb_stride(C, Tb);
-  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  const __m512i high_bits = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   for (index_t j = j0; j < j1; ++j) {
     const bool alone = 2 * j + 1 >= C;  // the last channel of an odd C
     for (index_t l0 = 0; l0 < sub; l0 += VW) {
       __m512i w[P][P];
       if (alone) gather_last<P>(x, g, C, ti, nb, l0 / VW, w);
       else gather_pairs<P>(x, g, C, ti, nb, l0 / VW, static_cast<std::int32_t>(4 * j), w);
-      alignas(64) float lo[P2][VW];
-      wp_vf dv[P][P];
-      for (int u = 0; u < P; ++u)
-        for (int v = 0; v < P; ++v) dv[u][v] = reinterpret_cast<wp_vf>(_mm512_slli_epi32(w[u][v], 16));
-      input_tiles<P>(dv, [&](int xi, wp_vf v) { store(lo[xi], v); });
-      std::uint16_t* dst = Vb + j * Tb * 2 + (col0 + l0) * 2;
-      const auto put = [&](int xi, wp_vf hi) { _mm512_storeu_si512(dst + xi * vs, pack_pair(load(lo[xi]), hi)); };
-      if (alone) {
-        for (int xi = 0; xi < P2; ++xi) put(xi, wp_vf{});
-        continue;
-      }
-      for (int u = 0; u < P; ++u)
-        for (int v = 0; v < P; ++v) dv[u][v] = reinterpret_cast<wp_vf>(_mm512_and_si512(w[u][v], high));
-      input_tiles<P>(dv, put);
+      const auto half = [&](wp_vf(&dv)[P][P], bool high) {  // channel 2j (low half) or 2j + 1 (high half)
+        for (int u = 0; u < P; ++u)
+          for (int v = 0; v < P; ++v)
+            dv[u][v] = reinterpret_cast<wp_vf>(high ? _mm512_and_si512(w[u][v], high_bits)
+                                                    : _mm512_slli_epi32(w[u][v], 16));
+      };
+      transform_pair<P>([&](wp_vf(&dv)[P][P]) { half(dv, false); }, [&](wp_vf(&dv)[P][P]) { half(dv, true); }, alone,
+                        Vb + j * Tb * 2 + (col0 + l0) * 2, vs);
     }
   }
 }
@@ -246,12 +245,9 @@ WINOPRUNE_BF16_TARGET void output_block_nhwc(Row row, const ConvGeometry& g, ind
       const index_t grp = l0 / VW;
       wp_vf ov[2][m][m];
       for (int h = 0; h < (pair ? 2 : 1); ++h) {
-        wp_vf mv[P][P];
-        for (int xi = 0; xi < P * P; ++xi) mv[xi / P][xi % P] = load(row(xi, k0 + h) + l0);
-        output_tiles<P>(mv, splat(bias ? bias[k0 + h] : 0.0f), ov[h]);
-        if (act != act_none)
-          for (int a = 0; a < m; ++a)
-            for (int c = 0; c < m; ++c) ov[h][a][c] = activate(ov[h][a][c], act);
+        const float* mrow[P * P];
+        channel_rows<P>(row, k0 + h, mrow);
+        output_lanes<P>(mrow, l0, splat(bias ? bias[k0 + h] : 0.0f), act, ov[h]);
       }
       const __m512i base = _mm512_loadu_si512(nb.out + l0);
       for (int a = 0; a < m; ++a)

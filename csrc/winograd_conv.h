@@ -160,12 +160,17 @@ inline void pack_csr(WinogradPlan& pl, const float* U, const bool* mask) {
   pl.work = static_cast<index_t>(pl.csr_cols.size());
 }
 
-// U, mask: (p*p, K, C); bias: (K) or nullptr. mr: the panel height of the ISA the plan will run on.
-inline WinogradPlan pack_winograd(const float* U, const bool* mask, int m, index_t K, index_t C, const float* bias,
-                                  bool csr, Isa isa, int mr) {
+// What every packed Winograd plan needs of its shape (the float32 and the bfloat16 packers).
+inline void check_plan_shape(int m, index_t K, index_t C) {
   if (m != 2 && m != 4) throw std::invalid_argument("native Winograd kernels support m = 2 and m = 4");
   if (K < 1 || C < 1) throw std::invalid_argument("K and C must be >= 1");
   if (C > INT32_MAX) throw std::invalid_argument("C too large");
+}
+
+// U, mask: (p*p, K, C); bias: (K) or nullptr. mr: the panel height of the ISA the plan will run on.
+inline WinogradPlan pack_winograd(const float* U, const bool* mask, int m, index_t K, index_t C, const float* bias,
+                                  bool csr, Isa isa, int mr) {
+  check_plan_shape(m, K, C);
   WinogradPlan pl;
   pl.m = m;
   pl.p = m + 2;

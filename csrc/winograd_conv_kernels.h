@@ -387,6 +387,32 @@ inline void store_tiles(const wp_vf (&ov)[m][m], float* yk, const ConvGeometry& 
   }
 }
 
+// ov = the m x m outputs of lane group l0 of one output channel, whose M rows (one per position) are mrow: A^T M A,
+// the bias, then the activation.
+template <int P>
+inline void output_lanes(const float* const (&mrow)[P * P], index_t l0, wp_vf bias_v, int act,
+                         wp_vf (&ov)[P - 2][P - 2]) {
+  constexpr int m = P - 2;
+  wp_vf mv[P][P];
+#pragma GCC unroll 8
+  for (int i = 0; i < P; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < P; ++j) mv[i][j] = load(mrow[i * P + j] + l0);
+  output_tiles<P>(mv, bias_v, ov);
+  if (act != act_none) {
+#pragma GCC unroll 8
+    for (int a = 0; a < m; ++a)
+#pragma GCC unroll 8
+      for (int c = 0; c < m; ++c) ov[a][c] = activate(ov[a][c], act);
+  }
+}
+
+// The M rows of output channel k, one per position.
+template <int P, typename Row>
+inline void channel_rows(Row row, index_t k, const float* (&mrow)[P * P]) {
+  for (int xi = 0; xi < P * P; ++xi) mrow[xi] = row(xi, k);
+}
+
 // y for output channels [k0, k1) of one block; row(xi, k) points at the Tb floats of M holding position xi of output
 // channel k (a zero row where the plan pruned it).
 template <int P, typename Row>
@@ -398,20 +424,10 @@ void output_block(Row row, const ConvGeometry& g, index_t k0, index_t k1, const 
     const wp_vf bias_v = splat(bias ? bias[k] : 0.0f);
     float* yk = y + k * plane;
     const float* mrow[P * P];
-    for (int xi = 0; xi < P * P; ++xi) mrow[xi] = row(xi, k);
+    channel_rows<P>(row, k, mrow);
     for (index_t l0 = 0; l0 < ti.nt; l0 += VW) {
-      wp_vf mv[P][P], ov[m][m];
-#pragma GCC unroll 8
-      for (int i = 0; i < P; ++i)
-#pragma GCC unroll 8
-        for (int j = 0; j < P; ++j) mv[i][j] = load(mrow[i * P + j] + l0);
-      output_tiles<P>(mv, bias_v, ov);
-      if (act != act_none) {
-#pragma GCC unroll 8
-        for (int a = 0; a < m; ++a)
-#pragma GCC unroll 8
-          for (int c = 0; c < m; ++c) ov[a][c] = activate(ov[a][c], act);
-      }
+      wp_vf ov[m][m];
+      output_lanes<P>(mrow, l0, bias_v, act, ov);
       store_tiles<m>(ov, yk, g, ti, l0);
     }
   }
@@ -504,12 +520,24 @@ struct Layout {
   index_t v_size, m_size, slots;
 };
 
+// Output tiles per column / row and in all, and the vectors of tiles a block row takes (one for a few tiles).
+struct TileCounts {
+  index_t th, tw, T;
+  int nv;
+};
+
+inline TileCounts tile_counts(int m, const ConvGeometry& g) {
+  const index_t th = (g.Ho + m - 1) / m, tw = (g.Wo + m - 1) / m, T = g.N * th * tw;
+  return {th, tw, T, T <= VW ? 1 : 2};
+}
+
 inline Layout layout(const WinogradPlanView& pl, const ConvGeometry& g, int threads) {
   Layout L{};
-  L.th = (g.Ho + pl.m - 1) / pl.m;
-  L.tw = (g.Wo + pl.m - 1) / pl.m;
-  L.T = g.N * L.th * L.tw;
-  L.nv = L.T <= VW ? 1 : 2;
+  const TileCounts tc = tile_counts(pl.m, g);
+  L.th = tc.th;
+  L.tw = tc.tw;
+  L.T = tc.T;
+  L.nv = tc.nv;
   L.Tb = L.nv * VW;
   L.blocks = (L.T + L.Tb - 1) / L.Tb;
   L.shared = threads > 1 && L.blocks < 4 * static_cast<index_t>(threads);

@@ -26,7 +26,6 @@ from lightning_winoprune.deploy._packed_bf16 import Bf16Model, PackedWinogradCon
 from lightning_winoprune.deploy._record import Chain, bn_act, record
 from lightning_winoprune.deploy._report import DeployMismatchError, DeployReport, LayerRoute
 from lightning_winoprune.deploy._routes import (
-    BF16_ROUTES,
     DENSE_ROUTES,
     TOL_BF16_MODEL,
     TOL_M2,
@@ -369,14 +368,14 @@ def top1_agreement(out: torch.Tensor, reference: torch.Tensor) -> float | None:
 def check_pass(state: DeployState) -> DeployState:
     """The deployed model's output against the model's (and at more sizes with a dynamic H / W).
 
-    Where a bfloat16 route runs, the tolerance is that precision's and the top-1 agreement on the example batch is
+    In a bfloat16 model the tolerance is that precision's and the top-1 agreement on the example batch is
     recorded too (a different precision changes the output; the report says by how much).
     """
     used_m4 = any(r.route is DeployRoute.WINOGRAD_F4 or (r.kind == "winograd" and "F(4,3)" in r.shape)
                   for r in state.rows)
-    used_bf16 = state.options.precision is Precision.BF16 or any(r.route in BF16_ROUTES for r in state.rows)
+    bf16 = state.options.precision is Precision.BF16  # the only deployments with bfloat16 routes
     tol = state.options.tolerance
-    state.tol = tol if tol is not None else (TOL_BF16_MODEL if used_bf16 else TOL_M4 if used_m4 else TOL_M2)
+    state.tol = tol if tol is not None else (TOL_BF16_MODEL if bf16 else TOL_M4 if used_m4 else TOL_M2)
     assert state.reference is not None, "check_pass runs after record_pass"
     out = state.work(state.x)
     state.error = rel_error(out, state.reference)
