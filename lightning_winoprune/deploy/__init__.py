@@ -3,7 +3,7 @@
 * :func:`deploy`: fold BatchNorms, fuse activations and route every conv to its fastest accurate kernel.
 * :class:`PackedWinogradConv`, :class:`PackedWinogradConvBf16`, :class:`PackedDepthwiseConv`, :class:`DenseConv`:
   the deployed layers (state in buffers; traceable, compilable, exportable); ``deploy(..., precision="bf16")``
-  allows the bfloat16 ones (:class:`Precision`).
+  allows the bfloat16 ones (:class:`Precision`) and returns a :class:`Bf16Model`.
 * :func:`export_deployed`, :func:`save_deployed`, :func:`load_deployed`: the deployed model as a checked ``.pt2``
   (dynamic batch, or H and W too, as ``deploy(..., dynamic=...)`` chose: :class:`DeployShapes`); a bad file is a
   one-line :class:`DeployArtifactError`.
@@ -31,11 +31,12 @@ from lightning_winoprune.deploy._packed import (
     PackedWinogradConv,
     SparseForm,
 )
-from lightning_winoprune.deploy._packed_bf16 import PackedWinogradConvBf16
+from lightning_winoprune.deploy._packed_bf16 import Bf16Model, PackedWinogradConvBf16
 from lightning_winoprune.deploy._shapes import DeployShapes
 
 __all__ = [
     "Activation",
+    "Bf16Model",
     "DenseConv",
     "DenseRoute",
     "DeployArtifactError",

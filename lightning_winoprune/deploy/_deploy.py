@@ -111,15 +111,16 @@ def deploy(
             dynamic H / W no route that fits one input size only is chosen (a ``Linear`` for a conv that covers its
             whole input), the smallest H and W are found by probing, and the output is also checked at that size
             and at a larger, odd one (routes are still timed at ``example_input``'s shape only).
-        precision: ``"fp32"`` (float32 everywhere, the default) or ``"bf16"``: every layer may also take a bfloat16
-            route (products in bfloat16, sums in float32, float32 between layers; our Winograd kernels on AMX or
-            AVX512-BF16, oneDNN's bfloat16 convs), the fastest of all candidates wins. bfloat16 is a different
-            precision: the output is checked against the float32 model with a looser tolerance (5e-2 relative max
-            error) and the report gives the top-1 agreement on ``example_input``. Refused (``ValueError``) on a CPU
-            without AVX512-BF16 or AMX-BF16.
+        precision: ``"fp32"`` (float32 everywhere, the default) or ``"bf16"``: a bfloat16 model, its activations
+            bfloat16 channels-last from input to output (:class:`~lightning_winoprune.deploy.Bf16Model` converts at
+            the two ends): our Winograd kernels on AMX or AVX512-BF16 (bfloat16 products, float32 sums), oneDNN's
+            bfloat16 convs for the rest. bfloat16 is a different precision: each layer is checked on its rounded
+            input, the output against the float32 model with a looser tolerance (5e-2 relative max error), and the
+            report gives the top-1 agreement on ``example_input``. Refused (``ValueError``) on a CPU without
+            AVX512-BF16 or AMX-BF16.
 
     Returns:
-        The deployed ``nn.Module`` (eval mode, CPU float32); its ``deploy_report`` attribute holds the
+        The deployed ``nn.Module`` (eval mode, CPU float32 in and out); its ``deploy_report`` attribute holds the
         :class:`DeployReport`, its ``deploy_shapes`` the :class:`~lightning_winoprune.deploy.DeployShapes`.
 
     Raises:

@@ -51,9 +51,9 @@ class DenseRoute(ParsableEnum):
       input sizes run ``F.conv2d``.
     * ``gemm``: a 1x1 stride-1 conv as one matrix product per image (``W @ x`` on the ``(C, H*W)`` view): no layout
       reorders, often 1.5-2x faster than ``F.conv2d`` at small batches (14x for 16 -> 96 channels at 112x112).
-    * ``onednn-bf16``: oneDNN's bfloat16 conv (AMX or AVX512-BF16) on a bfloat16 copy of the weight, the input
-      rounded to bfloat16 and the output returned in float32 (``winoprune::conv2d_act_bf16``): a different precision,
-      chosen only by ``deploy(precision="bf16")``.
+    * ``onednn-bf16``: oneDNN's bfloat16 conv (AMX or AVX512-BF16) on a bfloat16 copy of the weight
+      (``winoprune::conv2d_act_bf16``): bfloat16 channels-last in and out, as between the layers of a
+      ``deploy(precision="bf16")`` model; a float32 input is rounded to bfloat16 and its output returned in float32.
     """
 
     EAGER = "eager"
